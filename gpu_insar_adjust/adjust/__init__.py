@@ -1,0 +1,1 @@
+"""adjust sub-package."""

@@ -1,0 +1,1 @@
+"""geodesy sub-package."""
