@@ -1,0 +1,163 @@
+"""Run configuration: pydantic models with every field described; TOML files in, commented TOML out.
+
+``gia config --default`` prints :func:`default_config_toml`, a complete configuration with each field's
+description as a comment, which users copy and edit. Unknown keys are errors (``extra="forbid"``), so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+__all__ = ["GiaConfig", "load_config", "default_config_toml", "config_to_toml"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GnssConfig(_Section):
+    reference_frame: str = Field(
+        "ITRF2014", description="Reference frame of the GNSS velocities: ITRF2014, ITRF2020, IGS14, IGS20, or "
+                                "'<PLATE>-fixed' such as 'EURA-fixed'.")
+    plate: str = Field("EURA", description="Plate (PROJ plate motion model abbreviation) used to convert between "
+                                           "ITRF and plate-fixed velocities, e.g. EURA, NOAM, PCFC.")
+    plate_model: Literal["ITRF2014", "ITRF2020"] = Field(
+        "ITRF2014", description="Plate motion model of PROJ used for the plate rotation.")
+    horizontal_only: bool = Field(
+        False, description="Treat the GNSS as horizontal-only (no vertical component): referencing then assumes "
+                           "no long-wavelength vertical motion. Set automatically when the file has no vu column.")
+
+
+class AnalysisConfig(_Section):
+    subsidence_threshold_mm_yr: float = Field(
+        20.0, gt=0, description="Subsidence rate (positive, mm/yr) above which a pixel counts as subsiding.")
+    groundwater_split_date: _dt.date = Field(
+        _dt.date(2021, 1, 1), description="Date splitting the groundwater-loss periods (before / from this date).")
+    inelastic_fraction: float = Field(
+        1.0, ge=0, le=1, description="Fraction of compaction that is inelastic (permanent); groundwater storage "
+                                     "loss = inelastic_fraction × compaction volume.")
+
+
+class OutputConfig(_Section):
+    cog: bool = Field(True, description="Write rasters as Cloud-Optimized GeoTIFF (tiled, with overviews).")
+    netcdf: bool = Field(True, description="Also write the gridded products as one NetCDF file.")
+    zarr: bool = Field(False, description="Also write cubes as Zarr (needs the 'zarr' package).")
+    report: bool = Field(True, description="Write report.html and PNG figures.")
+
+
+class GiaConfig(_Section):
+    """Complete configuration of a ``gia run``."""
+
+    backend: Literal["auto", "numpy", "cupy"] = Field(
+        "auto", description="Array backend: 'auto' (GPU when present), 'numpy' (CPU) or 'cupy' (GPU; an error "
+                            "when no GPU is usable — never a silent CPU fall-back).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging verbosity.")
+    gnss: GnssConfig = Field(default_factory=GnssConfig, description="GNSS input and reference frames.")
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig, description="Subsidence and groundwater "
+                                                                                 "analysis.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Products written.")
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+
+def _toml_loads(text: str) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    return tomllib.loads(text)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> GiaConfig:
+    """Read a TOML configuration (all fields optional) and apply ``overrides`` (dotted keys allowed)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("Configuration file not found.", file=p, fix="give an existing TOML file, or create "
+                              "one with `gia config --default > gia.toml`")
+        try:
+            data = _toml_loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError("Configuration file is not UTF-8 text.", file=p, fix="save it as UTF-8 TOML") from exc
+        except Exception as exc:  # tomllib.TOMLDecodeError
+            raise ConfigError(f"Configuration file is not valid TOML: {exc}.", file=p,
+                              fix="check the syntax near the reported line") from exc
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return GiaConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(x) for x in first["loc"])
+        fix = ("remove or correct this key (see `gia config --default` for the valid keys)"
+               if first["type"] == "extra_forbidden" else f"give a valid value: {first['msg']}")
+        raise ConfigError(f"Invalid configuration value ({len(exc.errors())} problem(s)); first: {first['msg']}.",
+                          file=path, field=field, fix=fix) from exc
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, _dt.date):
+        return v.isoformat()
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if v is None:
+        return '""'
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def config_to_toml(cfg: BaseModel, *, comments: bool = True) -> str:
+    """Serialise a configuration as TOML, with each field's description as a comment."""
+    lines: list[str] = []
+
+    def emit(model: BaseModel, prefix: str) -> None:
+        sections = []
+        for name, info in type(model).model_fields.items():
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                sections.append((name, info, value))
+                continue
+            if value is None:
+                if comments and info.description:
+                    lines.append(f"# {info.description}")
+                lines.append(f"# {name} =   (not set)")
+                continue
+            if comments and info.description:
+                lines.append(f"# {info.description}")
+            lines.append(f"{name} = {_toml_value(value)}")
+        for name, info, value in sections:
+            lines.append("")
+            if comments and info.description:
+                lines.append(f"# {info.description}")
+            lines.append(f"[{prefix}{name}]")
+            emit(value, f"{prefix}{name}.")
+
+    emit(cfg, "")
+    return "\n".join(lines) + "\n"
+
+
+def default_config_toml() -> str:
+    """The default configuration as commented TOML (what ``gia config --default`` prints)."""
+    header = "# gpu_insar_adjust configuration (TOML). Every key is optional; these are the defaults.\n"
+    return header + config_to_toml(GiaConfig())

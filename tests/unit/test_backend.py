@@ -1,0 +1,91 @@
+"""Backend selection, GPU detection, data movement and the dispatch table."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gpu_insar_adjust import backend, errors
+
+
+def test_import_does_not_pull_heavy_modules():
+    code = ("import sys, gpu_insar_adjust, gpu_insar_adjust.backend, gpu_insar_adjust.linalg, "
+            "gpu_insar_adjust.config, gpu_insar_adjust.errors\n"
+            "bad = [m for m in ('cupy', 'cuml', 'dask', 'distributed', 'matplotlib') if m in sys.modules]\n"
+            "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"importing the package imported: {out.stdout.strip()}"
+
+
+def test_cupy_without_gpu_raises_with_fix(monkeypatch):
+    monkeypatch.setattr(backend, "gpu_status", lambda: (False, "no device (test)"))
+    with pytest.raises(errors.BackendUnavailableError) as info:
+        with backend.use_backend("cupy"):
+            pass
+    msg = str(info.value)
+    assert "gpu_insar_adjust[gpu]" in msg and "numpy" in msg and "no device (test)" in msg
+    # auto never fails: it chooses the CPU
+    with backend.use_backend("auto") as name:
+        assert name == "numpy"
+
+
+def test_auto_picks_gpu_when_present(monkeypatch):
+    monkeypatch.setattr(backend, "gpu_status", lambda: (True, "1 CUDA device(s)"))
+    assert backend.resolve_backend("auto") == "cupy"
+
+
+def test_unknown_backend_name():
+    with pytest.raises(errors.BackendUnavailableError, match="choose one of"):
+        backend.resolve_backend("tpu")
+
+
+def test_use_backend_is_restored():
+    before = backend.get_backend()
+    with backend.use_backend("numpy") as name:
+        assert name == "numpy" and backend.get_backend() == "numpy"
+    assert backend.get_backend() == before
+
+
+def test_gpu_detection_runs_once():
+    backend.gpu_status.cache_clear()
+    backend.gpu_available()
+    backend.gpu_available()
+    assert backend.gpu_status.cache_info().misses == 1
+
+
+def test_namespace_and_round_trip(xp):
+    a = np.arange(6.0).reshape(2, 3)
+    on = backend.asarray(a, xp=xp)
+    assert backend.backend_name(backend.namespace(on)) in ("numpy", "array_api_strict", "cupy")
+    assert np.array_equal(backend.to_numpy(on), a)
+    backend.synchronize(xp)
+
+
+def test_namespace_rejects_mixed_backends():
+    import array_api_strict as xs
+
+    with pytest.raises(errors.ArrayArgumentError, match="different backends"):
+        backend.namespace(np.ones(2), xs.asarray([1.0, 2.0]))
+
+
+def test_dispatch_table():
+    backend.register("_test_op", "numpy")(lambda: "np")
+    backend.register("_test_op", "*")(lambda: "portable")
+    import array_api_compat.numpy as xnp
+    import array_api_strict as xs
+
+    assert backend.dispatch("_test_op", xnp)() == "np"
+    assert backend.dispatch("_test_op", xs)() == "portable"
+    with pytest.raises(errors.UnsupportedBackendError, match="_nothing"):
+        backend.dispatch("_nothing", xnp)
+
+
+def test_errors_are_picklable_and_formatted():
+    import pickle
+
+    e = errors.FrameError("LOS velocity raster not found.", file="/tmp/f", field="vel.geo.tif", fix="add it")
+    e2 = pickle.loads(pickle.dumps(e))
+    assert type(e2) is errors.FrameError and str(e2) == str(e)
+    assert "file:  /tmp/f" in str(e) and "field: vel.geo.tif" in str(e) and "fix:   add it" in str(e)
+    assert isinstance(e, ValueError) and isinstance(e, errors.GiaError)

@@ -1,0 +1,71 @@
+"""The gia command line and the configuration."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gpu_insar_adjust import config, errors
+from gpu_insar_adjust.cli import main
+
+
+def test_version_is_fast_and_light():
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c",
+                          "import sys; from gpu_insar_adjust.cli import main; rc = main(['--version']); "
+                          "print(sorted(m for m in ('numpy', 'typer', 'xarray') if m in sys.modules)); "
+                          "sys.exit(rc)"],
+                         capture_output=True, text=True, check=True)
+    assert "gia (gpu_insar_adjust) " in out.stdout
+    assert out.stdout.strip().endswith("[]"), "gia --version imported heavy modules"
+    assert time.perf_counter() - t0 < 10
+
+
+def test_help_and_show_versions(capsys):
+    assert main(["--help"]) == 0
+    assert "synth" in capsys.readouterr().out
+    assert main(["show-versions"]) == 0
+    out = capsys.readouterr().out
+    for key in ("gpu_insar_adjust", "numpy", "GDAL", "PROJ", "gpu"):
+        assert key in out
+
+
+def test_default_config_round_trips(tmp_path, capsys):
+    assert main(["config", "--default"]) == 0
+    text = capsys.readouterr().out
+    assert "# Array backend" in text
+    path = tmp_path / "gia.toml"
+    path.write_text(text)
+    assert config.load_config(path) == config.GiaConfig()
+
+
+def test_config_errors_name_field_and_fix(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[analysis]\nsubsidence_treshold_mm_yr = 20\n")
+    with pytest.raises(errors.ConfigError) as info:
+        config.load_config(p)
+    assert "analysis.subsidence_treshold_mm_yr" in str(info.value) and str(p) in str(info.value)
+    p.write_text("[analysis]\nsubsidence_threshold_mm_yr = -20\n")
+    with pytest.raises(errors.ConfigError, match="greater than 0"):
+        config.load_config(p)
+    p.write_text("backend = [\n")
+    with pytest.raises(errors.ConfigError, match="not valid TOML"):
+        config.load_config(p)
+    with pytest.raises(errors.ConfigError, match="not found"):
+        config.load_config(tmp_path / "missing.toml")
+
+
+def test_overrides():
+    cfg = config.load_config(None, {"backend": "numpy", "analysis.subsidence_threshold_mm_yr": 10.0})
+    assert cfg.backend == "numpy" and cfg.analysis.subsidence_threshold_mm_yr == 10.0
+
+
+def test_user_errors_exit_2_without_traceback(capsys):
+    rc = main(["config", "--check", "/nonexistent/gia.toml"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ConfigError" in err and "Traceback" not in err
+
+
+def test_unknown_command_exits_2(capsys):
+    assert main(["no-such-command"]) == 2
