@@ -1,0 +1,324 @@
+"""Network adjustment: one sparse, weighted, robust least-squares solve over all frames at once.
+
+After each frame has been adjusted to GNSS on its own (:mod:`gpu_insar_adjust.adjust`), neighbouring frames still
+disagree where they overlap: frames with few stations are poorly constrained, and a surface fitted to a handful of
+stations leaves a tilt. Here every frame ``f`` gets a small correction surface
+
+    c_f(x, y) = a_f + b_f·x + c_f·y  (+ quadratic terms with ``order=2``),
+
+in kilometres from the frame's centre (scaled by 100 km for conditioning), and all parameters are estimated
+together from
+
+* **overlap differences** ``v_f(p) − v_g(p)`` sampled on the common grid, where ``v`` is each frame's
+  *vertical-equivalent* velocity: LOS with the geometry-dependent horizontal part (GNSS horizontal field, which
+  contains the plate motion) removed and divided by the up component of the unit vector, so that near-range and
+  far-range pixels of different tracks compare like with like;
+* **GNSS ties**: at each station in frame ``f``, ``v_f(station) − v_up,GNSS(station) = c_f(station)``;
+* a weak **prior** pulling every parameter toward zero (σ = ``prior_sigma_mm_yr``), which only matters for a
+  group of frames with no GNSS at all — their correction then stays at zero and they are reported as held by
+  the prior.
+
+Overlap samples are spatially correlated, so their weights are scaled by (effective independent samples /
+samples used): a pair contributes as many "independent" observations as its area holds correlation cells, not as
+many as pixels were drawn. Robustness: iteratively reweighted least squares with Huber weights on residuals
+standardised by a MAD scale, so unmodelled local differences (e.g. horizontal motion around a subsidence bowl
+that the GNSS field misses) do not drag a whole frame.
+
+The assembled system has only ``n_frames × n_terms`` unknowns (a few thousand at most), so it is formed with
+``scipy.sparse`` on the host and solved as a dense Cholesky of the small normal matrix; its conditioning is
+computed and an ill-conditioned network raises :class:`~gpu_insar_adjust.errors.NumericalError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from .errors import AdjustmentError, ArrayArgumentError, NumericalError
+from .logs import get_logger
+
+__all__ = ["OverlapSamples", "GnssTies", "NetworkSolution", "poly_terms", "n_terms", "solve_network"]
+
+log = get_logger("network")
+
+COORD_SCALE_KM = 100.0
+
+
+def n_terms(order: int) -> int:
+    """Number of polynomial terms of a correction surface of ``order`` (0 offset, 1 ramp, 2 quadratic)."""
+    if order not in (0, 1, 2):
+        raise ArrayArgumentError(f"Network correction order must be 0, 1 or 2, got {order}.", field="order",
+                                 fix="use 0 (offset), 1 (offset + ramp) or 2 (quadratic)")
+    return (1, 3, 6)[order]
+
+
+def poly_terms(x_km, y_km, order: int) -> np.ndarray:
+    """Design terms (n, n_terms) of the correction surface at frame-centred coordinates in km."""
+    x = np.asarray(x_km, dtype=np.float64) / COORD_SCALE_KM
+    y = np.asarray(y_km, dtype=np.float64) / COORD_SCALE_KM
+    cols = [np.ones_like(x)]
+    if order >= 1:
+        cols += [x, y]
+    if order >= 2:
+        cols += [x * x, x * y, y * y]
+    return np.stack(cols, axis=-1)
+
+
+@dataclass
+class OverlapSamples:
+    """Samples of one overlap: ``diff = v_i − v_j`` (mm/yr) at points given in each frame's centred km."""
+
+    i: int
+    j: int
+    xi_km: np.ndarray
+    yi_km: np.ndarray
+    xj_km: np.ndarray
+    yj_km: np.ndarray
+    diff: np.ndarray
+    sigma: np.ndarray
+    area_km2: float
+    kind: str = "overlap"  # "along-track" | "across-track" | "asc-desc"
+
+    def __post_init__(self):
+        n = len(self.diff)
+        for name in ("xi_km", "yi_km", "xj_km", "yj_km", "sigma"):
+            if len(getattr(self, name)) != n:
+                raise ArrayArgumentError(f"OverlapSamples.{name} has {len(getattr(self, name))} values for {n} "
+                                         f"differences (pair {self.i}-{self.j}).", field=name,
+                                         fix="give one coordinate and sigma per sampled difference")
+
+
+@dataclass
+class GnssTies:
+    """GNSS ties of one frame: ``residual = v_frame − v_up,GNSS`` (mm/yr) at stations, in frame-centred km."""
+
+    frame: int
+    x_km: np.ndarray
+    y_km: np.ndarray
+    residual: np.ndarray
+    sigma: np.ndarray
+    stations: list[str] = field(default_factory=list)
+
+
+@dataclass
+class NetworkSolution:
+    """Result of :func:`solve_network`."""
+
+    order: int
+    params: np.ndarray            # (n_frames, n_terms), mm/yr per scaled coordinate unit
+    param_std: np.ndarray         # (n_frames, n_terms)
+    held_by: list[str]            # per frame: "gnss", "neighbours", "gnss+neighbours" or "prior"
+    pairs: list[dict]             # per overlap: i, j, kind, n, rms_before, rms_after, area_km2
+    ties: list[dict]              # per frame: n, rms_before, rms_after
+    rcond: float                  # of the prior-regularised normal matrix (what was solved)
+    rcond_data: float             # of the data-only normal matrix: ~0 where data leave a direction undetermined
+    iterations: int
+
+    def correction(self, frame: int, x_km, y_km) -> np.ndarray:
+        """The network correction (mm/yr) of ``frame`` at frame-centred coordinates (to subtract)."""
+        return poly_terms(x_km, y_km, self.order) @ self.params[frame]
+
+    def summary(self) -> dict:
+        rb = [p["rms_before"] for p in self.pairs if p["n"]]
+        ra = [p["rms_after"] for p in self.pairs if p["n"]]
+        return {"order": self.order, "iterations": self.iterations, "rcond": self.rcond,
+                "rcond_data": self.rcond_data,
+                "overlap_rms_before_mm_yr": float(np.sqrt(np.mean(np.square(rb)))) if rb else None,
+                "overlap_rms_after_mm_yr": float(np.sqrt(np.mean(np.square(ra)))) if ra else None,
+                "pairs": self.pairs, "ties": self.ties, "held_by": self.held_by}
+
+
+def _huber(u: np.ndarray, k: float) -> np.ndarray:
+    a = np.abs(u)
+    return np.where(a <= k, 1.0, k / np.maximum(a, 1e-300))
+
+
+def _robust_scale(r: np.ndarray, w: np.ndarray) -> float:
+    z = r * np.sqrt(w)
+    mad = 1.4826 * np.median(np.abs(z - np.median(z))) if z.size else 1.0
+    return float(mad) if mad > 1e-12 else 1.0
+
+
+def solve_network(n_frames: int, overlaps: list[OverlapSamples], ties: list[GnssTies], *, order: int = 1,
+                  correlation_km: float = 10.0, sigma_floor_mm_yr: float = 1.0, prior_sigma_mm_yr: float = 20.0,
+                  huber_k: float = 1.5, max_iter: int = 15, tol: float = 1e-4,
+                  max_condition: float = 1e10) -> NetworkSolution:
+    """Estimate per-frame correction surfaces from overlap differences and GNSS ties (see module doc).
+
+    Parameters
+    ----------
+    n_frames
+        Number of frames (indices used in ``overlaps`` and ``ties``).
+    overlaps, ties
+        Observations; either may be empty but not both.
+    order
+        0 offset, 1 offset + ramp (default), 2 quadratic.
+    correlation_km
+        Correlation length of overlap differences, fixing the effective number of independent samples per pair.
+    sigma_floor_mm_yr
+        Added in quadrature to every observation sigma (unmodelled differences).
+    prior_sigma_mm_yr
+        Weak prior on every parameter; only decisive for frames with neither GNSS nor a GNSS-tied neighbour.
+    huber_k, max_iter, tol
+        IRLS settings.
+    max_condition
+        Largest acceptable condition number of the (prior-regularised) normal matrix.
+    """
+    if n_frames < 1:
+        raise AdjustmentError("The network has no frames.", field="frames", fix="give at least one frame")
+    nt = n_terms(order)
+    npar = n_frames * nt
+    rows_i, cols_i, vals_i, obs, sig, eff, group = [], [], [], [], [], [], []
+    row = 0
+    for g, ov in enumerate(overlaps):
+        if not (0 <= ov.i < n_frames and 0 <= ov.j < n_frames) or ov.i == ov.j:
+            raise ArrayArgumentError(f"Overlap pair ({ov.i}, {ov.j}) is not a pair of distinct frames "
+                                     f"0..{n_frames - 1}.", field="overlaps", fix="check the frame indices")
+        n = len(ov.diff)
+        if n == 0:
+            continue
+        ti = poly_terms(ov.xi_km, ov.yi_km, order)
+        tj = poly_terms(ov.xj_km, ov.yj_km, order)
+        r = np.repeat(np.arange(row, row + n), nt)
+        rows_i += [r, r]
+        cols_i += [np.tile(np.arange(ov.i * nt, ov.i * nt + nt), n), np.tile(np.arange(ov.j * nt, ov.j * nt + nt), n)]
+        vals_i += [ti.ravel(), -tj.ravel()]
+        obs.append(np.asarray(ov.diff, np.float64))
+        sig.append(np.hypot(np.asarray(ov.sigma, np.float64), sigma_floor_mm_yr))
+        n_eff = max(1.0, min(float(n), ov.area_km2 / correlation_km**2))
+        eff.append(np.full(n, n_eff / n))
+        group.append(np.full(n, g))
+        row += n
+    n_overlap_rows = row
+    tie_group_offset = len(overlaps)
+    for t in ties:
+        n = len(t.residual)
+        if n == 0:
+            continue
+        if not 0 <= t.frame < n_frames:
+            raise ArrayArgumentError(f"GNSS ties refer to frame {t.frame}, outside 0..{n_frames - 1}.",
+                                     field="ties", fix="check the frame indices")
+        tt = poly_terms(t.x_km, t.y_km, order)
+        r = np.repeat(np.arange(row, row + n), nt)
+        rows_i.append(r)
+        cols_i.append(np.tile(np.arange(t.frame * nt, t.frame * nt + nt), n))
+        vals_i.append(tt.ravel())
+        obs.append(np.asarray(t.residual, np.float64))
+        sig.append(np.hypot(np.asarray(t.sigma, np.float64), sigma_floor_mm_yr))
+        eff.append(np.ones(n))
+        group.append(np.full(n, tie_group_offset + t.frame))
+        row += n
+    if row == 0:
+        raise AdjustmentError("The network has neither overlaps nor GNSS ties: nothing constrains it.",
+                              field="frames", fix="give frames that overlap, or GNSS stations inside the frames")
+    A = sp.csr_matrix((np.concatenate(vals_i), (np.concatenate(rows_i), np.concatenate(cols_i))),
+                      shape=(row, npar))
+    y = np.concatenate(obs)
+    base_w = np.concatenate(eff) / np.concatenate(sig) ** 2
+    prior = np.full(npar, 1.0 / prior_sigma_mm_yr**2)
+    if not np.all(np.isfinite(y)) or not np.all(np.isfinite(base_w)):
+        raise ArrayArgumentError("Network observations contain NaN or inf.", field="overlaps/ties",
+                                 fix="drop invalid samples before calling solve_network")
+
+    robust_w = np.ones(row)
+    x = np.zeros(npar)
+    it = 0
+    rcond = float("nan")
+    for it in range(1, max_iter + 1):
+        w = base_w * robust_w
+        N = (A.T @ sp.diags(w) @ A).toarray() + np.diag(prior)
+        b = A.T @ (w * y)
+        d = np.sqrt(np.diag(N))
+        Ns = N / d[:, None] / d[None, :]
+        ev = np.linalg.eigvalsh(Ns)
+        rcond = float(ev[0] / ev[-1]) if ev[-1] > 0 else 0.0
+        if rcond < 1.0 / max_condition:
+            raise NumericalError(f"The network normal matrix is ill-conditioned (condition {1 / max(rcond, 1e-300):.2e}"
+                                 f" > {max_condition:.0e}).", field="network",
+                                 fix="lower the correction order (--network-order 0), add GNSS stations, or drop "
+                                     "frames whose overlap is only a few pixels")
+        L = np.linalg.cholesky(Ns)
+        z = np.linalg.solve(L.T, np.linalg.solve(L, b / d))
+        x_new = z / d
+        r = y - A @ x_new
+        scale = _robust_scale(r, base_w)
+        robust_w = _huber(r * np.sqrt(base_w) / scale, huber_k)
+        step = np.max(np.abs(x_new - x)) if it > 1 else np.inf
+        x = x_new
+        if step < tol:
+            break
+    cov = np.linalg.inv(Ns) / d[:, None] / d[None, :]
+    Nd = N - np.diag(prior)
+    dd = np.sqrt(np.clip(np.diag(Nd), 1e-300, None))
+    ev_d = np.linalg.eigvalsh(Nd / dd[:, None] / dd[None, :])
+    rcond_data = float(max(ev_d[0], 0.0) / ev_d[-1]) if ev_d[-1] > 0 else 0.0
+    if rcond_data < 1e-10:
+        log.warning("network: the data leave some correction parameters undetermined (rcond %.1e); those are "
+                    "held at zero by the prior (sigma %.0f mm/yr)", rcond_data, prior_sigma_mm_yr)
+    params = x.reshape(n_frames, nt)
+    param_std = np.sqrt(np.clip(np.diag(cov), 0, None)).reshape(n_frames, nt)
+
+    # Diagnostics per overlap pair and per frame's ties, before (observations) and after (residuals).
+    r = y - A @ x
+    grp = np.concatenate(group)
+    pairs = []
+    for g, ov in enumerate(overlaps):
+        sel = grp[:n_overlap_rows] == g
+        before, after = y[:n_overlap_rows][sel], r[:n_overlap_rows][sel]
+        pairs.append({"i": ov.i, "j": ov.j, "kind": ov.kind, "n": int(sel.sum()), "area_km2": float(ov.area_km2),
+                      "rms_before": float(np.sqrt(np.mean(before**2))) if sel.any() else None,
+                      "rms_after": float(np.sqrt(np.mean(after**2))) if sel.any() else None})
+    tie_stats = []
+    has_tie = np.zeros(n_frames, bool)
+    for t in ties:
+        sel = grp == tie_group_offset + t.frame
+        sel[:n_overlap_rows] = False
+        has_tie[t.frame] |= bool(sel.any())
+        tie_stats.append({"frame": t.frame, "n": int(sel.sum()),
+                          "rms_before": float(np.sqrt(np.mean(y[sel] ** 2))) if sel.any() else None,
+                          "rms_after": float(np.sqrt(np.mean(r[sel] ** 2))) if sel.any() else None})
+    held_by = _held_by(n_frames, overlaps, has_tie)
+    sol = NetworkSolution(order=order, params=params, param_std=param_std, held_by=held_by, pairs=pairs,
+                          ties=tie_stats, rcond=rcond, rcond_data=rcond_data,
+                          iterations=it)
+    log.info("network: %d frames, %d overlap samples, %d GNSS ties, %d IRLS iterations, rcond %.1e",
+             n_frames, n_overlap_rows, row - n_overlap_rows, it, rcond)
+    return sol
+
+
+def _held_by(n_frames: int, overlaps: list[OverlapSamples], has_tie: np.ndarray) -> list[str]:
+    """How each frame is constrained: by its own GNSS, by GNSS-tied neighbours, both, or only by the prior."""
+    adj: dict[int, set[int]] = {f: set() for f in range(n_frames)}
+    for ov in overlaps:
+        if len(ov.diff):
+            adj[ov.i].add(ov.j)
+            adj[ov.j].add(ov.i)
+    # connected components: a component with at least one tied frame is held by GNSS through neighbours
+    comp = [-1] * n_frames
+    c = 0
+    for f in range(n_frames):
+        if comp[f] >= 0:
+            continue
+        stack = [f]
+        comp[f] = c
+        while stack:
+            u = stack.pop()
+            for v in adj[u]:
+                if comp[v] < 0:
+                    comp[v] = c
+                    stack.append(v)
+        c += 1
+    tied_comp = {comp[f] for f in range(n_frames) if has_tie[f]}
+    out = []
+    for f in range(n_frames):
+        if has_tie[f] and adj[f]:
+            out.append("gnss+neighbours")
+        elif has_tie[f]:
+            out.append("gnss")
+        elif comp[f] in tied_comp:
+            out.append("neighbours")
+        else:
+            out.append("prior")
+    return out
