@@ -1,0 +1,140 @@
+"""Dask scale-out: frames as tasks on a ``distributed.Client``, cubes as chunked arrays.
+
+* :func:`get_client` — a LocalCluster by default (one process per worker, one thread each, so NumPy/numba use
+  their own threads), an existing scheduler with ``scheduler="tcp://host:8786"``, or dask-cuda's
+  ``LocalCUDACluster`` (one worker per GPU) with ``gpu=True``. A scheduler that does not answer within
+  ``timeout_s`` raises :class:`~gpu_insar_adjust.errors.SchedulerError`; it never hangs.
+* :func:`map_frames` — run one function per frame as tasks, results in input order; a worker lost mid-run has
+  its tasks retried on the remaining workers (``retries``); an ``on_result`` callback lets the caller persist
+  each finished frame at once, so a later failure loses no finished frame.
+* :func:`map_blocks_pixels` — apply a per-pixel-block function to a (time, y, x) cube chunked over space with a
+  proper ``meta``, so peak memory is bounded by the chunk size, not the cube size.
+
+This is the only module that imports Dask; it is imported lazily.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from .errors import BackendUnavailableError, GiaError
+from .logs import get_logger
+
+log = get_logger("parallel")
+
+__all__ = ["SchedulerError", "get_client", "map_frames", "map_blocks_pixels"]
+
+
+class SchedulerError(GiaError, ConnectionError):
+    """A Dask scheduler could not be reached or a cluster could not be started."""
+
+
+def _require_distributed():
+    try:
+        import distributed  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailableError("Dask distributed is not installed.", field="dask",
+                                      fix="pip install 'gpu_insar_adjust[dask]'") from exc
+
+
+def get_client(scheduler: str | None = None, *, n_workers: int | None = None, threads_per_worker: int = 1,
+               memory_limit: str | int | None = "auto", gpu: bool = False, timeout_s: float = 10.0):
+    """A ``distributed.Client``: on ``scheduler`` if given, else on a new local (CUDA) cluster."""
+    _require_distributed()
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout=f"{timeout_s}s")
+        except (OSError, TimeoutError) as exc:
+            raise SchedulerError(f"The Dask scheduler at {scheduler!r} did not answer within {timeout_s:g} s "
+                                 f"({type(exc).__name__}).", field="--scheduler",
+                                 fix="check the address (tcp://HOST:PORT) and that `dask scheduler` runs there, or "
+                                     "omit --scheduler to use a local cluster") from exc
+        log.info("connected to Dask scheduler %s (%d workers)", scheduler,
+                 len(client.scheduler_info().get("workers", {})))
+        return client
+    if gpu:
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError as exc:
+            raise BackendUnavailableError("A multi-GPU Dask cluster was requested but dask-cuda is not installed.",
+                                          field="dask-cuda", fix="pip install dask-cuda, or run without --gpu-cluster"
+                                          ) from exc
+        cluster = LocalCUDACluster(n_workers=n_workers)
+    else:
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                               memory_limit=memory_limit, dashboard_address=None)
+    client = Client(cluster)
+    log.info("started local Dask cluster: %d workers", len(cluster.workers))
+    return client
+
+
+def map_frames(func: Callable[..., Any], items: Sequence[Any], *, client=None, retries: int = 2,
+               on_result: Callable[[int, Any], None] | None = None, **kwargs) -> list[Any]:
+    """Run ``func(item, **kwargs)`` for every item; results in the order of ``items``.
+
+    Without a client the items run in this process (the reference). With one, each item is a task; tasks lost
+    with a worker are retried up to ``retries`` times on the others. ``on_result(index, result)`` is called in
+    this process as each task finishes (e.g. to write that frame's products atomically).
+    """
+    if client is None:
+        out = []
+        for k, item in enumerate(items):
+            res = func(item, **kwargs)
+            if on_result is not None:
+                on_result(k, res)
+            out.append(res)
+        return out
+    from distributed import as_completed
+
+    futures = [client.submit(func, item, retries=retries, pure=False, **kwargs) for item in items]
+    index = {f.key: k for k, f in enumerate(futures)}
+    results: list[Any] = [None] * len(items)
+    errors: list[tuple[int, BaseException]] = []
+    for fut in as_completed(futures):
+        k = index[fut.key]
+        try:
+            res = fut.result()
+        except GiaError:
+            raise
+        except Exception as exc:  # a task that failed for good (after retries)
+            errors.append((k, exc))
+            continue
+        results[k] = res
+        if on_result is not None:
+            on_result(k, res)
+    if errors:
+        k, exc = errors[0]
+        raise SchedulerError(f"{len(errors)} of {len(items)} frame task(s) failed on the Dask cluster; first: item "
+                             f"{k}: {type(exc).__name__}: {exc}.", field="workers",
+                             fix="finished frames were kept; rerun the same command to redo only the failed ones") \
+            from exc
+    return results
+
+
+def map_blocks_pixels(func: Callable, cube, *, chunk_pixels: tuple[int, int] = (256, 256), n_out: int,
+                      dtype="float32", out_name: str = "result", out_dim: str = "param", out_coords: Iterable | None
+                      = None, **kwargs):
+    """Apply ``func(block (T, ny, nx) ndarray, **kwargs) -> (n_out, ny, nx)`` over a (time, y, x) DataArray.
+
+    The cube is chunked over space only (all epochs of a pixel in one chunk), each chunk is reduced
+    independently, and the result is a lazy (``out_dim``, y, x) DataArray: compute it (or write it) to run.
+    """
+    import dask.array as da
+    import numpy as np
+    import xarray as xr
+
+    cube = cube.chunk({cube.dims[0]: -1, cube.dims[1]: chunk_pixels[0], cube.dims[2]: chunk_pixels[1]})
+    data = cube.data
+    if not isinstance(data, da.Array):
+        data = da.from_array(data, chunks=(-1, *chunk_pixels))
+    out = da.map_blocks(lambda b: func(b, **kwargs).astype(dtype, copy=False), data, dtype=dtype,
+                        chunks=((n_out,), data.chunks[1], data.chunks[2]),
+                        meta=np.empty((0, 0, 0), dtype=dtype))
+    coords = {cube.dims[1]: cube[cube.dims[1]], cube.dims[2]: cube[cube.dims[2]]}
+    if out_coords is not None:
+        coords[out_dim] = list(out_coords)
+    return xr.DataArray(out, dims=(out_dim, cube.dims[1], cube.dims[2]), coords=coords, name=out_name,
+                        attrs=dict(cube.attrs))
