@@ -1,0 +1,1098 @@
+"""Mosaicking and line-of-sight decomposition.
+
+The last geometric stage of the adjustment: corrected frames are put on one target grid, merged into seamless
+mosaics, and LOS velocity is turned into vertical (and, where look directions cross, east) velocity.
+
+Grid and resampling (host side, GDAL through rasterio)
+    :func:`target_grid` builds a :class:`TargetGrid` (default: the union of the frames' valid footprints at the
+    finest input spacing, in EPSG:4326). :func:`resample_to_grid` warps a frame or one raster onto it with
+    ``rasterio.warp.reproject``, NaN as nodata on both sides, so no-data never becomes zero and never bleeds more
+    than one pixel into valid data. Standard deviations are resampled as variances (then square-rooted), unit
+    vectors are renormalised after interpolation, masks use nearest neighbour.
+
+Merge (array API, any backend)
+    :func:`merge_frames` is an inverse-variance weighted mean with feathered frame edges, processed tile by tile
+    so memory stays bounded however large the target grid. It is meant for frames that share one look geometry
+    (one track direction) and for vertical-velocity estimates from several frames.
+
+Decomposition (array API, any backend)
+    :func:`decompose_vertical` (one geometry, GNSS horizontal field removed) and :func:`decompose_up_east`
+    (two or more look directions, per-pixel weighted least squares in closed form, north from GNSS).
+
+Overlaps for the network adjustment (host side)
+    :func:`overlap_pairs` and :func:`sample_overlap`.
+
+What the decomposition assumes: the LOS inputs are already adjusted (GNSS-consistent) and in the reference
+frame of the GNSS horizontal field; the horizontal field (``ve``, ``vn`` and their 1-sigma, e.g. from
+``geodesy``'s horizontal velocity field) is interpolated to the pixels by the caller; its errors are
+independent of the InSAR errors. Whether the GNSS input is horizontal-only (so that the vertical must come from
+InSAR) is decided upstream; these functions never read GNSS verticals.
+
+Conventions: velocities and standard deviations in mm/yr, LOS positive toward the satellite,
+``v_los = e*ve + n*vn + u*vu`` with (e, n, u) the ground-to-satellite unit vector; lengths in m unless a name
+says km; float32 storage, float64 sums and solves.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import numpy as np
+
+from . import backend
+from .errors import ArrayArgumentError, FrameError, GeometryError, InputError
+
+if TYPE_CHECKING:
+    import xarray
+
+__all__ = [
+    "TargetGrid",
+    "target_grid",
+    "resample_to_grid",
+    "MergeResult",
+    "merge_frames",
+    "feather_ramp",
+    "VerticalResult",
+    "decompose_vertical",
+    "UpEastResult",
+    "decompose_up_east",
+    "OverlapPair",
+    "overlap_pairs",
+    "OverlapSample",
+    "sample_overlap",
+    "cell_area_km2",
+]
+
+log = logging.getLogger(__name__)
+
+Resampling = Literal["bilinear", "nearest", "average"]
+_RESAMPLINGS = ("bilinear", "nearest", "average")
+_UNIT_VARS = ("los_e", "los_n", "los_u")
+
+
+# ==============================================================================================================
+# Target grid
+# ==============================================================================================================
+@dataclass(frozen=True)
+class TargetGrid:
+    """A north-up raster grid: CRS, affine transform (pixel *edges*), width and height in pixels.
+
+    ``notes`` records decisions taken while building the grid (e.g. frames reprojected from another CRS).
+    """
+
+    crs: Any
+    transform: Any
+    width: int
+    height: int
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self):
+        from affine import Affine
+        from rasterio.crs import CRS
+
+        object.__setattr__(self, "crs", CRS.from_user_input(self.crs))
+        object.__setattr__(self, "transform", Affine(*tuple(self.transform)[:6]))
+        if self.transform.b != 0 or self.transform.d != 0:
+            raise InputError("Rotated target grids are not supported.", field="transform",
+                             fix="use a north-up transform (no rotation terms)")
+        if int(self.width) < 1 or int(self.height) < 1:
+            raise InputError(f"Target grid of {self.width} x {self.height} pixels is empty.", field="bounds",
+                             fix="give bounds that enclose at least one pixel, or a finer resolution")
+        object.__setattr__(self, "width", int(self.width))
+        object.__setattr__(self, "height", int(self.height))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) — the (y, x) array shape."""
+        return (self.height, self.width)
+
+    @property
+    def resolution(self) -> tuple[float, float]:
+        """(x spacing, y spacing), positive, in CRS units."""
+        return (abs(self.transform.a), abs(self.transform.e))
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top) in CRS units (pixel edges)."""
+        from rasterio.transform import array_bounds
+
+        west, south, east, north = array_bounds(self.height, self.width, self.transform)
+        return (west, south, east, north)
+
+    def coords(self) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel-centre coordinates ``(y, x)`` (1-D float64, CRS units; ``y`` decreasing for north-up grids)."""
+        t = self.transform
+        x = t.c + t.a * (np.arange(self.width, dtype=np.float64) + 0.5)
+        y = t.f + t.e * (np.arange(self.height, dtype=np.float64) + 0.5)
+        return y, x
+
+    def window_transform(self, row0: int, col0: int):
+        """Affine transform of the sub-grid whose upper-left pixel is ``(row0, col0)``."""
+        from affine import Affine
+
+        return self.transform @ Affine.translation(col0, row0)
+
+    def to_dataset(self) -> "xarray.Dataset":
+        """An empty ``xarray.Dataset`` with the grid's ``y``/``x`` coordinates and CRS written (rioxarray)."""
+        import rioxarray  # noqa: F401  (registers the .rio accessor)
+        import xarray as xr
+
+        y, x = self.coords()
+        ds = xr.Dataset(coords={"y": ("y", y), "x": ("x", x)})
+        ds = ds.rio.write_crs(self.crs)
+        ds = ds.rio.write_transform(self.transform)
+        if self.notes:
+            ds.attrs["grid_notes"] = "; ".join(self.notes)
+        return ds
+
+    def matches(self, other: "TargetGrid", *, rtol: float = 1e-9) -> bool:
+        """True when ``other`` is the same grid (CRS, size, transform to ``rtol`` of a pixel)."""
+        if self.shape != other.shape or self.crs != other.crs:
+            return False
+        tol = rtol * max(self.resolution)
+        return all(abs(a - b) <= tol for a, b in zip(tuple(self.transform)[:6], tuple(other.transform)[:6]))
+
+
+def _da_of(obj, name: str = "los_velocity"):
+    """The DataArray of a frame (Dataset) or the DataArray itself."""
+    import xarray as xr
+
+    if isinstance(obj, xr.Dataset):
+        if name not in obj:
+            raise FrameError(f"Frame has no variable {name!r}.", file=obj.attrs.get("path"), field=name,
+                             fix="pass a frame opened with io.frames.open_frame or add the variable")
+        return obj[name]
+    return obj
+
+
+def _georef(obj, what: str):
+    """(crs, transform, height, width) of a georeferenced xarray object; errors name ``what``."""
+    import rioxarray  # noqa: F401
+    import xarray as xr
+
+    if not isinstance(obj, (xr.DataArray, xr.Dataset)):
+        raise ArrayArgumentError(f"{what} is a plain array without coordinates; it cannot be georeferenced.",
+                                 field=what, fix="pass an xarray DataArray/Dataset with y/x coordinates and a CRS "
+                                                 "(written with rioxarray .rio.write_crs)")
+    crs = obj.rio.crs
+    if crs is None:
+        raise FrameError(f"{what} has no coordinate reference system.", file=obj.attrs.get("path"), field="crs",
+                         fix="write one with .rio.write_crs('EPSG:4326') (or the frame's CRS)")
+    try:
+        transform = obj.rio.transform(recalc=True)
+    except Exception as exc:  # rioxarray raises several types for missing/irregular coordinates
+        raise FrameError(f"{what} has no usable y/x coordinates ({exc}).", file=obj.attrs.get("path"),
+                         field="y/x", fix="give regular 1-D pixel-centre coordinates named y and x") from exc
+    return crs, transform, int(obj.rio.height), int(obj.rio.width)
+
+
+def _valid_mask_np(obj) -> np.ndarray:
+    """Host boolean mask of usable pixels: finite ``los_velocity`` (and ``mask`` where a frame has one)."""
+    import xarray as xr
+
+    da = _da_of(obj)
+    valid = np.isfinite(np.asarray(backend.to_numpy(da.data if isinstance(da, xr.DataArray) else da)))
+    if isinstance(obj, xr.Dataset) and "mask" in obj:
+        valid &= np.asarray(obj["mask"].values, dtype=bool)
+    return valid
+
+
+def _valid_bounds(obj, what: str):
+    """Bounds (left, bottom, right, top; pixel edges, frame CRS) of the valid pixels, or None if none are."""
+    crs, t, h, w = _georef(obj, what)
+    valid = _valid_mask_np(obj)
+    rows = np.flatnonzero(valid.any(axis=1))
+    cols = np.flatnonzero(valid.any(axis=0))
+    if rows.size == 0:
+        return None
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    xs = [t.c + t.a * c0, t.c + t.a * c1]
+    ys = [t.f + t.e * r0, t.f + t.e * r1]
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+def target_grid(frames: Sequence, *, resolution: float | tuple[float, float] | None = None,
+                crs: Any = "EPSG:4326", bounds: tuple[float, float, float, float] | None = None) -> TargetGrid:
+    """The common grid for a set of frames.
+
+    Parameters
+    ----------
+    frames
+        Frames (``xarray.Dataset``, see the data model) or georeferenced DataArrays.
+    resolution
+        Pixel spacing in target-CRS units (one number, or ``(x, y)``). Default: the finest spacing among the
+        frames, converted to the target CRS where a frame is in another CRS.
+    crs
+        Target CRS (anything ``rasterio.crs.CRS.from_user_input`` reads). Default EPSG:4326.
+    bounds
+        ``(left, bottom, right, top)`` in target-CRS units. Default: the union of the frames' valid-data
+        footprints, expanded outward to whole pixels aligned on the pixel edges of the finest frame (so a frame
+        already on that lattice is resampled without interpolation).
+    """
+    from rasterio.crs import CRS
+    from rasterio.warp import calculate_default_transform, transform_bounds
+
+    try:
+        dst_crs = CRS.from_user_input(crs)
+    except Exception as exc:
+        raise InputError(f"Unknown target CRS {crs!r}.", field="crs",
+                         fix="give an EPSG code such as 'EPSG:4326' or a PROJ/WKT string") from exc
+    frames = list(frames)
+    if not frames and (resolution is None or bounds is None):
+        raise InputError("No frames given to build a target grid from.", field="frames",
+                         fix="pass at least one frame, or both resolution= and bounds=")
+
+    notes: list[str] = []
+    footprints, spacings, anchors = [], [], []
+    for i, fr in enumerate(frames):
+        what = f"frames[{i}]"
+        src_crs, t, h, w = _georef(fr, what)
+        fb = _valid_bounds(fr, what)
+        if fb is None:
+            raise InputError(f"{what} has no valid pixels (all NaN or masked).", file=fr.attrs.get("path"),
+                             field="los_velocity", fix="drop this frame or check that it was read correctly")
+        if src_crs != dst_crs:
+            notes.append(f"{fr.attrs.get('frame_id', what)} reprojected from {src_crs.to_string()} to "
+                         f"{dst_crs.to_string()}")
+            footprints.append(transform_bounds(src_crs, dst_crs, *fb, densify_pts=21))
+            dt, _, _ = calculate_default_transform(src_crs, dst_crs, w, h, *fr.rio.bounds())
+            spacings.append((abs(dt.a), abs(dt.e)))
+            anchors.append(None)
+        else:
+            footprints.append(fb)
+            spacings.append((abs(t.a), abs(t.e)))
+            anchors.append((t.c, t.f))
+
+    if resolution is None:
+        xres = min(s[0] for s in spacings)
+        yres = min(s[1] for s in spacings)
+        anchor = anchors[int(np.argmin([s[0] * s[1] for s in spacings]))]
+    else:
+        xres, yres = (resolution, resolution) if np.isscalar(resolution) else tuple(resolution)
+        xres, yres = float(xres), float(yres)
+        if not (xres > 0 and yres > 0 and math.isfinite(xres) and math.isfinite(yres)):
+            raise InputError(f"Resolution {resolution!r} is not a positive spacing.", field="resolution",
+                             fix="give the pixel spacing in target-CRS units, e.g. 0.001 (degrees)")
+        anchor = next((a for a, s in zip(anchors, spacings) if a is not None
+                       and abs(s[0] - xres) < 1e-9 * xres and abs(s[1] - yres) < 1e-9 * yres), None)
+
+    if bounds is None:
+        left = min(b[0] for b in footprints)
+        bottom = min(b[1] for b in footprints)
+        right = max(b[2] for b in footprints)
+        top = max(b[3] for b in footprints)
+        ax, ay = anchor if anchor is not None else (0.0, 0.0)
+        # snap outward onto the anchor lattice; the small slack absorbs float error in the bounds
+        left = ax + math.floor((left - ax) / xres + 1e-6) * xres
+        right = ax + math.ceil((right - ax) / xres - 1e-6) * xres
+        top = ay + math.ceil((top - ay) / yres - 1e-6) * yres
+        bottom = ay + math.floor((bottom - ay) / yres + 1e-6) * yres
+    else:
+        left, bottom, right, top = (float(v) for v in bounds)
+        if not (right > left and top > bottom):
+            raise InputError(f"Bounds {bounds!r} are not (left, bottom, right, top) with left<right, "
+                             "bottom<top.", field="bounds", fix="give bounds as (left, bottom, right, top)")
+    width = max(1, int(math.ceil((right - left) / xres - 1e-6)))
+    height = max(1, int(math.ceil((top - bottom) / yres - 1e-6)))
+    from affine import Affine
+
+    grid = TargetGrid(dst_crs, Affine(xres, 0.0, left, 0.0, -yres, top), width, height, tuple(notes))
+    for n in notes:
+        log.info("target grid: %s", n)
+    log.info("target grid %s: %d x %d px, spacing %g x %g", dst_crs.to_string(), width, height, xres, yres)
+    return grid
+
+
+# ==============================================================================================================
+# Resampling
+# ==============================================================================================================
+def _resampling_enum(name: str):
+    from rasterio.enums import Resampling as R
+
+    if name not in _RESAMPLINGS:
+        raise InputError(f"Unknown resampling {name!r}.", field="resampling",
+                         fix=f"choose one of {', '.join(_RESAMPLINGS)}")
+    return getattr(R, name)
+
+
+def _warp(src: np.ndarray, src_crs, src_transform, grid: TargetGrid, resampling: str,
+          window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Warp one float band onto ``grid`` (or the window ``(row0, row1, col0, col1)`` of it); NaN = nodata."""
+    from rasterio.warp import reproject
+
+    r0, r1, c0, c1 = window if window is not None else (0, grid.height, 0, grid.width)
+    dst = np.full((r1 - r0, c1 - c0), np.nan, dtype=np.float32)
+    # The destination starts as NaN and NaN is the nodata of both sides: uncovered pixels stay NaN (never 0)
+    # and interpolation only uses valid source pixels. For bilinear, XSCALE=YSCALE=1 keeps GDAL from widening
+    # the kernel when the target is coarser than the source (that low-pass is slightly asymmetric and biases a
+    # smooth field by up to ~5 % of a pixel step); coarsening on purpose is what "average" is for.
+    opts = {"XSCALE": 1, "YSCALE": 1} if resampling == "bilinear" else {}
+    reproject(np.ascontiguousarray(src, dtype=np.float32), dst, src_transform=src_transform, src_crs=src_crs,
+              src_nodata=np.nan, dst_transform=grid.window_transform(r0, c0), dst_crs=grid.crs,
+              dst_nodata=np.nan, resampling=_resampling_enum(resampling), **opts)
+    return dst
+
+
+def _kind_of(name: str | None, dtype) -> str:
+    if dtype == np.bool_ or name == "mask":
+        return "mask"
+    if name is not None and (name.endswith("_std") or name in ("std", "sigma")):
+        return "std"
+    return "value"
+
+
+def resample_to_grid(obj, grid: TargetGrid, *, resampling: Resampling = "bilinear",
+                     kind: Literal["value", "std", "mask"] | None = None):
+    """Warp a frame (``Dataset``) or one raster (``DataArray``) onto ``grid``; host side, rasterio/GDAL.
+
+    Each variable is resampled by its meaning:
+
+    * values (``los_velocity``, ``dem``, ...) with ``resampling``; NaN is nodata on both sides, so uncovered
+      pixels are NaN (never 0) and NaN reaches at most one pixel into valid data (GDAL renormalises the
+      interpolation weights over valid neighbours);
+    * standard deviations (``*_std``) as variances, then square-rooted — interpolating variances keeps them
+      positive and, for ``average``, gives the mean variance (conservative for spatially correlated InSAR
+      noise, which does not average down as 1/N);
+    * unit vectors (``los_e/n/u``) with ``resampling``, then renormalised to length 1;
+    * masks (bool) by nearest neighbour, pixels outside the source become False.
+
+    ``kind`` overrides the meaning inferred from a DataArray's name/dtype. Attributes are kept; the result
+    carries the grid's coordinates and CRS.
+
+    Accuracy: within one CRS the pixel mapping is affine and exact; across CRSs GDAL's approximate transformer
+    places pixels within 1/8 of a source pixel (a smooth field is then off by at most ~1/8 of its change per
+    pixel). Warping a window of the grid gives the same values as warping the whole grid up to float32
+    rounding.
+    """
+    import xarray as xr
+
+    _resampling_enum(resampling)
+    y, x = grid.coords()
+
+    def wrap(arr, src_da):
+        out = xr.DataArray(arr, dims=("y", "x"), coords={"y": y, "x": x}, name=src_da.name,
+                           attrs=dict(src_da.attrs))
+        return out.rio.write_crs(grid.crs).rio.write_transform(grid.transform)
+
+    if isinstance(obj, xr.Dataset):
+        crs, t, h, w = _georef(obj, "frame")
+        out = grid.to_dataset()
+        unit = [v for v in _UNIT_VARS if v in obj]
+        for name, da in obj.data_vars.items():
+            if set(da.dims) != {"y", "x"} or name in unit:
+                continue
+            out[name] = (("y", "x"), _resample_one(da, crs, t, grid, resampling, kind=_kind_of(name, da.dtype)),
+                         dict(da.attrs))
+        if unit:
+            comps = {v: _warp(np.asarray(obj[v].values), crs, t, grid, resampling).astype(np.float64)
+                     for v in unit}
+            norm = np.sqrt(sum(c * c for c in comps.values()))
+            for v in unit:
+                out[v] = (("y", "x"), (comps[v] / norm).astype(np.float32), dict(obj[v].attrs))
+        out.attrs.update(obj.attrs)
+        if crs != grid.crs:
+            out.attrs["grid_notes"] = f"reprojected from {crs.to_string()} to {grid.crs.to_string()}"
+        return out.rio.write_crs(grid.crs).rio.write_transform(grid.transform)
+    if isinstance(obj, xr.DataArray):
+        crs, t, h, w = _georef(obj, obj.name or "array")
+        return wrap(_resample_one(obj, crs, t, grid, resampling,
+                                  kind=kind or _kind_of(obj.name, obj.dtype)), obj)
+    raise ArrayArgumentError(f"Cannot resample an object of type {type(obj).__name__}.", field="obj",
+                             fix="pass an xarray Dataset (frame) or DataArray with y/x coordinates and a CRS")
+
+
+def _resample_one(da, crs, t, grid, resampling, *, kind, window=None) -> np.ndarray:
+    src = np.asarray(backend.to_numpy(da.data if hasattr(da, "data") else da))
+    if kind == "mask":
+        out = _warp(src.astype(np.float32), crs, t, grid, "nearest", window)
+        return np.nan_to_num(out, nan=0.0) > 0.5
+    if kind == "std":
+        var = _warp(np.square(src.astype(np.float64)).astype(np.float32), crs, t, grid, resampling, window)
+        return np.sqrt(var)
+    if kind == "value":
+        return _warp(src, crs, t, grid, resampling, window)
+    raise InputError(f"Unknown raster kind {kind!r}.", field="kind", fix="use 'value', 'std' or 'mask'")
+
+
+# ==============================================================================================================
+# Weighted, feathered merge
+# ==============================================================================================================
+def _pixel_size_km(crs, transform, height: int) -> tuple[float, float]:
+    """(dy_km, dx_km) of a pixel at the grid's middle row (ellipsoidal for geographic CRSs)."""
+    if crs.is_geographic:
+        from pyproj import Geod
+
+        geod = Geod(ellps="WGS84")
+        lat = transform.f + transform.e * (height / 2.0)
+        lon = transform.c
+        _, _, dx = geod.inv(lon, lat, lon + abs(transform.a), lat)
+        _, _, dy = geod.inv(lon, lat - abs(transform.e) / 2, lon, lat + abs(transform.e) / 2)
+        return dy / 1e3, dx / 1e3
+    unit = crs.linear_units_factor[1] if hasattr(crs, "linear_units_factor") else 1.0
+    return abs(transform.e) * unit / 1e3, abs(transform.a) * unit / 1e3
+
+
+def feather_ramp(valid, pixel_km: tuple[float, float], feather_km: float):
+    """Edge ramp of a valid-data mask: 0 outside, rising linearly with distance from the data edge, 1 beyond
+    ``feather_km`` inside.
+
+    ``pixel_km`` is the (dy, dx) pixel size in km. The distance is the Euclidean distance (scipy's
+    ``distance_transform_edt``; cupyx's on the GPU) from each valid pixel centre to the nearest invalid pixel
+    centre, so an edge pixel gets one pixel's distance, never zero: a pixel seen by one frame only keeps its
+    value. The array border counts as a data edge. Returns float32 in the namespace of ``valid``.
+    """
+    xp = backend.namespace(valid)
+    if feather_km <= 0:
+        return xp.astype(valid, xp.float32)
+    if backend.is_gpu_namespace(xp):
+        import cupy
+        from cupyx.scipy.ndimage import distance_transform_edt
+
+        padded = cupy.pad(valid, 1, constant_values=False)
+        dist = distance_transform_edt(padded, sampling=pixel_km)[1:-1, 1:-1]
+        ramp = cupy.clip(dist / feather_km, 0.0, 1.0).astype(cupy.float32)
+        return ramp
+    from scipy.ndimage import distance_transform_edt
+
+    host = np.pad(np.asarray(backend.to_numpy(valid), dtype=bool), 1, constant_values=False)
+    dist = distance_transform_edt(host, sampling=pixel_km)[1:-1, 1:-1]
+    ramp = np.clip(dist / feather_km, 0.0, 1.0).astype(np.float32)
+    return backend.asarray(ramp, xp=xp)
+
+
+@dataclass
+class MergeResult:
+    """Merged mosaic on ``grid``: ``value`` and ``std`` (float32, mm/yr, NaN where no frame), ``count``
+    (int16, number of contributing frames), all in the inputs' array namespace (NumPy for xarray inputs)."""
+
+    value: Any
+    std: Any
+    count: Any
+    grid: TargetGrid
+    tile_size: int
+    n_tiles: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dataset(self, name: str = "los_velocity") -> "xarray.Dataset":
+        """Host ``xarray.Dataset`` with ``name``, ``name_std`` (or ``<name>_std``) and ``count`` on the grid."""
+        ds = self.grid.to_dataset()
+        ds[name] = (("y", "x"), backend.to_numpy(self.value))
+        ds[f"{name.removesuffix('_velocity')}_std" if name.endswith("_velocity") else f"{name}_std"] = (
+            ("y", "x"), backend.to_numpy(self.std))
+        ds["count"] = (("y", "x"), backend.to_numpy(self.count))
+        ds.attrs["merge_notes"] = "; ".join(self.notes)
+        return ds
+
+
+class _Source(NamedTuple):
+    """One frame to merge: either on the grid (``los``/``std``/``ramp`` arrays) or native (warped per tile)."""
+
+    on_grid: bool
+    los: Any
+    var: Any
+    ramp: Any
+    crs: Any = None
+    transform: Any = None
+    window: tuple[int, int, int, int] | None = None  # bounding window of the frame on the grid
+
+
+def _is_xr(obj) -> bool:
+    import xarray as xr
+
+    return isinstance(obj, (xr.DataArray, xr.Dataset))
+
+
+def _check_value_std(xp, los, std, i: int):
+    """Valid-pixel mask of frame ``i``; raises when it is empty or its std is unusable where it is valid."""
+    valid = xp.isfinite(los)
+    if not bool(xp.any(valid)):
+        raise InputError(f"los_list[{i}] has no valid pixels (all NaN).", field=f"los_list[{i}]",
+                         fix="drop this frame from the merge or check that it was read correctly")
+    bad = valid & ~(xp.isfinite(std) & (std > 0))
+    if bool(xp.any(bad)):
+        raise InputError(f"std_list[{i}] is NaN or <= 0 at {int(xp.sum(xp.astype(bad, xp.int64)))} pixels where los_list[{i}] is "
+                         "valid.", field=f"std_list[{i}]",
+                         fix="give a positive 1-sigma (mm/yr) wherever the value is valid, or mask those values")
+    return valid
+
+
+def _tile_bytes(n_frames: int, tile: int) -> int:
+    # per frame and tile: value, variance, ramp (float32) + warp scratch; accumulators: 3 float64 + count
+    return tile * tile * (n_frames * 16 + 4 * 8 + 2 * 8)
+
+
+def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, feather_km: float = 10.0,
+                 resampling: Resampling = "bilinear", tile_size: int = 4096,
+                 memory_budget_bytes: int | None = None) -> MergeResult:
+    """Inverse-variance weighted merge of frames with feathered edges, tile by tile.
+
+    Parameters
+    ----------
+    los_list, std_list
+        Values (mm/yr) and their 1-sigma (mm/yr), one pair per frame. Either georeferenced DataArrays (any
+        grid and CRS: each tile is warped from the frame's native grid, so memory stays bounded by the tile,
+        not by the mosaic) or arrays already on ``grid`` (shape ``grid.shape``, any array-API backend).
+    grid
+        The target grid.
+    feather_km
+        Width of the edge ramp: a frame's weight rises from near 0 at its valid-data edge to full weight
+        ``feather_km`` inside, so seams between frames blend instead of stepping. 0 disables feathering.
+    tile_size, memory_budget_bytes
+        Tiles of at most ``tile_size`` square pixels; with a budget, the tile shrinks until one tile's working
+        set fits it (a large grid is tiled, never refused). Native frames stay in memory whole (value,
+        variance and edge ramp: 12 bytes per native pixel) and the three outputs are allocated on the whole
+        grid (10 bytes per pixel); everything else is per tile.
+
+    Weights and propagation
+        ``w_i = ramp_i / std_i**2``; ``value = sum(w_i v_i) / sum(w_i)``;
+        ``std = sqrt(sum(w_i**2 std_i**2)) / sum(w_i)`` — exact for the weighted mean when the frames' errors
+        are independent (they are not perfectly: frames adjusted to the same GNSS share some error, so the
+        merged std is a lower bound there). Where feathering is off it is ``1/sqrt(sum(1/std_i**2))``.
+        The frames should share one look geometry (or be vertical estimates): merging LOS of different
+        look directions mixes different projections of the motion.
+    """
+    los_list, std_list = list(los_list), list(std_list)
+    if len(los_list) != len(std_list):
+        raise ArrayArgumentError(f"{len(los_list)} value rasters but {len(std_list)} std rasters.",
+                                 field="std_list", fix="give one std raster per value raster, in the same order")
+    if not los_list:
+        raise InputError("No frames to merge.", field="los_list", fix="pass at least one frame")
+    if feather_km < 0 or not math.isfinite(feather_km):
+        raise InputError(f"feather_km={feather_km!r} must be >= 0.", field="feather_km",
+                         fix="give the feathering width in km (0 turns it off)")
+    if tile_size < 1:
+        raise InputError(f"tile_size={tile_size!r} must be a positive number of pixels.", field="tile_size",
+                         fix="use e.g. 4096")
+    _resampling_enum(resampling)
+    notes: list[str] = []
+    pix_grid = _pixel_size_km(grid.crs, grid.transform, grid.height)
+
+    sources: list[_Source] = []
+    xp = None
+    for i, (los, std) in enumerate(zip(los_list, std_list)):
+        los_da, std_da = (_da_of(los), _da_of(std, "los_std")) if _is_xr(los) else (los, std)
+        if _is_xr(los_da) != _is_xr(std_da):
+            raise ArrayArgumentError(f"los_list[{i}] and std_list[{i}] are not the same kind of object.",
+                                     field=f"std_list[{i}]", fix="give both as DataArrays or both as arrays")
+        if _is_xr(los_da):
+            crs, t, h, w = _georef(los_da, f"los_list[{i}]")
+            crs_s, t_s, h_s, w_s = _georef(std_da, f"std_list[{i}]")
+            if (h, w) != (h_s, w_s) or crs != crs_s or not t.almost_equals(t_s):
+                raise ArrayArgumentError(f"std_list[{i}] is not on the grid of los_list[{i}].",
+                                         field=f"std_list[{i}]",
+                                         fix="resample both to the same grid, or pass the frame's own los_std")
+            los_np = np.asarray(backend.to_numpy(los_da.data), dtype=np.float32)
+            std_np = np.asarray(backend.to_numpy(std_da.data), dtype=np.float64)
+            valid = _check_value_std(np, los_np, std_np, i)
+            here = TargetGrid(crs, t, w, h)
+            xp_i = backend.namespace(np.empty(0))
+            if here.matches(grid):
+                ramp = feather_ramp(valid, pix_grid, feather_km)
+                sources.append(_Source(True, los_np, np.square(std_np).astype(np.float32), ramp))
+            else:
+                ramp = feather_ramp(valid, _pixel_size_km(crs, t, h), feather_km)
+                ramp = np.where(valid, ramp, np.nan).astype(np.float32)
+                var = np.where(valid, np.square(std_np), np.nan).astype(np.float32)
+                sources.append(_Source(False, np.where(valid, los_np, np.nan), var, ramp, crs, t,
+                                       _footprint_window(los_da, grid)))
+        else:
+            xp_i = backend.namespace(los, std)
+            if tuple(los.shape) != grid.shape or tuple(std.shape) != grid.shape:
+                raise ArrayArgumentError(
+                    f"los_list[{i}] has shape {tuple(los.shape)} and std_list[{i}] {tuple(std.shape)}; the "
+                    f"target grid is {grid.shape}.", field=f"los_list[{i}]",
+                    fix="resample each frame to the target grid with resample_to_grid first, or pass georeferenced "
+                        "DataArrays so merge_frames warps them")
+            valid = _check_value_std(xp_i, los, std, i)
+            ramp = feather_ramp(valid, pix_grid, feather_km)
+            sources.append(_Source(True, los, std * std, ramp))
+        if xp is None:
+            xp = xp_i
+        elif backend.backend_name(xp) != backend.backend_name(xp_i):
+            raise ArrayArgumentError("The frames to merge live on different array backends.",
+                                     field=f"los_list[{i}]", fix="move all inputs to one backend first")
+
+    # memory: shrink the tile until one tile's working set fits the budget
+    tile = int(min(tile_size, max(grid.shape)))
+    tile_asked = tile
+    if memory_budget_bytes is not None:
+        while tile > 16 and _tile_bytes(len(sources), tile) > memory_budget_bytes:
+            tile = max(16, tile // 2)
+        if _tile_bytes(len(sources), tile) > memory_budget_bytes:
+            notes.append(f"memory budget {memory_budget_bytes} B is below one 16-px tile; using 16-px tiles")
+        if tile < tile_asked:
+            notes.append(f"tile size reduced to {tile} px to fit a memory budget of {memory_budget_bytes} B")
+
+    f32, f64 = xp.float32, xp.float64
+    value = xp.full(grid.shape, xp.nan, dtype=f32)
+    std_out = xp.full(grid.shape, xp.nan, dtype=f32)
+    count = xp.zeros(grid.shape, dtype=xp.int16)
+    n_tiles = 0
+    for r0 in range(0, grid.height, tile):
+        r1 = min(r0 + tile, grid.height)
+        for c0 in range(0, grid.width, tile):
+            c1 = min(c0 + tile, grid.width)
+            n_tiles += 1
+            sw = xp.zeros((r1 - r0, c1 - c0), dtype=f64)
+            swv = xp.zeros_like(sw)
+            sw2v = xp.zeros_like(sw)
+            cnt = xp.zeros((r1 - r0, c1 - c0), dtype=xp.int16)
+            for s in sources:
+                if s.on_grid:
+                    v, var, rp = (s.los[r0:r1, c0:c1], s.var[r0:r1, c0:c1], s.ramp[r0:r1, c0:c1])
+                else:
+                    fw = s.window
+                    if fw is None or fw[0] >= r1 or fw[1] <= r0 or fw[2] >= c1 or fw[3] <= c0:
+                        continue  # frame does not reach this tile: no warping
+                    win = (r0, r1, c0, c1)
+                    v = xp.asarray(_warp(s.los, s.crs, s.transform, grid, resampling, win))
+                    var = xp.asarray(_warp(s.var, s.crs, s.transform, grid, resampling, win))
+                    rp = xp.asarray(_warp(s.ramp, s.crs, s.transform, grid, resampling, win))
+                sw, swv, sw2v, cnt = _accumulate(xp, sw, swv, sw2v, cnt, v, var, rp)
+            has = sw > 0
+            safe = xp.where(has, sw, xp.ones_like(sw))
+            value[r0:r1, c0:c1] = xp.astype(xp.where(has, swv / safe, xp.nan), f32)
+            std_out[r0:r1, c0:c1] = xp.astype(xp.where(has, xp.sqrt(sw2v) / safe, xp.nan), f32)
+            count[r0:r1, c0:c1] = cnt
+    log.info("merged %d frames on a %d x %d grid in %d tile(s) of <= %d px", len(sources), grid.width,
+             grid.height, n_tiles, tile)
+    return MergeResult(value, std_out, count, grid, tile, n_tiles, notes)
+
+
+def _accumulate(xp, sw, swv, sw2v, cnt, v, var, ramp):
+    """Add one frame's tile to the weighted sums (float64); pixels with NaN anywhere do not contribute."""
+    f64 = xp.float64
+    v, var, ramp = xp.astype(v, f64), xp.astype(var, f64), xp.astype(ramp, f64)
+    ok = xp.isfinite(v) & xp.isfinite(var) & (var > 0) & xp.isfinite(ramp) & (ramp > 0)
+    one = xp.ones_like(v)
+    w = xp.where(ok, ramp / xp.where(ok, var, one), xp.zeros_like(v))
+    v0 = xp.where(ok, v, xp.zeros_like(v))
+    var0 = xp.where(ok, var, xp.zeros_like(v))
+    return (sw + w, swv + w * v0, sw2v + w * w * var0, cnt + xp.astype(ok, xp.int16))
+
+
+def _footprint_window(da, grid: TargetGrid):
+    """(row0, row1, col0, col1) of the grid window covering a frame's valid data (+1 px margin), or None."""
+    from rasterio.warp import transform_bounds
+
+    b = _valid_bounds(da, "frame")
+    if b is None:
+        return None
+    crs = da.rio.crs
+    if crs != grid.crs:
+        b = transform_bounds(crs, grid.crs, *b, densify_pts=21)
+    inv = ~grid.transform
+    cols, rows = zip(*(inv @ (x, y) for x in (b[0], b[2]) for y in (b[1], b[3])))
+    r0 = max(0, int(math.floor(min(rows))) - 1)
+    r1 = min(grid.height, int(math.ceil(max(rows))) + 1)
+    c0 = max(0, int(math.floor(min(cols))) - 1)
+    c1 = min(grid.width, int(math.ceil(max(cols))) + 1)
+    if r0 >= r1 or c0 >= c1:
+        return None
+    return (r0, r1, c0, c1)
+
+
+# ==============================================================================================================
+# Decomposition
+# ==============================================================================================================
+def _unwrap(*objs):
+    """Plain arrays of possibly-xarray arguments, and the first DataArray as a template for the outputs."""
+    import xarray as xr
+
+    template = next((o for o in objs if isinstance(o, xr.DataArray)), None)
+    return [o.data if isinstance(o, xr.DataArray) else o for o in objs], template
+
+
+def _rewrap(arr, template, name: str):
+    if template is None:
+        return arr
+    import xarray as xr
+
+    out = xr.DataArray(backend.to_numpy(arr), dims=template.dims, coords=template.coords, name=name)
+    return out.rio.write_crs(template.rio.crs) if template.rio.crs is not None else out
+
+
+class VerticalResult(NamedTuple):
+    """Vertical velocity ``vu`` and its 1-sigma ``vu_std`` (mm/yr, float32, NaN where no data)."""
+
+    vu: Any
+    vu_std: Any
+
+
+def _as_f64(xp, a, like):
+    if a is None:
+        return None
+    if isinstance(a, (int, float)):
+        return xp.full(like.shape, float(a), dtype=xp.float64)
+    return xp.astype(xp.asarray(a), xp.float64)
+
+
+def decompose_vertical(los, los_std, e, n, u, ve, vn, se=None, sn=None) -> VerticalResult:
+    """Vertical velocity from one look geometry with the GNSS horizontal field removed.
+
+    ``vu = (los - e*ve - n*vn) / u`` and ``vu_std**2 = (los_std**2 + e**2 se**2 + n**2 sn**2) / u**2``.
+
+    Assumes: ``los`` is in the same (GNSS) reference frame as ``ve``/``vn`` (plate motion handled upstream);
+    the horizontal field (``ve``, ``vn`` from geodesy's HorizontalVelocityField, mm/yr) is accurate to
+    ``se``/``sn`` and its errors are independent of the InSAR error; ``se``/``sn`` omitted means the field is
+    taken as exact. ``los_std`` may be None (then ``vu_std`` is None). Arrays broadcast against each other;
+    DataArrays are accepted and returned as DataArrays. All array arguments must share one backend.
+    """
+    (los, los_std, e, n, u, ve, vn, se, sn), template = _unwrap(los, los_std, e, n, u, ve, vn, se, sn)
+    xp = backend.namespace(los, los_std, e, n, u, ve, vn, se, sn)
+    f64 = xp.float64
+    L = xp.astype(xp.asarray(los), f64)
+    E, N, U = (_as_f64(xp, a, L) for a in (e, n, u))
+    VE, VN = _as_f64(xp, ve, L), _as_f64(xp, vn, L)
+    ok = xp.isfinite(L) & xp.isfinite(U)
+    if bool(xp.any(ok & ~(U > 0.05))):
+        raise GeometryError("The up component of the LOS unit vector is <= 0.05 where the LOS velocity is valid.",
+                            field="u", fix="pass the ground-to-satellite unit vector (u > 0 for Sentinel-1); "
+                                           "check the sign convention of the geometry files")
+    Us = xp.where(ok, U, xp.ones_like(U))
+    vu = (L - E * VE - N * VN) / Us
+    vu_std = None
+    if los_std is not None:
+        S = _as_f64(xp, los_std, L)
+        if bool(xp.any(ok & ~(xp.isfinite(S) & (S > 0)))):
+            raise InputError("los_std is NaN or <= 0 where los is valid.", field="los_std",
+                             fix="give a positive 1-sigma (mm/yr) wherever the LOS velocity is valid")
+        var = S * S
+        if se is not None:
+            SE = _as_f64(xp, se, L)
+            var = var + E * E * SE * SE
+        if sn is not None:
+            SN = _as_f64(xp, sn, L)
+            var = var + N * N * SN * SN
+        vu_std = xp.astype(xp.sqrt(var) / Us, xp.float32)
+        vu_std = _rewrap(vu_std, template, "vertical_std")
+    return VerticalResult(_rewrap(xp.astype(vu, xp.float32), template, "vertical_velocity"), vu_std)
+
+
+@dataclass
+class UpEastResult:
+    """Per-pixel up/east decomposition (mm/yr, float32, NaN where undetermined).
+
+    ``method`` (int8): 0 = undetermined, 1 = vertical only (one usable geometry, or ill-conditioned, and the
+    GNSS ``ve`` was given; ``east`` is NaN), 2 = up and east by least squares. ``n_geometries`` (int16) is the
+    number of valid look directions per pixel; ``condition`` the 2-norm condition number of the unweighted
+    east-up normal matrix (inf where singular, NaN with fewer than two geometries); ``n_ill_conditioned`` the
+    number of pixels with two or more geometries rejected for ``condition > max_condition``.
+    """
+
+    up: Any
+    east: Any
+    up_std: Any
+    east_std: Any
+    up_east_cov: Any
+    n_geometries: Any
+    method: Any
+    condition: Any
+    n_ill_conditioned: int
+    n_vertical_only: int
+
+
+def decompose_up_east(los_stack, std_stack, e_stack, n_stack, u_stack, vn, sn=None, *, ve=None, se=None,
+                      max_condition: float = 100.0) -> UpEastResult:
+    """Up and east velocity from two or more look directions; north from the GNSS field.
+
+    Stacks are ``(k, ...)``: k look geometries (e.g. ascending and descending mosaics) over the same pixels;
+    NaN in ``los_stack`` (or ``std_stack``) drops that geometry at that pixel. Per pixel, with
+    ``y_i = los_i - n_i*vn`` and weights ``w_i = 1/std_i**2``, the weighted least squares for ``x = (ve, vu)``
+    with design rows ``(e_i, u_i)`` is solved in closed form (2×2 normal matrix, vectorised, no Python loop).
+
+    Covariance (``up_east_cov``, shape ``(..., 2, 2)``, order east, up): ``N^-1`` from the LOS noise plus
+    ``sn**2 (N^-1 A^T W n)(...)^T`` from the GNSS north error, which enters every geometry together — exact
+    linear propagation, treating geometries as independent.
+
+    Conditioning: with asc/desc the system is well posed (``condition`` ≈ 2); two look directions with similar
+    east components (e.g. two ascending tracks) make it nearly singular and east/up wild. Pixels whose
+    condition exceeds ``max_condition`` (default 100, i.e. ~10× noise amplification) are not solved for east.
+
+    Fall-back: pixels with one valid geometry, or ill-conditioned, get the vertical-only estimate (all valid
+    geometries, ``ve`` and ``vn`` removed, ``se``/``sn`` propagated) *only if* ``ve`` is given; otherwise up and
+    east are NaN there and ``n_geometries`` says why.
+
+    Assumes: all geometries are in the reference frame of the GNSS field, LOS errors independent between
+    geometries; a horizontal-only GNSS input (no ``vu``) is what makes this possible — that choice is upstream.
+    """
+    xp = backend.namespace(los_stack, std_stack, e_stack, n_stack, u_stack, vn, sn, ve, se)
+    f64 = xp.float64
+    L = xp.astype(xp.asarray(los_stack), f64)
+    if L.ndim < 1 or L.shape[0] < 1:
+        raise ArrayArgumentError("los_stack must have the look geometries on its first axis.", field="los_stack",
+                                 fix="stack the per-geometry rasters with xp.stack([...], axis=0)")
+    shape = L.shape
+    S, E, Nn, U = (xp.astype(xp.asarray(a), f64) for a in (std_stack, e_stack, n_stack, u_stack))
+    for name, a in (("std_stack", S), ("e_stack", E), ("n_stack", Nn), ("u_stack", U)):
+        if a.shape != shape:
+            raise ArrayArgumentError(f"{name} has shape {a.shape}; los_stack has {shape}.", field=name,
+                                     fix="give every stack the same (geometry, ...) shape")
+    pix = shape[1:]
+
+    def per_pixel(a, name):
+        a = _as_f64(xp, a, L[0, ...])
+        try:
+            return xp.broadcast_to(a, pix)
+        except (ValueError, TypeError) as exc:
+            raise ArrayArgumentError(f"{name} has shape {tuple(a.shape)}; the pixels are {pix}.", field=name,
+                                     fix="give one value per pixel (or a scalar)") from exc
+
+    VN = per_pixel(vn, "vn")
+    zero, one = xp.zeros(shape, dtype=f64), xp.ones(shape, dtype=f64)
+
+    ok = xp.isfinite(L) & xp.isfinite(E) & xp.isfinite(Nn) & xp.isfinite(U)
+    if bool(xp.any(ok & ~(xp.isfinite(S) & (S > 0)))):
+        raise InputError("std_stack is NaN or <= 0 where los_stack is valid.", field="std_stack",
+                         fix="give a positive 1-sigma (mm/yr) wherever the LOS velocity is valid")
+    if bool(xp.any(ok & ~(U > 0.05))):
+        raise GeometryError("The up component of a LOS unit vector is <= 0.05 where LOS is valid.",
+                            field="u_stack", fix="pass ground-to-satellite unit vectors (u > 0 for Sentinel-1)")
+    W = xp.where(ok, 1.0 / xp.where(ok, S * S, one), zero)
+    E0, N0, U0 = (xp.where(ok, a, zero) for a in (E, Nn, U))
+    Y = xp.where(ok, L - Nn * VN, zero)
+    k = xp.sum(xp.astype(ok, xp.int16), axis=0, dtype=xp.int16)
+
+    # weighted normal matrix and right-hand side, order (east, up)
+    a11, a12, a22 = xp.sum(W * E0 * E0, axis=0), xp.sum(W * E0 * U0, axis=0), xp.sum(W * U0 * U0, axis=0)
+    b1, b2 = xp.sum(W * E0 * Y, axis=0), xp.sum(W * U0 * Y, axis=0)
+    det = a11 * a22 - a12 * a12
+    # geometry-only (unweighted) conditioning: noise levels should not decide whether east is resolvable
+    okf = xp.astype(ok, f64)
+    g11, g12, g22 = xp.sum(okf * E0 * E0, axis=0), xp.sum(okf * E0 * U0, axis=0), xp.sum(okf * U0 * U0, axis=0)
+    tr = g11 + g22
+    disc = xp.sqrt(xp.clip((g11 - g22) ** 2 + 4 * g12 * g12, 0.0, None))
+    lmax, lmin = (tr + disc) / 2, (tr - disc) / 2
+    two = k >= 2
+    cond = xp.where(two, xp.where(lmin > 1e-12 * lmax, lmax / xp.where(lmin > 0, lmin, xp.ones_like(lmin)),
+                                  xp.full(pix, xp.inf, dtype=f64)), xp.full(pix, xp.nan, dtype=f64))
+    solve = two & (cond <= max_condition) & (det > 0)
+    ill = two & ~solve
+    dets = xp.where(solve, det, xp.ones_like(det))
+    i11, i12, i22 = a22 / dets, -a12 / dets, a11 / dets
+    east = i11 * b1 + i12 * b2
+    up = i12 * b1 + i22 * b2
+    c11, c12, c22 = i11, i12, i22
+    if sn is not None:
+        SN = per_pixel(sn, "sn")
+        # sensitivity of (east, up) to vn: -(N^-1 A^T W n)
+        h1, h2 = xp.sum(W * E0 * N0, axis=0), xp.sum(W * U0 * N0, axis=0)
+        g_e, g_u = i11 * h1 + i12 * h2, i12 * h1 + i22 * h2
+        s2 = SN * SN
+        c11, c12, c22 = c11 + s2 * g_e * g_e, c12 + s2 * g_e * g_u, c22 + s2 * g_u * g_u
+
+    nan = xp.full(pix, xp.nan, dtype=f64)
+    east = xp.where(solve, east, nan)
+    up = xp.where(solve, up, nan)
+    east_var, up_var, cov_eu = xp.where(solve, c11, nan), xp.where(solve, c22, nan), xp.where(solve, c12, nan)
+    method = xp.where(solve, xp.full(pix, 2, dtype=xp.int8), xp.zeros(pix, dtype=xp.int8))
+
+    if ve is not None:
+        # vertical only, all valid geometries: y_i - e_i ve = u_i vu
+        VE = per_pixel(ve, "ve")
+        s_uu = a22
+        has = (k >= 1) & ~solve & (s_uu > 0)
+        s_uus = xp.where(has, s_uu, xp.ones_like(s_uu))
+        vu1 = (b2 - xp.sum(W * U0 * E0, axis=0) * VE) / s_uus
+        var1 = 1.0 / s_uus
+        if se is not None:
+            SE = per_pixel(se, "se")
+            var1 = var1 + (SE * xp.sum(W * U0 * E0, axis=0) / s_uus) ** 2
+        if sn is not None:
+            var1 = var1 + (SN * xp.sum(W * U0 * N0, axis=0) / s_uus) ** 2
+        up = xp.where(has, vu1, up)
+        up_var = xp.where(has, var1, up_var)
+        method = xp.where(has, xp.full(pix, 1, dtype=xp.int8), method)
+
+    f32 = xp.float32
+    cov = xp.stack([xp.stack([east_var, cov_eu], axis=-1), xp.stack([cov_eu, up_var], axis=-1)], axis=-2)
+    n_ill = int(xp.sum(xp.astype(ill, xp.int64)))
+    n_vo = int(xp.sum(xp.astype(method == 1, xp.int64)))
+    if n_ill:
+        log.warning("up/east: %d pixel(s) with two or more geometries are ill-conditioned (condition > %g); "
+                    "east left undetermined there", n_ill, max_condition)
+    return UpEastResult(up=xp.astype(up, f32), east=xp.astype(east, f32), up_std=xp.astype(xp.sqrt(up_var), f32),
+                        east_std=xp.astype(xp.sqrt(east_var), f32), up_east_cov=cov, n_geometries=k,
+                        method=method, condition=cond, n_ill_conditioned=n_ill, n_vertical_only=n_vo)
+
+
+# ==============================================================================================================
+# Overlaps for the network adjustment
+# ==============================================================================================================
+_WGS84_A = 6378137.0
+_WGS84_F = 1 / 298.257223563
+_WGS84_E = math.sqrt(_WGS84_F * (2 - _WGS84_F))
+_WGS84_B2 = (_WGS84_A * (1 - _WGS84_F)) ** 2
+
+
+def _q(phi):
+    """Authalic function: the area between the equator and latitude ``phi`` (rad) per radian of longitude is
+    ``b**2 / 2 * q(phi)``."""
+    e, s = _WGS84_E, np.sin(phi)
+    return s / (1 - e * e * s * s) + np.log((1 + e * s) / (1 - e * s)) / (2 * e)
+
+
+def cell_area_km2(grid: TargetGrid, rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> np.ndarray:
+    """True (ellipsoidal, WGS84) area in km² of grid cells ``(rows, cols)`` (all cells when omitted).
+
+    Geographic grids: the exact ellipsoidal area between the cell's parallels and meridians. Projected grids:
+    the cell's map area divided by the projection's areal scale factor at the cell centre (pyproj).
+    """
+    if rows is None:
+        rr, cc = np.meshgrid(np.arange(grid.height), np.arange(grid.width), indexing="ij")
+        return cell_area_km2(grid, rr.ravel(), cc.ravel()).reshape(grid.shape)
+    rows, cols = np.asarray(rows), np.asarray(cols)
+    t = grid.transform
+    if grid.crs.is_geographic:
+        # exact area of a quadrangle bounded by two parallels and two meridians on the WGS84 ellipsoid
+        lat_top = np.radians(t.f + t.e * rows)
+        lat_bot = np.radians(t.f + t.e * (rows + 1))
+        return np.abs(_WGS84_B2 / 2.0 * np.radians(abs(t.a)) * (_q(lat_top) - _q(lat_bot))) / 1e6
+    from pyproj import Proj, Transformer
+
+    y, x = grid.coords()
+    tr = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True)
+    lon, lat = tr.transform(x[cols], y[rows])
+    scale = Proj(grid.crs).get_factors(lon, lat).areal_scale
+    unit = grid.crs.linear_units_factor[1]
+    return abs(t.a * t.e) * unit * unit / np.asarray(scale) / 1e6
+
+
+@dataclass
+class OverlapPair:
+    """Frames ``i`` and ``j`` overlap on ``mask`` (bool, grid shape): ``n_pixels`` pixels, ``area_km2`` km².
+
+    ``kind`` is ``"along_track"`` (same relative orbit, e.g. ``014A``), ``"across_track"``, or None when the
+    frame ids are unknown.
+    """
+
+    i: int
+    j: int
+    mask: np.ndarray
+    n_pixels: int
+    area_km2: float
+    kind: str | None
+
+
+def _track(fr) -> str | None:
+    fid = getattr(fr, "attrs", {}).get("frame_id")
+    if not fid:
+        return None
+    return str(fid).split("_")[0]
+
+
+def overlap_pairs(frames_on_grid: Sequence, grid: TargetGrid | None = None, *, min_pixels: int = 1) -> list[OverlapPair]:
+    """All pairs of frames whose valid footprints on the common grid intersect.
+
+    ``frames_on_grid`` are frames (Datasets, valid = finite ``los_velocity`` and ``mask``) or DataArrays or
+    arrays already on one grid (NaN = no data). ``grid`` gives the cell areas; it is read from the first
+    frame when omitted (then frames must be georeferenced). Pairs with fewer than ``min_pixels`` common pixels
+    are left out.
+    """
+    frames = list(frames_on_grid)
+    if grid is None:
+        if not frames:
+            return []
+        crs, t, h, w = _georef(frames[0], "frames_on_grid[0]")
+        grid = TargetGrid(crs, t, w, h)
+    masks = []
+    for i, fr in enumerate(frames):
+        m = _valid_mask_np(fr)
+        if m.shape != grid.shape:
+            raise ArrayArgumentError(f"frames_on_grid[{i}] has shape {m.shape}; the grid is {grid.shape}.",
+                                     field=f"frames_on_grid[{i}]", fix="resample every frame with resample_to_grid")
+        masks.append(m)
+    # bounding boxes first: most pairs of a wide-area set do not touch
+    boxes = []
+    for m in masks:
+        r = np.flatnonzero(m.any(axis=1))
+        c = np.flatnonzero(m.any(axis=0))
+        boxes.append(None if r.size == 0 else (r[0], r[-1] + 1, c[0], c[-1] + 1))
+    pairs = []
+    for i in range(len(masks)):
+        for j in range(i + 1, len(masks)):
+            bi, bj = boxes[i], boxes[j]
+            if bi is None or bj is None or bi[0] >= bj[1] or bj[0] >= bi[1] or bi[2] >= bj[3] or bj[2] >= bi[3]:
+                continue
+            both = masks[i] & masks[j]
+            npx = int(both.sum())
+            if npx < max(1, min_pixels):
+                continue
+            rows, cols = np.nonzero(both)
+            area = float(cell_area_km2(grid, rows, cols).sum())
+            ti, tj = _track(frames[i]), _track(frames[j])
+            kind = None if ti is None or tj is None else ("along_track" if ti == tj else "across_track")
+            pairs.append(OverlapPair(i, j, both, npx, area, kind))
+    return pairs
+
+
+@dataclass
+class OverlapSample:
+    """Sampled overlap pixels: grid ``rows``/``cols``, grid-CRS ``x``/``y``, ``lon``/``lat`` (degrees), the
+    difference ``diff = a - b`` (mm/yr) and, when stds were given, ``diff_std`` (mm/yr, independent errors);
+    ``stride`` is the regular sampling step in pixels."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    lon: np.ndarray
+    lat: np.ndarray
+    diff: np.ndarray
+    diff_std: np.ndarray | None
+    stride: int
+
+
+def sample_overlap(a, b, mask, *, max_samples: int = 2000, rng: np.random.Generator | int | None = None,
+                   grid: TargetGrid | None = None, a_std=None, b_std=None) -> OverlapSample:
+    """Regularly strided samples of ``a - b`` over an overlap ``mask`` for the network least squares.
+
+    The stride ``s = ceil(sqrt(n / max_samples))`` in rows and columns keeps the samples spread evenly over
+    the overlap (so a ramp between frames is constrained everywhere); ``rng`` picks the stride's offset.
+    If the strided set is still larger than ``max_samples`` (ragged overlaps), evenly spaced samples of it
+    are kept. Host side (NumPy).
+    """
+    if max_samples < 1:
+        raise InputError(f"max_samples={max_samples!r} must be >= 1.", field="max_samples",
+                         fix="give the largest number of samples per overlap, e.g. 2000")
+    rng = np.random.default_rng(rng)
+    if grid is None:
+        crs, t, h, w = _georef(a if _is_xr(a) else b, "a")
+        grid = TargetGrid(crs, t, w, h)
+    av = np.asarray(backend.to_numpy(_da_of(a).data if _is_xr(a) else a), dtype=np.float64)
+    bv = np.asarray(backend.to_numpy(_da_of(b).data if _is_xr(b) else b), dtype=np.float64)
+    m = np.asarray(backend.to_numpy(mask), dtype=bool)
+    if av.shape != grid.shape or bv.shape != grid.shape or m.shape != grid.shape:
+        raise ArrayArgumentError(f"a {av.shape}, b {bv.shape} and mask {m.shape} must all be on the grid "
+                                 f"{grid.shape}.", field="mask", fix="resample the frames to one grid first")
+    m = m & np.isfinite(av) & np.isfinite(bv)
+    n = int(m.sum())
+    s = max(1, int(math.ceil(math.sqrt(n / max_samples)))) if n else 1
+    ro, co = (int(rng.integers(s)), int(rng.integers(s))) if s > 1 else (0, 0)
+    sub = np.zeros_like(m)
+    sub[ro::s, co::s] = m[ro::s, co::s]
+    rows, cols = np.nonzero(sub)
+    if rows.size == 0 and n:  # a thin overlap missed by the stride: fall back to all its pixels
+        rows, cols = np.nonzero(m)
+    if rows.size > max_samples:
+        keep = np.unique(np.linspace(0, rows.size - 1, max_samples).round().astype(np.int64))
+        rows, cols = rows[keep], cols[keep]
+    y, x = grid.coords()
+    xs, ys = x[cols], y[rows]
+    if grid.crs.is_geographic:
+        lon, lat = xs, ys
+    else:
+        from pyproj import Transformer
+
+        lon, lat = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True).transform(xs, ys)
+    diff = av[rows, cols] - bv[rows, cols]
+    dstd = None
+    if a_std is not None and b_std is not None:
+        sa = np.asarray(backend.to_numpy(_da_of(a_std).data if _is_xr(a_std) else a_std), dtype=np.float64)
+        sb = np.asarray(backend.to_numpy(_da_of(b_std).data if _is_xr(b_std) else b_std), dtype=np.float64)
+        dstd = np.hypot(sa[rows, cols], sb[rows, cols])
+    return OverlapSample(rows, cols, xs, ys, np.asarray(lon), np.asarray(lat), diff, dstd, s)
