@@ -1,0 +1,115 @@
+"""Subsidence statistics on the ellipsoid: planted Gaussian bowls with analytic areas, volumes and trends."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pyproj
+import pytest
+import xarray as xr
+
+from gpu_insar_adjust.analysis import annual_subsidence, subsidence_summary
+from gpu_insar_adjust.errors import GiaError, InputError
+
+GEOD = pyproj.Geod(ellps="WGS84")
+LON0, LAT0 = 116.9, 38.9  # Tianjin-like
+SIGMA_M = 8_000.0
+STEP = 0.004  # degrees: ~350 m × 445 m pixels
+
+
+def _grid(half=0.45):
+    y = np.arange(LAT0 + half, LAT0 - half - 1e-9, -STEP)
+    x = np.arange(LON0 - half, LON0 + half + 1e-9, STEP)
+    return y, x
+
+
+def _distance(y, x, lon0=LON0, lat0=LAT0):
+    xx, yy = np.meshgrid(x, y)
+    return GEOD.inv(np.full(xx.shape, lon0), np.full(xx.shape, lat0), xx, yy)[2]
+
+
+def _bowl(peak_mm_yr, y=None, x=None, lon0=LON0, lat0=LAT0, sigma=SIGMA_M):
+    if y is None:
+        y, x = _grid()
+    r = _distance(y, x, lon0, lat0)
+    return -peak_mm_yr * np.exp(-(r**2) / (2 * sigma**2))  # vertical velocity, positive up
+
+
+def _da(vu, y, x):
+    return xr.DataArray(vu.astype("float32"), dims=("y", "x"), coords={"y": y, "x": x}, name="vertical_velocity")
+
+
+def test_area_rates_and_volume_of_a_gaussian_bowl_match_the_analytic_values():
+    y, x = _grid()
+    v0, thr = 100.0, 20.0
+    vu = _bowl(v0, y, x)
+    vu[::7, ::5] = np.nan  # scattered no-data must not bias the area (it is simply not counted)
+    vu_full = _bowl(v0, y, x)
+    out = subsidence_summary(_da(vu_full, y, x), threshold_mm_yr=thr)
+    r_thr2 = 2 * SIGMA_M**2 * math.log(v0 / thr)
+    area = math.pi * r_thr2  # m²: disc where the rate exceeds the threshold
+    volume = 2 * math.pi * SIGMA_M**2 * (v0 - thr) / 1e3  # m³/yr, ∫ rate dA over that disc
+    volume_all = 2 * math.pi * SIGMA_M**2 * v0 / 1e3  # over all subsiding pixels (the grid spans ±5 σ)
+    assert out["subsidence_threshold_mm_yr"] == 20.0
+    assert abs(out["subsidence_area_km2"] - area / 1e6) / (area / 1e6) < 0.01
+    assert abs(out["subsidence_volume_rate_m3_yr"] - volume) / volume < 0.01
+    assert abs(out["subsidence_volume_rate_all_m3_yr"] - volume_all) / volume_all < 0.01
+    assert abs(out["mean_subsidence_rate_mm_yr"] - volume * 1e3 / area) < 0.5
+    assert abs(out["max_subsidence_rate_mm_yr"] - v0) < 0.1
+    gappy = subsidence_summary(_da(vu, y, x), threshold_mm_yr=thr)
+    frac_missing = np.isnan(vu).mean()
+    assert abs(gappy["subsidence_area_km2"] / out["subsidence_area_km2"] - (1 - frac_missing)) < 0.01
+
+
+def test_hotspots_are_ranked_located_and_named_by_nearest_station():
+    y, x = _grid()
+    lon2, lat2 = LON0 + 0.25, LAT0 - 0.25
+    vu = _bowl(100.0, y, x) + _bowl(60.0, y, x, lon2, lat2, sigma=4_000.0)
+    stations = pd.DataFrame({"station": ["TJWQ", "HECX", "FAR1"], "lon": [LON0 + 0.02, lon2 - 0.01, 120.0],
+                             "lat": [LAT0, lat2, 40.0]})
+    out = subsidence_summary(_da(vu, y, x), threshold_mm_yr=20.0, stations=stations)
+    hs = out["hotspots"]
+    assert len(hs) == 2
+    big, small = hs
+    assert big["area_km2"] > small["area_km2"]
+    assert abs(big["centroid_lon"] - LON0) < 0.005 and abs(big["centroid_lat"] - LAT0) < 0.005
+    assert abs(small["centroid_lon"] - lon2) < 0.005 and abs(small["centroid_lat"] - lat2) < 0.005
+    assert big["nearest_station"] == "TJWQ" and small["nearest_station"] == "HECX"
+    expect_km = GEOD.inv(big["centroid_lon"], big["centroid_lat"], LON0 + 0.02, LAT0)[2] / 1e3
+    assert abs(big["nearest_station_distance_km"] - expect_km) < 1e-6
+    assert abs(big["nearest_station_distance_km"] - 1.73) < 0.3  # 0.02° of longitude at 38.9°N
+    assert abs(big["peak_subsidence_rate_mm_yr"] - 100.0) < 0.5
+    area_small = math.pi * 2 * 4_000.0**2 * math.log(60.0 / 20.0) / 1e6
+    assert abs(small["area_km2"] - area_small) / area_small < 0.02  # ~250 pixels: boundary discretisation
+    assert sum(h["area_km2"] for h in hs) == pytest.approx(out["subsidence_area_km2"], rel=1e-12)
+
+
+def test_negative_threshold_is_rejected_with_the_expected_sign():
+    y, x = _grid(0.05)
+    with pytest.raises(InputError) as exc:
+        subsidence_summary(_da(_bowl(50.0, y, x), y, x), threshold_mm_yr=-20)
+    assert isinstance(exc.value, GiaError)
+    assert "positive" in str(exc.value) and "20" in exc.value.fix
+
+
+@pytest.mark.parametrize("peaks, peak_year, easing", [((60, 80, 100, 90, 70), 2020, True),
+                                                      ((60, 70, 80, 90, 100), 2022, False)])
+def test_annual_subsidence_peak_year_and_easing(peaks, peak_year, easing):
+    y, x = _grid(0.3)
+    years = list(range(2018, 2023))
+    cube = np.stack([_bowl(p, y, x) for p in peaks])
+    da = xr.DataArray(cube, dims=("year", "y", "x"), coords={"year": years, "y": y, "x": x})
+    out = annual_subsidence(da, threshold_mm_yr=20.0)
+    assert out["peak_year"] == peak_year and out["easing"] is easing
+    # fixed region = disc where the largest bowl (100 mm/yr) exceeds 20 mm/yr; mean of the Gaussian over it
+    r2 = 2 * SIGMA_M**2 * math.log(100 / 20)
+    g_mean = 2 * SIGMA_M**2 * (1 - 20 / 100) / r2
+    for yr, p in zip(years, peaks):
+        assert abs(out["annual_mean_subsidence_rate_mm_yr"][yr] - p * g_mean) / (p * g_mean) < 0.01
+        area_y = math.pi * 2 * SIGMA_M**2 * math.log(p / 20) / 1e6
+        assert abs(out["annual_subsidence_area_km2"][yr] - area_y) / area_y < 0.01
+    expect_slope = np.polyfit(years[-3:], [p * g_mean for p in peaks[-3:]], 1)[0]
+    assert abs(out["trend_slope_mm_yr2"] - expect_slope) < 0.01 * abs(expect_slope)
+    assert out["trend_years"] == years[-3:]
