@@ -36,6 +36,30 @@ class GnssConfig(_Section):
                            "no long-wavelength vertical motion. Set automatically when the file has no vu column.")
 
 
+class NetworkConfig(_Section):
+    order: Literal[0, 1, 2] = Field(1, description="Per-frame network correction: 0 offset, 1 offset + ramp, 2 "
+                                                   "quadratic.")
+    correlation_km: float = Field(10.0, gt=0, description="Correlation length of overlap differences (km): sets how "
+                                                          "many independent observations an overlap is worth.")
+    sigma_floor_mm_yr: float = Field(1.0, ge=0, description="Added in quadrature to every observation sigma "
+                                                            "(mm/yr).")
+    prior_sigma_mm_yr: float = Field(20.0, gt=0, description="Weak prior on every correction parameter (mm/yr); "
+                                                             "decides only frames with no GNSS-tied neighbour.")
+    huber_k: float = Field(1.5, gt=0, description="Huber threshold of the robust reweighting, in robust sigmas.")
+    max_samples_per_overlap: int = Field(1500, ge=10, description="Overlap pixels sampled per frame pair.")
+    min_overlap_pixels: int = Field(10, ge=1, description="Pairs sharing fewer valid pixels are not tied.")
+
+
+class MosaicConfig(_Section):
+    resolution: float | None = Field(None, gt=0, description="Target pixel spacing in target-CRS units (default: "
+                                                             "the finest input spacing).")
+    crs: str = Field("EPSG:4326", description="Target CRS of the mosaic.")
+    bounds: tuple[float, float, float, float] | None = Field(
+        None, description="Target bounds (left, bottom, right, top) in target-CRS units (default: union of frames).")
+    feather_km: float = Field(10.0, ge=0, description="Width of the feathered frame edges in the merge (km).")
+    tile_size: int = Field(4096, ge=64, description="Mosaic tile size in pixels (bounds memory on large grids).")
+
+
 class AnalysisConfig(_Section):
     subsidence_threshold_mm_yr: float = Field(
         20.0, gt=0, description="Subsidence rate (positive, mm/yr) above which a pixel counts as subsiding.")
@@ -61,6 +85,9 @@ class GiaConfig(_Section):
                             "when no GPU is usable — never a silent CPU fall-back).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging verbosity.")
     gnss: GnssConfig = Field(default_factory=GnssConfig, description="GNSS input and reference frames.")
+    network: NetworkConfig = Field(default_factory=NetworkConfig, description="Network adjustment over overlaps and "
+                                                                              "GNSS ties.")
+    mosaic: MosaicConfig = Field(default_factory=MosaicConfig, description="Target grid and merge.")
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig, description="Subsidence and groundwater "
                                                                                  "analysis.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Products written.")
