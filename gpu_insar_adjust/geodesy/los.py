@@ -1,0 +1,223 @@
+"""Line-of-sight geometry: ground→satellite unit vectors, their conventions, and projections.
+
+Convention of the whole package: the LOS velocity is positive **toward the satellite** (LiCSBAS/MintPy sign),
+
+    v_los = e * ve + n * vn + u * vu      (mm/yr)
+
+with ``(e, n, u)`` the east, north and up components of the unit vector pointing from the ground pixel to the
+satellite. The products describe that vector in three ways, all converted here:
+
+* LiCSAR/LiCSBAS ``E/N/U.geo.tif`` rasters hold it directly (:func:`unit_vector_from_enu`, which checks the norm);
+* MintPy ``incidenceAngle`` and ``azimuthAngle`` (degrees; the azimuth of the ground→satellite vector measured
+  from north, **anticlockwise** positive)::
+
+      e = -sin(inc) sin(az),   n = sin(inc) cos(az),   u = cos(inc)
+
+* incidence and **heading** (flight direction, degrees clockwise from north), for a right-looking SAR::
+
+      e = -sin(inc) cos(hd),   n = sin(inc) sin(hd),   u = cos(inc)      (so az = 90° - hd)
+
+Sentinel-1 at mid latitudes: ascending (heading ≈ -12°) gives e ≈ -0.6, n ≈ -0.13, u ≈ 0.78; descending
+(heading ≈ -168°) gives e ≈ +0.6.
+
+All functions are backend-aware (written against the array API): they accept NumPy, CuPy or any array-API
+arrays (or Python scalars) and return arrays of the same namespace. Angles are degrees.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .. import backend
+from ..errors import GeometryError
+
+__all__ = [
+    "unit_vector_from_enu",
+    "unit_vector_from_incidence_azimuth",
+    "unit_vector_from_incidence_heading",
+    "incidence_azimuth_from_unit_vector",
+    "heading_from_unit_vector",
+    "azimuth_from_heading",
+    "heading_from_azimuth",
+    "enu_to_los",
+    "los_to_vertical",
+    "enu_std_to_los_std",
+    "orbit_direction",
+    "check_unit_vector",
+]
+
+_DEG = math.pi / 180.0
+
+# |norm - 1| allowed for a stored unit vector: float32 rasters and resampling by the processor keep it well under
+# 1e-3; anything beyond a few per cent is a wrong band, wrong scaling (e.g. stored ×1000) or a mixed-up file.
+NORM_TOLERANCE = 0.02
+
+
+def _floats(*values: Any):
+    """(xp, arrays...) with every value an array of one namespace and a real floating dtype (float64 default)."""
+    xp = backend.namespace(*values)
+    # Python scalars take the dtype of the first floating array, so float32 rasters stay float32.
+    scalar_dtype = next((v.dtype for v in values if backend._is_array(v) and xp.isdtype(v.dtype, "real floating")),
+                        xp.float64)
+    out = []
+    for v in values:
+        a = v if backend._is_array(v) else xp.asarray(v, dtype=scalar_dtype)
+        if not xp.isdtype(a.dtype, "real floating"):
+            a = xp.astype(a, xp.float64)
+        out.append(a)
+    return (xp, *out)
+
+
+def _finite_any(xp, condition) -> bool:
+    """True where ``condition`` holds at any element (NaN elements compare False, so no-data is never flagged)."""
+    return bool(xp.any(condition))
+
+
+def _check_incidence(xp, inc, *, field: str, file=None) -> None:
+    if _finite_any(xp, (inc < 0.0) | (inc > 90.0)):
+        lo, hi = float(xp.min(xp.where(xp.isnan(inc), xp.inf, inc))), float(
+            xp.max(xp.where(xp.isnan(inc), -xp.inf, inc)))
+        raise GeometryError(
+            f"Incidence angles must lie within 0-90 degrees; found values from {lo:.4g} to {hi:.4g}.",
+            file=file, field=field,
+            fix="give the incidence angle from the vertical in degrees (Sentinel-1: about 29-46°); convert "
+                "radians with numpy.degrees, and use 90 - elevation if the file stores the elevation angle")
+
+
+def check_unit_vector(e, n, u, *, tolerance: float = NORM_TOLERANCE, file=None, field: str = "los_e/los_n/los_u"):
+    """Raise :class:`GeometryError` where the norm of (e, n, u) differs from 1 by more than ``tolerance``.
+
+    NaN pixels (no data) are ignored; an up component below zero (vector pointing into the ground) is also an
+    error, since the LOS convention needs the ground→satellite direction.
+    """
+    xp, e, n, u = _floats(e, n, u)
+    norm = xp.sqrt(e * e + n * n + u * u)
+    bad = xp.abs(norm - 1.0) > tolerance
+    if _finite_any(xp, bad):
+        worst = float(xp.max(xp.where(xp.isnan(norm), 0.0, xp.abs(norm - 1.0))))
+        count = int(xp.sum(xp.astype(bad, xp.int64)))
+        raise GeometryError(
+            f"{count} LOS unit vectors have a norm far from 1 (largest |norm - 1| = {worst:.3g}, "
+            f"tolerance {tolerance:g}).", file=file, field=field,
+            fix="give the east, north and up components of the ground→satellite unit vector (LiCSAR E/N/U.geo.tif "
+                "as stored, not scaled); check that the three rasters are the E, N and U files of the same frame")
+    if _finite_any(xp, u < 0.0):
+        raise GeometryError(
+            "Some LOS unit vectors point into the ground (up component < 0).", file=file, field=field,
+            fix="give the ground→satellite vector (up component = cos(incidence) > 0); if the file stores the "
+                "satellite→ground direction, negate all three components")
+
+
+def unit_vector_from_enu(e, n, u, *, tolerance: float = NORM_TOLERANCE, file=None):
+    """Validated ground→satellite unit vector from stored east/north/up rasters (LiCSAR ``E/N/U.geo.tif``).
+
+    Returns ``(e, n, u)`` unchanged (same arrays) after checking that norms are within ``tolerance`` of 1.
+    """
+    check_unit_vector(e, n, u, tolerance=tolerance, file=file)
+    return e, n, u
+
+
+def unit_vector_from_incidence_azimuth(incidence_deg, azimuth_deg, *, file=None):
+    """Ground→satellite unit vector (e, n, u) from MintPy ``incidenceAngle`` and ``azimuthAngle`` (degrees).
+
+    ``azimuth_deg`` is the azimuth of the ground→satellite vector from north, anticlockwise positive (MintPy):
+    ``e = -sin(inc) sin(az)``, ``n = sin(inc) cos(az)``, ``u = cos(inc)``.
+    """
+    xp, inc, az = _floats(incidence_deg, azimuth_deg)
+    _check_incidence(xp, inc, field="incidenceAngle", file=file)
+    si = xp.sin(inc * _DEG)
+    return -si * xp.sin(az * _DEG), si * xp.cos(az * _DEG), xp.cos(inc * _DEG)
+
+
+def unit_vector_from_incidence_heading(incidence_deg, heading_deg, *, file=None):
+    """Ground→satellite unit vector (e, n, u) from incidence and heading (degrees) of a right-looking SAR.
+
+    ``heading_deg`` is the flight direction, clockwise from north (Sentinel-1 ascending ≈ -12° or 348°,
+    descending ≈ -168° or 192°): ``e = -sin(inc) cos(hd)``, ``n = sin(inc) sin(hd)``, ``u = cos(inc)``.
+    """
+    xp, inc, hd = _floats(incidence_deg, heading_deg)
+    _check_incidence(xp, inc, field="incidence/heading", file=file)
+    si = xp.sin(inc * _DEG)
+    return -si * xp.cos(hd * _DEG), si * xp.sin(hd * _DEG), xp.cos(inc * _DEG)
+
+
+def incidence_azimuth_from_unit_vector(e, n, u):
+    """(incidence, azimuth) in degrees from a ground→satellite unit vector, MintPy convention.
+
+    Incidence = arccos(u) in [0, 90]; azimuth anticlockwise from north in (-180, 180]. The vector is normalised
+    first, so float32 rounding in the stored components does not bias the angles.
+    """
+    xp, e, n, u = _floats(e, n, u)
+    norm = xp.sqrt(e * e + n * n + u * u)
+    cos_inc = xp.clip(u / norm, -1.0, 1.0)
+    return xp.acos(cos_inc) / _DEG, xp.atan2(-e, n) / _DEG
+
+
+def heading_from_unit_vector(e, n, u=None):
+    """Heading (flight direction, degrees clockwise from north, in (-180, 180]) of a right-looking SAR.
+
+    Only the horizontal components are needed: ``heading = atan2(n, -e)``. ``u`` is accepted for symmetry.
+    """
+    xp, e, n = _floats(e, n)
+    return xp.atan2(n, -e) / _DEG
+
+
+def azimuth_from_heading(heading_deg):
+    """MintPy LOS azimuth (anticlockwise from north, ground→satellite) from a right-looking heading: 90° - hd,
+    wrapped to (-180, 180]."""
+    xp, hd = _floats(heading_deg)
+    return _wrap180(xp, 90.0 - hd)
+
+
+def heading_from_azimuth(azimuth_deg):
+    """Right-looking heading (clockwise from north) from a MintPy LOS azimuth: 90° - az, wrapped to (-180, 180]."""
+    xp, az = _floats(azimuth_deg)
+    return _wrap180(xp, 90.0 - az)
+
+
+def _wrap180(xp, a):
+    w = a - 360.0 * xp.floor((a + 180.0) / 360.0)
+    return xp.where(w == -180.0, 180.0, w)
+
+
+def enu_to_los(ve, vn, vu, e, n, u):
+    """LOS velocity (positive toward the satellite) of an east/north/up velocity: ``e*ve + n*vn + u*vu``.
+
+    Any of ``ve``, ``vn``, ``vu`` may be arrays or scalars; they broadcast against the unit vector.
+    Units follow the input (mm/yr in, mm/yr out).
+    """
+    xp, ve, vn, vu, e, n, u = _floats(ve, vn, vu, e, n, u)
+    return e * ve + n * vn + u * vu
+
+
+def los_to_vertical(v_los, e, n, u, ve=0.0, vn=0.0):
+    """Vertical velocity from a LOS velocity with the horizontal motion known (or assumed zero):
+    ``vu = (v_los - e*ve - n*vn) / u``. Units follow the input."""
+    xp, v_los, e, n, u, ve, vn = _floats(v_los, e, n, u, ve, vn)
+    return (v_los - e * ve - n * vn) / u
+
+
+def enu_std_to_los_std(se, sn, su, e, n, u, *, cov_en=0.0, cov_eu=0.0, cov_nu=0.0):
+    """1-sigma of the LOS velocity from the 1-sigmas (and optional covariances) of east, north, up.
+
+    ``var_los = e²se² + n²sn² + u²su² + 2 e n cov_en + 2 e u cov_eu + 2 n u cov_nu``; sigmas in mm/yr,
+    covariances in (mm/yr)². A NaN sigma gives NaN (an unknown component is never treated as exact).
+    """
+    xp, se, sn, su, e, n, u, cen, ceu, cnu = _floats(se, sn, su, e, n, u, cov_en, cov_eu, cov_nu)
+    var = (e * e * se * se + n * n * sn * sn + u * u * su * su
+           + 2.0 * (e * n * cen + e * u * ceu + n * u * cnu))
+    return xp.sqrt(xp.clip(var, 0.0, None))
+
+
+def orbit_direction(e, n=None, u=None) -> str:
+    """``"ascending"`` when the mean east component (NaN ignored) is negative (a right-looking SAR flying north
+    looks east, so the ground→satellite vector points west), else ``"descending"``."""
+    xp, e = _floats(e)
+    valid = ~xp.isnan(e)
+    count = int(xp.sum(xp.astype(valid, xp.int64)))
+    if count == 0:
+        raise GeometryError("The LOS east component has no valid value.", field="los_e",
+                            fix="check that the E.geo.tif / geometry file of the frame holds data")
+    mean_e = float(xp.sum(xp.where(valid, e, 0.0))) / count
+    return "ascending" if mean_e < 0.0 else "descending"

@@ -1,0 +1,162 @@
+"""Horizontal GNSS velocity field: Gaussian-process interpolation and given grids (geodesy.horizontal)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import rioxarray  # noqa: F401  (.rio accessor)
+import xarray as xr
+
+from gpu_insar_adjust.errors import GeometryError, GnssError, InputError, PlateModelError
+from gpu_insar_adjust.geodesy import plates
+from gpu_insar_adjust.geodesy.horizontal import (
+    HorizontalVelocityField,
+    load_horizontal_grids,
+    sample_horizontal_grids,
+)
+
+NOISE = 0.5  # mm/yr, station noise of the synthetic field
+
+
+def _truth_residual(lon, lat):
+    """A smooth intraplate field (mm/yr) over the North China Plain, ~300-700 km wavelengths."""
+    a, b = (lon - 116.5) / 3.5, (lat - 37.5) / 3.5
+    return 3.0 * np.sin(1.2 * a + 0.3) + 1.5 * b, -2.0 * np.cos(b) + a * b
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    rng = np.random.default_rng(42)
+    n = 60
+    lon, lat = rng.uniform(113, 120, n), rng.uniform(34, 41, n)
+    re, rn = _truth_residual(lon, lat)
+    pe, pn, _ = plates.plate_velocity_enu(lon, lat, plate="EURA", model="ITRF2014")
+    df = pd.DataFrame({"station": [f"S{i:02d}" for i in range(n)], "lon": lon, "lat": lat, "height": 0.0,
+                       "ve": pe + re + rng.normal(0, NOISE, n), "vn": pn + rn + rng.normal(0, NOISE, n),
+                       "vu": rng.normal(0, 2, n), "se": NOISE, "sn": NOISE, "su": 2.0})
+    df.attrs["reference_frame"] = "ITRF2014"
+    return df, HorizontalVelocityField("EURA", "ITRF2014").fit(df)
+
+
+def test_recovers_known_field(synthetic):
+    df, field = synthetic
+    assert field.reference_frame_ == "ITRF2014" and field.n_stations_ == 60
+    glon, glat = np.meshgrid(np.linspace(114, 119, 25), np.linspace(35, 40, 25))  # inside the network
+    ve, vn, se, sn = field.predict(glon, glat)
+    te, tn = _truth_residual(glon, glat)
+    pe, pn, _ = plates.plate_velocity_enu(glon, glat, plate="EURA")
+    err_e, err_n = ve - (pe + te), vn - (pn + tn)
+    rms_e, rms_n = np.sqrt(np.mean(err_e ** 2)), np.sqrt(np.mean(err_n ** 2))
+    print(f"synthetic field from 60 stations (noise {NOISE} mm/yr): RMS error e {rms_e:.2f} n {rms_n:.2f}, "
+          f"max {np.abs(err_e).max():.2f}/{np.abs(err_n).max():.2f} mm/yr; LOO RMS e {field.loo_rmse_e_:.2f} "
+          f"n {field.loo_rmse_n_:.2f} mm/yr; length scales {field.length_scale_km_[0]:.0f}/"
+          f"{field.length_scale_km_[1]:.0f} km")
+    # Tolerance: RMS within 0.3 mm/yr (60 % of the station noise), no point off by more than 1 mm/yr.
+    assert rms_e < 0.3 and rms_n < 0.3
+    assert np.abs(err_e).max() < 1.0 and np.abs(err_n).max() < 1.0
+    # the stated sigmas are honest: errors mostly within 2 sigma
+    assert np.mean(np.abs(err_e) < 2 * se) > 0.85 and np.mean(np.abs(err_n) < 2 * sn) > 0.85
+    # leave-one-out error is close to the station noise (the field itself is smooth)
+    assert 0.3 < field.loo_rmse_e_ < 0.9 and 0.3 < field.loo_rmse_n_ < 0.9
+    assert len(field.loo_residuals_) == 60
+    assert field.score(df) > 0.99
+
+
+def test_loo_closed_form_matches_refit(synthetic):
+    """The closed-form LOO residual equals refitting without the station (same hyper-parameters)."""
+    from sklearn.gaussian_process import GaussianProcessRegressor
+
+    df, field = synthetic
+    gp, mean, scale = field._fits["e"]
+    X, y = gp.X_train_, gp.y_train_
+    alpha = np.asarray(gp.alpha)
+    i = 7
+    keep = np.arange(len(y)) != i
+    refit = GaussianProcessRegressor(gp.kernel_, alpha=alpha[keep], optimizer=None).fit(X[keep], y[keep])
+    loo = (y[i] - refit.predict(X[i:i + 1])[0]) * scale
+    assert field.loo_residuals_["de"].iloc[i] == pytest.approx(loo, abs=1e-6)
+
+
+def test_plate_fixed_and_grid_prediction(synthetic):
+    df, field = synthetic
+    ve_f, vn_f, _, _ = field.predict(116.0, 38.0, plate_fixed=True)
+    ve, vn, _, _ = field.predict(116.0, 38.0)
+    pe, pn, _ = plates.plate_velocity_enu(116.0, 38.0, plate="EURA")
+    assert ve - ve_f == pytest.approx(float(pe), abs=1e-9) and vn - vn_f == pytest.approx(float(pn), abs=1e-9)
+    y = np.round(np.arange(38.5, 37.495, -0.05), 6)
+    x = np.round(np.arange(115.5, 116.501, 0.05), 6)
+    frame = xr.Dataset({"los_e": (("y", "x"), np.full((y.size, x.size), -0.6, np.float32))},
+                       coords={"y": y, "x": x}).rio.write_crs("EPSG:4326")
+    grid = field.predict_grid(frame)
+    assert grid["ve"].dtype == np.float32 and grid.attrs["reference_frame"] == "ITRF2014"
+    lon, lat = np.meshgrid(x, y)
+    ref = field.predict(lon, lat)
+    for k, r in zip(("ve", "vn", "se", "sn"), ref):
+        np.testing.assert_allclose(grid[k].values, r, atol=0.011)  # rotation via the 0.01 mm/yr coarse grid
+    fixed = field.predict_grid(frame, plate_fixed=True)
+    assert fixed.attrs["reference_frame"] == "EURA-fixed"
+
+
+def test_bad_input(synthetic):
+    df, _ = synthetic
+    with pytest.raises(GnssError):
+        HorizontalVelocityField().fit(df.head(4))
+    with pytest.raises(GnssError) as err:
+        HorizontalVelocityField().fit(df.drop(columns="vn"))
+    assert err.value.field == "vn"
+    bad = df.copy()
+    bad.attrs["reference_frame"] = "WGS84"
+    with pytest.raises(PlateModelError):
+        HorizontalVelocityField().fit(bad)
+    with pytest.raises(PlateModelError):
+        HorizontalVelocityField(plate="EURO").fit(df)
+    _, field = synthetic
+    with pytest.raises(GeometryError):
+        field.predict(116.0, 91.0)
+
+
+def test_naf_grids_load_and_sample(real_data):
+    root = real_data / "naf_licsbas_4frames"
+    grids = load_horizontal_grids(root / "GNSS" / "interp_E.grd", root / "GNSS" / "interp_N.grd")
+    assert grids.attrs["reference_frame"] == "EURA-fixed"
+    ve, vn = grids["ve"].values, grids["vn"].values
+    print(f"NAF grids (Eurasia-fixed): ve {ve.min():.1f}..{ve.max():.1f}, vn {vn.min():.1f}..{vn.max():.1f} mm/yr")
+    assert ve.min() == pytest.approx(-27.08, abs=0.01) and ve.max() == pytest.approx(11.88, abs=0.01)
+    assert vn.min() == pytest.approx(-10.06, abs=0.01) and vn.max() == pytest.approx(10.41, abs=0.01)
+
+    fid = "014A_04939_131313"
+    comps = {k: rioxarray.open_rasterio(root / fid / f"{c}.geo.tif", masked=True).squeeze("band", drop=True)
+             for k, c in (("los_e", "E"), ("los_n", "N"), ("los_u", "U"))}
+    frame = xr.Dataset(comps, attrs={"frame_id": fid})
+    s = sample_horizontal_grids(grids, frame)
+    assert s["ve"].shape == frame["los_e"].shape and not s["ve"].isnull().any()
+    print(f"sampled onto {fid}: ve {float(s.ve.min()):.1f}..{float(s.ve.max()):.1f}, "
+          f"vn {float(s.vn.min()):.1f}..{float(s.vn.max()):.1f} mm/yr")
+    # Anatolia moves west relative to Eurasia south of the fault: the north-south contrast of ve across the
+    # frame is the North Anatolian Fault's ~20 mm/yr right-lateral slip rate.
+    contrast = float(s.ve.isel(y=0).mean() - s.ve.isel(y=-1).mean())
+    assert 15.0 < contrast < 35.0
+    # bilinear interpolation, checked against scipy at a few pixels
+    from scipy.interpolate import RegularGridInterpolator
+
+    f = RegularGridInterpolator((grids.y.values, grids.x.values), ve)
+    for r, c in ((0, 0), (100, 200), (267, 353)):
+        pt = [float(frame.y[r]), float(frame.x[c])]
+        assert float(s.ve[r, c]) == pytest.approx(float(f(pt)[0]), abs=1e-4)
+    # to ITRF: the Eurasian rotation is added back
+    s_itrf = sample_horizontal_grids(grids, frame, to_itrf=True, model="ITRF2014")
+    pe, _, _ = plates.plate_velocity_enu(float(frame.x[100]), float(frame.y[100]), plate="EURA")
+    assert float(s_itrf.ve[100, 100] - s.ve[100, 100]) == pytest.approx(float(pe), abs=0.02)
+    assert s_itrf.attrs["reference_frame"] == "ITRF2014"
+
+
+def test_grid_errors(tmp_path, real_data):
+    root = real_data / "naf_licsbas_4frames" / "GNSS"
+    with pytest.raises(InputError) as err:
+        load_horizontal_grids(tmp_path / "nope.grd", root / "interp_N.grd")
+    assert "nope.grd" in str(err.value)
+    cut = xr.open_dataset(root / "interp_N.grd").isel(lon=slice(0, 100))
+    cut.to_netcdf(tmp_path / "cut.grd")
+    with pytest.raises(InputError):
+        load_horizontal_grids(root / "interp_E.grd", tmp_path / "cut.grd")
