@@ -1,0 +1,277 @@
+"""Atomic writers: Cloud-Optimized GeoTIFF, NetCDF, Zarr, text and JSON.
+
+Every writer writes to a temporary name in the destination folder and renames it into place with
+:func:`os.replace` (atomic on one file system), so a crash or an error never leaves a partial product under the
+final name; the temporary file is removed on failure. Zarr stores are folders: an existing store is moved aside,
+the new one renamed in, and only then the old one deleted.
+
+Rasters are written as float32 with NaN as nodata; the CRS travels as GeoTIFF keys (COG) or as a CF
+``grid_mapping`` variable (``spatial_ref``, written by rioxarray) in NetCDF and Zarr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import OutputError
+
+__all__ = ["atomic_output", "atomic_write_text", "write_json", "write_cog", "write_netcdf", "write_zarr"]
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Atomic replacement
+# --------------------------------------------------------------------------------------------------------------
+def _target(path, overwrite: bool) -> Path:
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise OutputError("Output already exists.", file=p, field="path",
+                          fix="choose another output path, delete the file, or pass overwrite=True")
+    if not p.parent.is_dir():
+        raise OutputError("Output folder does not exist.", file=p.parent, field="path",
+                          fix="create the folder first (or choose an existing one)")
+    if not os.access(p.parent, os.W_OK):
+        raise OutputError("Output folder is not writable.", file=p.parent, field="path",
+                          fix="choose a folder you can write to")
+    return p
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Context manager yielding a temporary path next to ``path``; renamed onto ``path`` on success.
+
+    Works for files and for folders (Zarr stores). On an exception the temporary output is deleted and the
+    previous ``path`` (if any) is left untouched::
+
+        with atomic_output("velocity.tif") as tmp:
+            write_something(tmp)
+    """
+    final = _target(path, overwrite)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:10]}.tmp")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise OutputError("The writer produced no output.", file=final, field="path",
+                              fix="this is a bug in the writer; please report it")
+        if tmp.is_dir() and final.exists():
+            # os.replace cannot replace a non-empty folder: move the old store aside first.
+            old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:10]}.old")
+            os.replace(final, old)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)
+                raise
+            _remove(old)
+        else:
+            if final.is_dir():
+                _remove(final)
+            os.replace(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, encoding: str = "utf-8",
+                      overwrite: bool = True) -> Path:
+    """Write ``text`` to ``path`` atomically (temporary file + fsync + rename). Returns the path."""
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        with open(tmp, "w", encoding=encoding, newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return Path(path)
+
+
+def _json_default(obj: Any):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (Path, os.PathLike)):
+        return os.fspath(obj)
+    if isinstance(obj, (_dt.datetime, _dt.date)):
+        return obj.isoformat()
+    if isinstance(obj, np.datetime64):
+        return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def _clean_json(obj: Any):
+    """NaN/inf → null (strict JSON has no NaN), recursively; NumPy scalars and arrays → Python."""
+    if isinstance(obj, dict):
+        return {str(k): _clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _clean_json(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2, overwrite: bool = True) -> Path:
+    """Write ``obj`` as strict JSON (NaN/inf → ``null``; NumPy types, paths and dates converted), atomically."""
+    text = json.dumps(_clean_json(obj), indent=indent, default=_json_default, allow_nan=False, sort_keys=False)
+    return atomic_write_text(path, text + "\n", overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cloud-Optimized GeoTIFF
+# --------------------------------------------------------------------------------------------------------------
+def _require_crs(obj, path: Path, what: str):
+    import rioxarray  # noqa: F401
+
+    if obj.rio.crs is None:
+        raise OutputError(f"The {what} has no CRS, so a georeferenced file cannot be written.", file=path,
+                          field="crs", fix="set it first, e.g. obj = obj.rio.write_crs('EPSG:4326')")
+
+
+def write_cog(dataarray, path: str | os.PathLike, *, blocksize: int = 512, compress: str = "DEFLATE",
+              resampling: str | None = None, overwrite: bool = True) -> Path:
+    """Write a 2-D (y, x) — or 3-D (band, y, x) — DataArray as a Cloud-Optimized GeoTIFF, atomically.
+
+    float32, NaN nodata, the DataArray's CRS and transform, internal tiles of ``blocksize`` pixels, overviews
+    down to one tile (GDAL's COG driver), ``compress`` (DEFLATE with the floating-point predictor by default).
+    Boolean arrays (masks) are written as 0/1 with nearest-neighbour overviews; other data use ``average``
+    overviews (NaN-aware) unless ``resampling`` says otherwise. Attributes ``units``/``long_name`` become GDAL
+    metadata. Returns the path.
+    """
+    import rioxarray  # noqa: F401
+
+    final = Path(path)
+    if dataarray.ndim not in (2, 3):
+        raise OutputError(f"write_cog needs a 2-D (y, x) or 3-D (band, y, x) array, got dims {dataarray.dims}.",
+                          file=final, field="dataarray",
+                          fix="select one epoch/variable first (e.g. .isel(time=0))")
+    _require_crs(dataarray, final, "array")
+    t0 = time.perf_counter()
+    is_bool = dataarray.dtype == bool
+    da = dataarray.astype(np.float32)
+    da = da.rio.write_nodata(np.nan, encoded=False)
+    attrs = {k: str(v) for k, v in dataarray.attrs.items()
+             if k in ("units", "long_name", "standard_name", "description", "frame_id")}
+    da.attrs = attrs
+    if resampling is None:
+        resampling = "NEAREST" if is_bool else "AVERAGE"
+    options = dict(driver="COG", dtype="float32", BLOCKSIZE=int(blocksize), COMPRESS=compress,
+                   OVERVIEWS="AUTO", OVERVIEW_RESAMPLING=resampling.upper(), BIGTIFF="IF_SAFER")
+    if compress.upper() in ("DEFLATE", "LZW", "ZSTD"):
+        options["PREDICTOR"] = "FLOATING_POINT"
+    with atomic_output(final, overwrite=overwrite) as tmp:
+        da.rio.to_raster(tmp, **options)
+    log.info("wrote COG %s (%s) in %.2f s", final, "x".join(map(str, da.shape)), time.perf_counter() - t0)
+    return final
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NetCDF / Zarr
+# --------------------------------------------------------------------------------------------------------------
+def _as_dataset(obj, path: Path):
+    import rioxarray  # noqa: F401
+    import xarray as xr
+
+    if isinstance(obj, xr.DataArray):
+        name = obj.name if obj.name is not None else "data"
+        ds = obj.to_dataset(name=name)
+    elif isinstance(obj, xr.Dataset):
+        ds = obj.copy()
+    else:
+        raise OutputError(f"Expected an xarray Dataset or DataArray, got {type(obj).__name__}.", file=path,
+                          field="obj", fix="pass an xarray object (e.g. a frame or a cube)")
+    crs = ds.rio.crs
+    if crs is None:
+        for v in ds.data_vars.values():
+            if v.rio.crs is not None:
+                crs = v.rio.crs
+                break
+    if crs is not None:
+        # write_crs adds the CF grid-mapping variable (spatial_ref) and points every variable at it.
+        ds = ds.rio.write_crs(crs)
+        for name in ds.data_vars:
+            if {"x", "y"} <= set(ds[name].dims):
+                # CF wants the attribute on the variable; the reader then finds the CRS through it.
+                ds[name].encoding.pop("grid_mapping", None)
+                ds[name].attrs["grid_mapping"] = "spatial_ref"
+        # CF coordinate attributes (units, standard_name, axis) where the caller left them out.
+        from .frames import coord_attrs
+
+        yattrs, xattrs = coord_attrs(crs)
+        for dim, cf in (("y", yattrs), ("x", xattrs)):
+            if dim in ds.coords:
+                ds[dim].attrs = {**cf, **ds[dim].attrs}
+    ds.attrs.setdefault("Conventions", "CF-1.8")
+    for name, var in ds.variables.items():
+        # Stale encodings from a source file (chunking, compression of another format) break re-encoding.
+        for key in ("chunks", "preferred_chunks", "zlib", "complevel", "shuffle", "compressor", "filters",
+                    "contiguous", "chunksizes", "source", "original_shape", "szip", "fletcher32", "compression",
+                    "compressors", "serializer", "endian", "blosc_shuffle", "least_significant_digit",
+                    "quantize_mode", "significant_digits"):
+            var.encoding.pop(key, None)
+    return ds
+
+
+def _float_encoding(ds, extra: dict | None = None) -> dict:
+    enc: dict[str, dict] = {}
+    for name, var in ds.data_vars.items():
+        e = {}
+        if np.issubdtype(var.dtype, np.floating):
+            e["_FillValue"] = np.array(np.nan, dtype=var.dtype).item()
+        if extra:
+            e.update(extra)
+        enc[name] = e
+    return enc
+
+
+def write_netcdf(obj, path: str | os.PathLike, *, compress: bool = True, overwrite: bool = True) -> Path:
+    """Write a Dataset/DataArray (frame, cube, product) to NetCDF-4, atomically; CF attributes, CRS as the
+    ``spatial_ref`` grid mapping, NaN fill value for floats, zlib compression. Dask-backed data are written
+    chunk by chunk. Returns the path."""
+    final = Path(path)
+    ds = _as_dataset(obj, final)
+    t0 = time.perf_counter()
+    encoding = _float_encoding(ds, {"zlib": True, "complevel": 4} if compress else None)
+    with atomic_output(final, overwrite=overwrite) as tmp:
+        ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding)
+    log.info("wrote NetCDF %s in %.2f s", final, time.perf_counter() - t0)
+    return final
+
+
+def write_zarr(obj, path: str | os.PathLike, *, overwrite: bool = True, zarr_format: int = 2) -> Path:
+    """Write a Dataset/DataArray to a Zarr store (a folder), atomically; CF attributes, CRS as the
+    ``spatial_ref`` grid mapping, NaN fill value for floats, consolidated metadata. Dask chunks are kept (each
+    Dask chunk becomes whole Zarr chunks). ``zarr_format`` 2 (default) is read by every Zarr/xarray/GDAL
+    version; pass 3 for the newer format. Returns the path."""
+    final = Path(path)
+    ds = _as_dataset(obj, final)
+    t0 = time.perf_counter()
+    encoding = _float_encoding(ds)
+    with atomic_output(final, overwrite=overwrite) as tmp:
+        ds.to_zarr(tmp, mode="w", encoding=encoding, consolidated=zarr_format == 2, zarr_format=zarr_format)
+    log.info("wrote Zarr %s in %.2f s", final, time.perf_counter() - t0)
+    return final
