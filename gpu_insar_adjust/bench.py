@@ -1,0 +1,470 @@
+"""``gia bench``: benchmarks B1-B3 of the performance kernels, reported as ratios measured in the same run.
+
+* **B1** per-epoch quadratic ramp removal (fit + subtract) on a ``(T, rows, cols)`` float32 cube with per-epoch
+  NaN masks, against MintPy's ``mintpy.objects.ramp.deramp`` epoch by epoch (when MintPy is installed), a
+  re-implementation of MintPy's approach (per-epoch design matrix of all valid pixels + ``numpy.linalg.lstsq``)
+  and the memory floor (one read + one write of the cube: a NumPy copy into a preallocated array).
+* **B2** per-pixel annual velocities (offset + one velocity per calendar year, continuous) on a ``(T, rows,
+  cols)`` cube, against ``numpy.linalg.lstsq`` on the cube (what MintPy's ``timeseries2velocity`` does; gap-free
+  cube for that column, processed in pixel blocks as MintPy does) and the memory floor (a copy of the cube).
+* **B3** dense evaluation of a Gaussian-process correction surface (200 stations) on a ``rows × cols`` frame,
+  against scikit-learn's ``GaussianProcessRegressor.predict`` on the same points (timed on a subset and scaled
+  linearly when the frame is large) and the memory floor (a copy of the output frame).
+
+Absolute times drift on shared machines; the ratios are what the benchmarks report. Every figure, the machine
+and the versions go into the JSON written by :func:`run_bench`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SIZES: dict[str, dict[str, dict[str, int]]] = {
+    "small": {"B1": {"T": 20, "rows": 300, "cols": 300, "naive_epochs": 20},
+              "B2": {"T": 60, "rows": 300, "cols": 300},
+              "B3": {"rows": 1000, "cols": 1000, "stations": 200, "sklearn_points": 20_000}},
+    "full": {"B1": {"T": 200, "rows": 1000, "cols": 1000, "naive_epochs": 10},
+             "B2": {"T": 250, "rows": 2000, "cols": 2000},
+             "B3": {"rows": 10_000, "cols": 10_000, "stations": 200, "sklearn_points": 1_000_000}},
+}
+CASES = ("B1", "B2", "B3")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# machine description
+# --------------------------------------------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    """CPU model, usable cores, RAM, GPU (if any), library versions and the date."""
+    info: dict[str, Any] = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                            "python": platform.python_version(), "platform": platform.platform()}
+    model = platform.processor()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    info["cpu_model"] = model
+    info["cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        import psutil
+
+        info["ram_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        info["ram_gib"] = None
+    versions = {}
+    for mod in ("numpy", "scipy", "numba", "sklearn", "cupy", "mintpy", "gpu_insar_adjust"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:
+            versions[mod] = None
+    info["versions"] = versions
+    from . import backend
+    from .kernels import cpu
+
+    ok, reason = backend.gpu_status()
+    info["gpu"] = reason
+    if ok:
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        info["gpu_name"] = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    info["cpu_engine"] = cpu.cpu_engine()
+    try:
+        import numpy as _np
+
+        cfg = _np.show_config(mode="dicts")
+        info["blas"] = cfg.get("Build Dependencies", {}).get("blas", {}).get("name")
+    except Exception:
+        info["blas"] = None
+    return info
+
+
+# --------------------------------------------------------------------------------------------------------------
+# timing helpers
+# --------------------------------------------------------------------------------------------------------------
+def time_best(func: Callable[[], Any], repeats: int = 3, setup: Callable[[], Any] | None = None,
+              sync: Callable[[], Any] | None = None) -> float:
+    """Best wall time (s) of ``repeats`` calls; ``setup`` runs untimed before each call."""
+    best = float("inf")
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        gc.collect()
+        t0 = time.perf_counter()
+        func()
+        if sync is not None:
+            sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _xp_for(backend_name: str):
+    from . import backend
+
+    concrete = backend.resolve_backend(backend_name)
+    if concrete == "cupy":
+        import cupy
+
+        return concrete, cupy.asarray, cupy.cuda.get_current_stream().synchronize
+    return concrete, np.asarray, None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# synthetic data
+# --------------------------------------------------------------------------------------------------------------
+def make_b1_cube(T: int, rows: int, cols: int, seed: int = 0, posting_m: float = 100.0):
+    """Cube (T, rows, cols) float32 mm with a quadratic ramp per epoch, noise and per-epoch NaN blobs.
+
+    ~8 % of pixels are NaN in every epoch (a decorrelated area) and each epoch adds its own blobs (~5 %).
+    Returns ``cube, x, y, truth_coeffs`` with x, y (rows, cols) in metres.
+    """
+    rng = np.random.default_rng(seed)
+    xs = (np.arange(cols) - cols / 2) * posting_m
+    ys = (rows / 2 - np.arange(rows)) * posting_m
+    x, y = np.meshgrid(xs, ys)
+    L = max(rows, cols) * posting_m / 2
+    truth = np.zeros((T, 6))
+    truth[:, 0] = rng.normal(0, 5, T)
+    truth[:, 1:3] = rng.normal(0, 10 / L, (T, 2))
+    truth[:, 3:6] = rng.normal(0, 5 / L**2, (T, 3))
+    cube = np.empty((T, rows, cols), np.float32)
+    static = _blobs(rng, rows, cols, 0.08, 6)
+    for t in range(T):
+        c = truth[t]
+        cube[t] = c[0] + c[1] * x + c[2] * y + c[3] * x * x + c[4] * x * y + c[5] * y * y
+        cube[t] += rng.standard_normal((rows, cols), dtype=np.float32)
+        cube[t][static | _blobs(rng, rows, cols, 0.05, 8)] = np.nan
+    return cube, x, y, truth
+
+
+def _blobs(rng, rows, cols, frac, n):
+    """Boolean mask covering about ``frac`` of the frame with ``n`` rectangles (decorrelated patches)."""
+    m = np.zeros((rows, cols), bool)
+    side = np.sqrt(frac * rows * cols / n)
+    for _ in range(n):
+        h = max(1, int(side * rng.uniform(0.5, 1.5)))
+        w = max(1, int(side * side / h))
+        r0 = rng.integers(0, max(1, rows - h))
+        c0 = rng.integers(0, max(1, cols - w))
+        m[r0:r0 + h, c0:c0 + w] = True
+    return m
+
+
+def annual_velocity_design(t_years: np.ndarray) -> np.ndarray:
+    """Design (T, 1 + n_years): offset + continuous piecewise-linear displacement, one velocity per calendar year.
+
+    Column k+1 is the time (yr) spent in calendar year k up to each epoch, so its coefficient is that year's
+    velocity (mm/yr) and the columns sum to the elapsed time.
+    """
+    t = np.asarray(t_years, np.float64)
+    y0 = np.floor(t.min())
+    years = np.arange(y0, np.floor(t.max()) + 1)
+    cols = [np.ones_like(t)] + [np.clip(t - yr, 0.0, 1.0) - np.clip(t.min() - yr, 0.0, 1.0) for yr in years]
+    return np.column_stack(cols)
+
+
+def make_b2_cube(T: int, rows: int, cols: int, seed: int = 0):
+    """Cube (T, rows*cols) float32 mm of annual velocities + noise, and the design; gap-free."""
+    rng = np.random.default_rng(seed)
+    t = 2019.0 + np.arange(T) * 6.0 / 365.25  # Sentinel-1 6-day repeat
+    A = annual_velocity_design(t)
+    n = A.shape[1]
+    N = rows * cols
+    Y = np.empty((T, N), np.float32)
+    B = 1 << 18
+    for b0 in range(0, N, B):
+        b1 = min(N, b0 + B)
+        xtrue = rng.normal(0, 20, (n, b1 - b0))
+        Y[:, b0:b1] = A @ xtrue + rng.standard_normal((T, b1 - b0))
+    return A, Y
+
+
+def add_gaps(Y: np.ndarray, frac: float = 0.05, seed: int = 1) -> None:
+    """Put NaN into ~``frac`` of the observations in place (row by row, to stay within memory)."""
+    rng = np.random.default_rng(seed)
+    for t in range(Y.shape[0]):
+        Y[t][rng.random(Y.shape[1]) < frac] = np.nan
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the naive baselines
+# --------------------------------------------------------------------------------------------------------------
+def mintpy_style_deramp(data2d: np.ndarray) -> np.ndarray:
+    """One epoch the way MintPy's ``deramp`` does it: a design matrix over all valid pixels, least squares.
+
+    Pixel-index coordinates in float32 and the terms ``[y², x², yx, y, x, 1]`` as in MintPy; solved with
+    ``numpy.linalg.lstsq`` (MintPy uses ``pinv(G[mask]) @ data``, the same SVD-based solve).
+    """
+    rows, cols = data2d.shape
+    xx, yy = np.meshgrid(np.arange(cols, dtype=np.float32), np.arange(rows, dtype=np.float32))
+    xx = xx.reshape(-1, 1)
+    yy = yy.reshape(-1, 1)
+    G = np.hstack((yy**2, xx**2, yy * xx, yy, xx, np.ones_like(xx)))
+    d = data2d.reshape(-1)
+    ok = ~np.isnan(d)
+    X = np.linalg.lstsq(G[ok], d[ok], rcond=1e-15)[0]
+    return (d - G @ X).reshape(rows, cols)
+
+
+def _mintpy_deramp():
+    try:
+        from mintpy.objects.ramp import deramp
+    except Exception:
+        return None
+    return deramp
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the cases
+# --------------------------------------------------------------------------------------------------------------
+def bench_b1(T: int, rows: int, cols: int, naive_epochs: int, backend: str = "auto",
+             repeats: int = 3, ours_timer: Callable | None = None) -> dict[str, Any]:
+    """B1: fit + subtract per-epoch quadratic ramps; returns times (s), ratios and a correctness check."""
+    from . import kernels
+
+    concrete, put, sync = _xp_for(backend)
+    cube_h, x_h, y_h, truth = make_b1_cube(T, rows, cols)
+    res: dict[str, Any] = {"case": "B1", "shape": [T, rows, cols], "backend": concrete,
+                           "nan_fraction": float(np.isnan(cube_h).mean())}
+    k = max(1, min(T, naive_epochs))
+
+    def naive():
+        for t in range(k):
+            mintpy_style_deramp(cube_h[t])
+
+    t_naive = time_best(naive, 1) * T / k
+    res["times_s"] = {"naive_mintpy_style": t_naive}
+    res["naive_epochs_timed"] = k
+    deramp = _mintpy_deramp()
+    if deramp is not None:
+        def mintpy():
+            for t in range(k):
+                deramp(cube_h[t], ramp_type="quadratic")
+
+        res["times_s"]["mintpy"] = time_best(mintpy, 1) * T / k
+    cube, x, y = put(cube_h), put(x_h), put(y_h)
+    out = cube.copy()  # preallocated and touched: the memory floor pays no page faults either
+    from .backend import to_numpy
+
+    # the first fit sees the original cube: keep it for the accuracy check
+    coeffs = to_numpy(kernels.fit_epoch_ramps(cube, x, y, order=2))
+
+    def ours():
+        # fit + subtract in place: one read, then one read + one write of the cube. Repeats re-fit the
+        # already corrected cube, the same work on the same gaps.
+        c = kernels.fit_epoch_ramps(cube, x, y, order=2)
+        kernels.subtract_epoch_ramps(cube, c, x, y, 2, in_place=True)
+
+    ours()  # compile / load kernels
+    t_ours = (ours_timer or time_best)(ours, repeats, sync=sync)
+    if concrete == "cupy":
+        import cupy
+
+        t_floor = time_best(lambda: cupy.copyto(out, cube), repeats, sync=sync)
+    else:
+        t_floor = time_best(lambda: np.copyto(out, cube), repeats)
+    res["times_s"].update({"ours": t_ours, "memory_floor": t_floor})
+    res["ratios"] = {"naive_mintpy_style_over_ours": t_naive / t_ours, "ours_over_memory_floor": t_ours / t_floor}
+    if "mintpy" in res["times_s"]:
+        res["ratios"]["mintpy_over_ours"] = res["times_s"]["mintpy"] / t_ours
+    # correctness: the recovered ramps against the truth (noise 1 mm over ~1e6 pixels)
+    xx, yy = x_h.ravel(), y_h.ravel()
+    worst = 0.0
+    for t in range(0, T, max(1, T // 10)):
+        d = (coeffs[t, 0] - truth[t, 0]) + (coeffs[t, 1] - truth[t, 1]) * xx + (coeffs[t, 2] - truth[t, 2]) * yy \
+            + (coeffs[t, 3] - truth[t, 3]) * xx * xx + (coeffs[t, 4] - truth[t, 4]) * xx * yy \
+            + (coeffs[t, 5] - truth[t, 5]) * yy * yy
+        worst = max(worst, float(np.max(np.abs(d))))
+    res["max_ramp_error_mm"] = worst
+    res["targets"] = {"naive_over_ours>=5": res["ratios"]["naive_mintpy_style_over_ours"] >= 5,
+                      "ours_over_floor<=2.5": res["ratios"]["ours_over_memory_floor"] <= 2.5}
+    return res
+
+
+def bench_b2(T: int, rows: int, cols: int, backend: str = "auto", repeats: int = 3,
+             ours_timer: Callable | None = None) -> dict[str, Any]:
+    """B2: per-pixel annual velocities; gap-free cube vs lstsq, then the same cube with 5 % gaps."""
+    from . import kernels
+    from .backend import to_numpy
+
+    concrete, put, sync = _xp_for(backend)
+    A, Y_h = make_b2_cube(T, rows, cols)
+    N = Y_h.shape[1]
+    res: dict[str, Any] = {"case": "B2", "shape": [T, rows, cols], "n_unknowns": int(A.shape[1]),
+                           "backend": concrete}
+    Y = put(Y_h)
+    Ad = put(A)
+    kernels.shared_design_fit(Ad, Y[:, :4096])  # compile / load kernels
+    state = {}
+    t_ours = (ours_timer or time_best)(lambda: state.__setitem__("fit", kernels.shared_design_fit(Ad, Y)), repeats,
+                                       sync=sync)
+    x_ours = to_numpy(state.pop("fit").x)
+    out = Y.copy()
+    if concrete == "cupy":
+        import cupy
+
+        t_floor = time_best(lambda: cupy.copyto(out, Y), repeats, sync=sync)
+    else:
+        t_floor = time_best(lambda: np.copyto(out, Y), repeats)
+    del out
+    gc.collect()
+    block = 1 << 17  # MintPy also splits the cube into memory-sized boxes
+    x_ref = np.empty((A.shape[1], N))
+
+    def lstsq():
+        for b0 in range(0, N, block):
+            b1 = min(N, b0 + block)
+            x_ref[:, b0:b1] = np.linalg.lstsq(A, Y_h[:, b0:b1].astype(np.float64), rcond=1e-15)[0]
+
+    t_lstsq = time_best(lstsq, 1)
+    scale = np.max(np.abs(x_ref))
+    res["max_rel_diff_vs_lstsq"] = float(np.max(np.abs(x_ours - x_ref)) / scale)
+    del x_ref, x_ours
+    gc.collect()
+    # the same cube with 5 % random gaps: per-pixel normal equations for every pixel
+    if concrete == "cupy":
+        Y_h = None
+        import cupy
+
+        mask = cupy.random.random(Y.shape, dtype=cupy.float32) < 0.05
+        Y[mask] = cupy.nan
+        del mask
+    else:
+        add_gaps(Y_h)
+    t_gaps = time_best(lambda: kernels.shared_design_fit(Ad, Y), repeats, sync=sync)
+    res["times_s"] = {"ours_gap_free": t_ours, "ours_5pct_gaps": t_gaps, "memory_floor": t_floor,
+                      "numpy_lstsq_gap_free": t_lstsq}
+    res["ratios"] = {"lstsq_over_ours": t_lstsq / t_ours, "ours_over_memory_floor": t_ours / t_floor,
+                     "ours_gaps_over_memory_floor": t_gaps / t_floor}
+    res["targets"] = {"lstsq_over_ours>=2": res["ratios"]["lstsq_over_ours"] >= 2,
+                      "ours_over_floor<=2": res["ratios"]["ours_over_memory_floor"] <= 2}
+    return res
+
+
+def bench_b3(rows: int, cols: int, stations: int, sklearn_points: int, backend: str = "auto",
+             repeats: int = 3, ours_timer: Callable | None = None) -> dict[str, Any]:
+    """B3: GP posterior mean on a rows × cols grid from ``stations`` stations vs scikit-learn's predict."""
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+
+    from . import kernels
+    from .backend import to_numpy
+
+    concrete, put, sync = _xp_for(backend)
+    rng = np.random.default_rng(3)
+    posting = 25.0  # m: a 10k × 10k frame is 250 km × 250 km
+    xs = np.arange(cols) * posting
+    ys = np.arange(rows) * posting
+    cx = rng.uniform(0, xs[-1], stations)
+    cy = rng.uniform(0, ys[-1], stations)
+    ell = 0.2 * max(xs[-1], ys[-1])
+    vals = 3.0 * np.sin(cx / ell) + 2.0 * np.cos(cy / ell) + rng.normal(0, 0.5, stations)
+    gpr = GaussianProcessRegressor(ConstantKernel(4.0, "fixed") * RBF(ell, "fixed") + WhiteKernel(0.25, "fixed"),
+                                   optimizer=None).fit(np.column_stack([cx, cy]), vals)
+    amp = gpr.kernel_.k1.k1.constant_value
+    weights = gpr.alpha_ * amp
+    centres = np.column_stack([cx, cy])
+    res: dict[str, Any] = {"case": "B3", "shape": [rows, cols], "stations": stations, "backend": concrete}
+    c_d, w_d, x_d, y_d = put(centres), put(weights), put(xs), put(ys)
+    state = {}
+
+    def ours():
+        state["s"] = kernels.eval_kernel_surface(c_d, w_d, x_d, y_d, kernel="gaussian", length_scale=ell,
+                                                 grid=True)
+
+    ours()
+    t_ours = (ours_timer or time_best)(ours, repeats, sync=sync)
+    surf = to_numpy(state.pop("s"))
+    out = np.empty_like(surf)
+    t_floor = time_best(lambda: np.copyto(out, surf), repeats)
+    del out
+    n_pts = min(sklearn_points, rows * cols)
+    idx = rng.choice(rows * cols, n_pts, replace=False)
+    pts = np.column_stack([xs[idx % cols], ys[idx // cols]])
+    pred = {}
+    t_sk = time_best(lambda: pred.__setitem__("p", gpr.predict(pts)), 1) * (rows * cols) / n_pts
+    res["max_abs_diff_vs_sklearn"] = float(np.max(np.abs(surf.ravel()[idx] - pred["p"])))
+    res["sklearn_points_timed"] = int(n_pts)
+    res["times_s"] = {"ours": t_ours, "memory_floor_output_copy": t_floor, "sklearn_gpr_predict": t_sk}
+    res["ratios"] = {"sklearn_over_ours": t_sk / t_ours, "ours_over_memory_floor": t_ours / t_floor}
+    return res
+
+
+def run_bench(size: str = "small", cases: Sequence[str] = CASES, backend: str = "auto",
+              out_json: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run the benchmark cases at ``size`` (``"small"`` runs in seconds, ``"full"`` is the issue's sizes).
+
+    Returns ``{"machine": ..., "size": ..., "results": {case: {...}}}`` and writes it to ``out_json`` (atomic).
+    """
+    from .errors import ConfigError
+
+    if size not in SIZES:
+        raise ConfigError(f"Unknown benchmark size {size!r}.", field="size", fix=f"use one of {sorted(SIZES)}")
+    bad = [c for c in cases if c not in CASES]
+    if bad:
+        raise ConfigError(f"Unknown benchmark case(s) {bad}.", field="cases", fix=f"choose from {CASES}")
+    runners = {"B1": bench_b1, "B2": bench_b2, "B3": bench_b3}
+    report: dict[str, Any] = {"machine": machine_info(), "size": size, "results": {}}
+    for case in cases:
+        params = dict(SIZES[size][case])
+        t0 = time.perf_counter()
+        report["results"][case] = runners[case](**params, backend=backend)
+        report["results"][case]["params"] = params
+        report["results"][case]["wall_s"] = time.perf_counter() - t0
+        gc.collect()
+    if out_json is not None:
+        path = Path(out_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2, default=_json_default))
+        os.replace(tmp, path)
+    return report
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.bool_):
+        return bool(o)
+    raise TypeError(type(o).__name__)
+
+
+def print_table(results: dict[str, Any], console=None) -> None:
+    """Print a rich table of the times (s) and ratios of :func:`run_bench`'s output."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    m = results.get("machine", {})
+    table = Table(title=f"gia bench ({results.get('size')}) — {m.get('cpu_model')}, {m.get('cores')} cores, "
+                        f"{m.get('ram_gib')} GiB; GPU: {m.get('gpu_name', 'none')}; "
+                        f"CPU engine {m.get('cpu_engine')}")
+    table.add_column("case")
+    table.add_column("shape")
+    table.add_column("what")
+    table.add_column("time (s)", justify="right")
+    table.add_column("ratio", justify="right")
+    for case, r in results.get("results", {}).items():
+        shape = "×".join(str(s) for s in r.get("shape", []))
+        first = True
+        for name, t in r.get("times_s", {}).items():
+            table.add_row(case if first else "", shape if first else "", name, f"{t:.3f}", "")
+            first = False
+        for name, v in r.get("ratios", {}).items():
+            table.add_row("", "", name, "", f"{v:.2f}×")
+        for name, ok in r.get("targets", {}).items():
+            table.add_row("", "", f"target {name}", "", "[green]met[/]" if ok else "[red]missed[/]")
+    console.print(table)

@@ -1,0 +1,159 @@
+"""CUDA paths of the performance kernels: CuPy ``RawModule`` kernels compiled from the ``*.cu`` files here.
+
+Imported only when a kernel is called with CuPy arrays (never by ``import gpu_insar_adjust``). The small
+per-epoch systems (T × 6) and the coefficient changes of variables are solved on the host; everything that
+touches the cube stays on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import cupy as cp
+import numpy as np
+
+from . import cpu
+from . import reference as ref
+
+_HERE = Path(__file__).resolve().parent
+_THREADS = 256
+_KERNEL_IDS = {"gaussian": 0, "matern32": 1, "tps": 2}
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name: str, defines: tuple[str, ...] = ()) -> cp.RawModule:
+    code = (_HERE / f"{name}.cu").read_text()
+    return cp.RawModule(code=code, options=("--std=c++14",) + tuple(f"-D{d}" for d in defines))
+
+
+def _grid(n: int) -> int:
+    dev = cp.cuda.Device()
+    sms = dev.attributes["MultiProcessorCount"]
+    return int(max(1, min((n + _THREADS - 1) // _THREADS, sms * 32)))
+
+
+def _centred(x, y):
+    x0 = 0.5 * (float(x.min()) + float(x.max()))
+    y0 = 0.5 * (float(y.min()) + float(y.max()))
+    s = max(float(x.max()) - x0, float(y.max()) - y0)
+    s = s if s > 0 else 1.0
+    u = (x.astype(cp.float64) - x0) / s
+    v = (y.astype(cp.float64) - y0) / s
+    return cp.ascontiguousarray(u), cp.ascontiguousarray(v), (x0, y0, s)
+
+
+def fit_epoch_ramps(cube, x, y, *, order=1, weights=None, mask=None):
+    T, N = cube.shape
+    cube = cp.ascontiguousarray(cube, dtype=cp.float32)
+    u, v, (x0, y0, s) = _centred(x, y)
+    w = cp.ones(N, cp.float64)
+    wt = cp.zeros(1, cp.float64)
+    m8 = cp.zeros(1, cp.uint8)
+    if weights is not None:
+        if weights.ndim == 1:
+            w = cp.ascontiguousarray(weights, dtype=cp.float64)
+        else:
+            wt = cp.ascontiguousarray(weights, dtype=cp.float64)
+    if mask is not None:
+        if mask.ndim == 1:
+            w = cp.where(mask, w, 0.0)
+        else:
+            m8 = cp.ascontiguousarray(mask).view(cp.uint8)
+    out = cp.zeros((T, 22), cp.float64)
+    blocks_x = max(1, min((N + _THREADS - 1) // _THREADS, 4 * cp.cuda.Device().attributes["MultiProcessorCount"]
+                          // max(1, min(T, 64)) + 1))
+    _module("ramps").get_function("ramp_moments")(
+        (blocks_x, T), (_THREADS,),
+        (cube, u, v, w, m8, wt, np.int32(mask is not None and mask.ndim == 2),
+         np.int32(weights is not None and weights.ndim == 2), np.int64(N), out))
+    h = cp.asnumpy(out)
+    nrm = h[:, :15][:, cpu._PAIR_TO_MOMENT]
+    c6 = cpu._solve_small_spd(nrm, h[:, 15:21], h[:, 21], ref.n_poly_terms(order))
+    return cp.asarray(cpu._from_centred_coeffs(c6, x0, y0, s, order))
+
+
+def subtract_epoch_ramps(cube, coeffs, x, y, order, *, out=None):
+    T, N = cube.shape
+    u, v, (x0, y0, s) = _centred(x, y)
+    c6 = cp.asarray(cpu._to_centred_coeffs(cp.asnumpy(coeffs).astype(np.float64), x0, y0, s, order))
+    if cube.dtype != cp.float32:
+        res = cube - ref_eval_cupy(c6, u, v)
+        if out is not None:
+            out[...] = res
+            return out
+        return res
+    if out is None:
+        out = cp.empty_like(cube)
+    _module("ramps").get_function("ramp_subtract")(
+        (_grid(T * N),), (_THREADS,), (cp.ascontiguousarray(cube), c6, u, v, np.int64(N), np.int64(T * N), out))
+    return out
+
+
+def ref_eval_cupy(c6, u, v):
+    """(T, N) float64 ramps from centred coefficients (T, 6) with plain CuPy (float64 cubes)."""
+    c = c6[:, :, None]
+    return c[:, 0] + u * (c[:, 1] + c[:, 3] * u + c[:, 4] * v) + v * (c[:, 2] + c[:, 5] * v)
+
+
+def eval_polynomial_surface(coeffs, x, y, order, *, dtype="float32"):
+    shape = x.shape
+    u, v, (x0, y0, s) = _centred(x.ravel(), y.ravel())
+    c6 = cp.asarray(cpu._to_centred_coeffs(cp.asnumpy(coeffs).astype(np.float64)[None, :], x0, y0, s, order)[0])
+    out = cp.empty(u.size, dtype=dtype)
+    name = "poly_eval_f32" if out.dtype == cp.float32 else "poly_eval_f64"
+    _module("ramps").get_function(name)((_grid(u.size),), (_THREADS,), (c6, u, v, np.int64(u.size), out))
+    return out.reshape(shape)
+
+
+def shared_design_fit(A, Y, weights=None, *, residual_rms=False):
+    T, N = Y.shape
+    A_h = cp.asnumpy(A).astype(np.float64)
+    n = A_h.shape[1]
+    ew = np.ones(T) if weights is None or weights.ndim == 2 else cp.asnumpy(weights).astype(np.float64)
+    colscale = np.sqrt(np.sum(ew[:, None] * A_h * A_h, axis=0))
+    colscale[colscale == 0] = 1.0
+    As = cp.asarray(np.ascontiguousarray(A_h / colscale))
+    wt = cp.ascontiguousarray(weights, dtype=cp.float64) if weights is not None and weights.ndim == 2 \
+        else cp.zeros(1, cp.float64)
+    Yc = cp.ascontiguousarray(Y, dtype=cp.float32)
+    x = cp.empty((n, N), cp.float64)
+    n_valid = cp.empty(N, cp.int64)
+    rms = cp.empty(N if residual_rms else 1, cp.float64)
+    fn = _module("shared_fit", (f"N_TERMS={n}",)).get_function("shared_fit")
+    fn(((N + _THREADS - 1) // _THREADS,), (_THREADS,),
+       (As, cp.asarray(ew), Yc, wt, np.int32(weights is not None and weights.ndim == 2), np.int32(residual_rms),
+        np.int32(T), np.int64(N), cp.asarray(colscale), x, n_valid, rms))
+    return x, n_valid, (rms if residual_rms else None)
+
+
+def eval_kernel_surface(centres, weights, x, y, *, kernel="gaussian", length_scale=1.0, mean_coeffs=None,
+                        grid=False, dtype="float32"):
+    c = cp.asarray(centres, dtype=cp.float64)
+    cx = cp.ascontiguousarray(c[:, 0])
+    cy = cp.ascontiguousarray(c[:, 1])
+    wts = cp.ascontiguousarray(weights, dtype=cp.float64)
+    xa = cp.ascontiguousarray(x, dtype=cp.float64).ravel()
+    ya = cp.ascontiguousarray(y, dtype=cp.float64).ravel()
+    if grid:
+        shape = (ya.size, xa.size)
+        n_out, width = ya.size * xa.size, xa.size
+    else:
+        shape = tuple(x.shape)
+        n_out, width = xa.size, 1
+    mc = cp.zeros(6, cp.float64)
+    x0 = y0 = 0.0
+    s = 1.0
+    if mean_coeffs is not None:
+        x0, y0, s = ref.centre_scale(cp.asnumpy(xa), cp.asnumpy(ya))
+        order = ref._order_of(int(mean_coeffs.size))
+        mc = cp.asarray(cpu._to_centred_coeffs(cp.asnumpy(mean_coeffs).astype(np.float64)[None, :],
+                                               x0, y0, s, order)[0])
+    out = cp.empty(n_out, cp.float32)
+    _module("surfaces").get_function("kernel_surface")(
+        ((n_out + _THREADS - 1) // _THREADS,), (_THREADS,),
+        (cx, cy, wts, np.int32(cx.size), xa, ya, np.int64(n_out), np.int64(width), np.int32(grid),
+         np.int32(_KERNEL_IDS[kernel]), np.float64(1.0 / length_scale), np.int32(mean_coeffs is not None), mc,
+         np.float64(x0), np.float64(y0), np.float64(1.0 / s), out))
+    out = out.reshape(shape)
+    return out if np.dtype(dtype) == np.float32 else out.astype(dtype)

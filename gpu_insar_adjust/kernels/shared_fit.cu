@@ -1,0 +1,96 @@
+// Per-pixel least squares with one shared design A (T, N_TERMS), one thread per pixel, float64 throughout.
+// Compile with -DN_TERMS=n (cuda.py does, one module per n). Streams the (T, N) float32 cube once (coalesced:
+// consecutive threads read consecutive pixels of an epoch), accumulates the packed upper triangle of A^T W A and
+// A^T W y in registers, solves with an in-register Cholesky; a second pass gives the residual rms on request.
+#ifndef N_TERMS
+#define N_TERMS 4
+#endif
+#define N_PAIR (N_TERMS * (N_TERMS + 1) / 2)
+
+extern "C" __global__ void shared_fit(const double* __restrict__ A,      // (T, n) column-scaled design
+                                      const double* __restrict__ ew,     // (T,) epoch weights (0 drops)
+                                      const float* __restrict__ Y,       // (T, N)
+                                      const double* __restrict__ wt,     // (T, N) per-observation weights
+                                      const int has_wt, const int want_rms, const int T, const long long N,
+                                      const double* __restrict__ colscale,  // (n,) x = x_scaled / colscale
+                                      double* __restrict__ x_out,        // (n, N)
+                                      long long* __restrict__ n_out,     // (N,)
+                                      double* __restrict__ rms_out) {    // (N,)
+    const long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (p >= N) return;
+    double nrm[N_PAIR];
+    double rhs[N_TERMS];
+#pragma unroll
+    for (int q = 0; q < N_PAIR; ++q) nrm[q] = 0.0;
+#pragma unroll
+    for (int k = 0; k < N_TERMS; ++k) rhs[k] = 0.0;
+    double cnt = 0.0;
+    for (int t = 0; t < T; ++t) {
+        const float y = Y[(long long)t * N + p];
+        const double w = has_wt ? ew[t] * wt[(long long)t * N + p] : ew[t];
+        if (!(y == y) || !(w > 0.0)) continue;
+        cnt += 1.0;
+        const double* a = A + t * N_TERMS;
+        int q = 0;
+#pragma unroll
+        for (int j = 0; j < N_TERMS; ++j) {
+            const double wa = w * a[j];
+            rhs[j] += wa * (double)y;
+#pragma unroll
+            for (int k = j; k < N_TERMS; ++k) nrm[q++] += wa * a[k];
+        }
+    }
+    n_out[p] = (long long)cnt;
+    double L[N_TERMS][N_TERMS];
+    bool good = cnt >= N_TERMS;
+    {
+        int q = 0;
+#pragma unroll
+        for (int j = 0; j < N_TERMS; ++j)
+#pragma unroll
+            for (int k = j; k < N_TERMS; ++k) L[k][j] = nrm[q++];
+    }
+#pragma unroll
+    for (int j = 0; j < N_TERMS; ++j) {
+        double d = L[j][j];
+        for (int k = 0; k < j; ++k) d -= L[j][k] * L[j][k];
+        good = good && (d > 1e-13 * L[j][j]) && (d > 0.0);
+        d = sqrt(d > 0.0 ? d : 1.0);
+        L[j][j] = d;
+        for (int r = j + 1; r < N_TERMS; ++r) {
+            double acc = L[r][j];
+            for (int k = 0; k < j; ++k) acc -= L[r][k] * L[j][k];
+            L[r][j] = acc / d;
+        }
+    }
+    double z[N_TERMS], xs[N_TERMS];
+#pragma unroll
+    for (int j = 0; j < N_TERMS; ++j) {
+        double acc = rhs[j];
+        for (int k = 0; k < j; ++k) acc -= L[j][k] * z[k];
+        z[j] = acc / L[j][j];
+    }
+#pragma unroll
+    for (int j = N_TERMS - 1; j >= 0; --j) {
+        double acc = z[j];
+        for (int k = j + 1; k < N_TERMS; ++k) acc -= L[k][j] * xs[k];
+        xs[j] = acc / L[j][j];
+    }
+    const double nan = __longlong_as_double(0x7ff8000000000000LL);
+#pragma unroll
+    for (int k = 0; k < N_TERMS; ++k) x_out[(long long)k * N + p] = good ? xs[k] / colscale[k] : nan;
+    if (want_rms) {
+        double ss = 0.0;
+        for (int t = 0; t < T; ++t) {
+            const float y = Y[(long long)t * N + p];
+            const double w = has_wt ? ew[t] * wt[(long long)t * N + p] : ew[t];
+            if (!(y == y) || !(w > 0.0)) continue;
+            double pred = 0.0;
+#pragma unroll
+            for (int k = 0; k < N_TERMS; ++k) pred += A[t * N_TERMS + k] * xs[k];
+            const double r = (double)y - pred;
+            ss += r * r;
+        }
+        rms_out[p] = good ? sqrt(ss / cnt) : nan;
+    }
+}

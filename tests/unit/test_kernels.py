@@ -1,0 +1,284 @@
+"""Performance kernels: fast CPU engines (numba, blocked NumPy) and CUDA against the float64 NumPy references."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_matches_reference
+
+from gpu_insar_adjust import kernels
+from gpu_insar_adjust.errors import ArrayArgumentError, UnsupportedBackendError
+from gpu_insar_adjust.kernels import cpu
+from gpu_insar_adjust.kernels import reference as ref
+
+ENGINES = ["numpy"] + (["numba"] if cpu.numba_available() else [])
+KERNEL_DIR = Path(kernels.__file__).resolve().parent
+
+
+def _ramp_data(T=6, N=4000, seed=0, utm=True):
+    rng = np.random.default_rng(seed)
+    if utm:  # projected metres far from the origin: the kernels must centre internally
+        x = rng.uniform(4.0e5, 6.0e5, N)
+        y = rng.uniform(4.0e6, 4.2e6, N)
+    else:
+        x = rng.uniform(-1, 1, N)
+        y = rng.uniform(-1, 1, N)
+    cube = rng.standard_normal((T, N)).astype(np.float32)
+    cube[rng.random((T, N)) < 0.1] = np.nan
+    cube[1, 500:2500] = np.nan  # a large per-epoch gap (whole chunks)
+    return rng, cube, x, y
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("order", [0, 1, 2])
+@pytest.mark.parametrize("variant", ["plain", "pixel_weights", "obs_weights", "pixel_mask", "obs_mask"])
+def test_fit_epoch_ramps_matches_reference(engine, order, variant):
+    rng, cube, x, y = _ramp_data()
+    T, N = cube.shape
+    kw = {"plain": {}, "pixel_weights": {"weights": rng.uniform(0.2, 3.0, N)},
+          "obs_weights": {"weights": np.where(rng.random((T, N)) < 0.1, 0.0, rng.uniform(0.2, 3.0, (T, N)))},
+          "pixel_mask": {"mask": rng.random(N) > 0.2},
+          "obs_mask": {"mask": rng.random((T, N)) > 0.1}}[variant]
+    got = cpu.fit_epoch_ramps(cube, x, y, order=order, engine=engine, **kw)
+    want = ref.fit_epoch_ramps(cube, x, y, order=order, **kw)
+    # coefficients of very different magnitudes (1, 1/m, 1/m²): compare the surfaces they describe
+    assert_matches_reference(ref.eval_polynomial_surface(got, x, y, order),
+                             ref.eval_polynomial_surface(want, x, y, order), rtol=1e-9)
+
+
+def test_fit_epoch_ramps_recovers_quadratic_truth():
+    rng = np.random.default_rng(5)
+    rows, cols = 120, 150
+    xs, ys = np.meshgrid(np.arange(cols) * 100.0 + 3.0e5, np.arange(rows) * 100.0 + 4.1e6)
+    truth = np.array([[2.0, 1e-4, -2e-4, 3e-8, -1e-8, 2e-8], [-1.0, -5e-5, 1e-4, -2e-8, 4e-8, 1e-8]])
+    cube = np.stack([ref.eval_polynomial_surface(c, xs, ys, 2) for c in truth]).astype(np.float32)
+    cube += rng.normal(0, 0.5, cube.shape).astype(np.float32)
+    cube[0, :40, :60] = np.nan
+    coeffs = kernels.fit_epoch_ramps(cube, xs, ys, order=2)
+    err = ref.eval_polynomial_surface(coeffs, xs, ys, 2) - ref.eval_polynomial_surface(truth, xs, ys, 2)
+    # 0.5 mm noise over ~1.8e4 pixels: the fitted surface is within 0.1 mm of the truth everywhere
+    assert np.max(np.abs(err)) < 0.1
+    corrected = kernels.subtract_epoch_ramps(cube, coeffs, xs, ys, 2)
+    assert corrected.shape == cube.shape and corrected.dtype == np.float32
+    assert np.array_equal(np.isnan(corrected), np.isnan(cube))
+    assert abs(float(np.nanstd(corrected)) - 0.5) < 0.02
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_subtract_epoch_ramps_matches_reference_and_in_place(engine):
+    rng, cube, x, y = _ramp_data()
+    coeffs = ref.fit_epoch_ramps(cube, x, y, order=2)
+    want = ref.subtract_epoch_ramps(cube, coeffs, x, y, 2)
+    got = cpu.subtract_epoch_ramps(cube, coeffs, x, y, 2, engine=engine)
+    assert_matches_reference(got, want, dtype="float32", atol=1e-6)
+    inplace = cube.copy()
+    res = kernels.subtract_epoch_ramps(inplace, coeffs, x, y, 2, in_place=True)
+    assert res is inplace
+    assert_matches_reference(inplace, want, dtype="float32", atol=1e-6)
+
+
+def test_subtract_refuses_undetermined_epochs():
+    _, cube, x, y = _ramp_data()
+    cube[2] = np.nan
+    coeffs = kernels.fit_epoch_ramps(cube, x, y, order=1)
+    assert np.all(np.isnan(coeffs[2])) and np.all(np.isfinite(coeffs[[0, 1, 3]]))
+    with pytest.raises(ArrayArgumentError) as exc:
+        kernels.subtract_epoch_ramps(cube, coeffs, x, y, 1)
+    assert exc.value.field == "coeffs"
+
+
+def _annual_design(T=40):
+    t = np.linspace(0.0, 3.0, T)
+    return np.column_stack([np.ones(T), t, np.sin(2 * np.pi * t), np.cos(2 * np.pi * t),
+                            np.clip(t - 1.5, 0, None)])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("wkind", [None, "epoch", "obs"])
+def test_shared_design_fit_equals_lstsq_per_pixel(engine, wkind):
+    rng = np.random.default_rng(11)
+    A = _annual_design()
+    T, n = A.shape
+    N = 700
+    Y = (A @ rng.normal(0, 10, (n, N)) + rng.normal(0, 1, (T, N))).astype(np.float32)
+    Y[rng.random((T, N)) < 0.15] = np.nan
+    Y[:, :200] = (A @ rng.normal(0, 10, (n, 200))).astype(np.float32)  # gap-free pixels: the GEMM path
+    Y[: T - 3, 300] = np.nan  # 3 observations < 5 unknowns: undetermined
+    W = {None: None, "epoch": rng.uniform(0.5, 2, T),
+         "obs": np.where(rng.random((T, N)) < 0.05, 0.0, rng.uniform(0.5, 2, (T, N)))}[wkind]
+    x, n_valid, rms = cpu.shared_design_fit(A, Y, W, residual_rms=True, engine=engine)
+    Wf = np.ones((T, N)) if W is None else np.broadcast_to(W.reshape(T, -1), (T, N))
+    for p in range(N):
+        ok = np.isfinite(Y[:, p]) & (Wf[:, p] > 0)
+        assert n_valid[p] == ok.sum()
+        if ok.sum() < n:
+            assert np.all(np.isnan(x[:, p])) and np.isnan(rms[p])
+            continue
+        sw = np.sqrt(Wf[ok, p])
+        xr = np.linalg.lstsq(A[ok] * sw[:, None], Y[ok, p].astype(np.float64) * sw, rcond=None)[0]
+        assert np.max(np.abs(x[:, p] - xr)) <= 1e-8 * np.max(np.abs(xr))
+        rr = np.sqrt(np.mean((Y[ok, p] - A[ok] @ xr) ** 2))
+        assert abs(rms[p] - rr) <= 1e-8 * max(rr, 1e-3)
+
+
+def test_shared_design_fit_public_api_and_linalg_contract():
+    rng = np.random.default_rng(2)
+    A = _annual_design(30)
+    Y = (A @ rng.normal(0, 5, (A.shape[1], 12 * 15))).reshape(30, 12, 15).astype(np.float32)
+    Y[rng.random(Y.shape) < 0.1] = np.nan
+    fit = kernels.shared_design_fit(A, Y, residual_rms=True)
+    assert fit.x.shape == (A.shape[1], 12, 15) and fit.n_valid.shape == (12, 15)
+    xr, nr, rr = ref.shared_design_fit(A, Y.reshape(30, -1))
+    assert_matches_reference(fit.x.reshape(A.shape[1], -1), xr, rtol=1e-9)
+    assert np.array_equal(fit.n_valid.ravel(), nr)
+    try:
+        from gpu_insar_adjust import linalg
+    except ImportError:
+        pytest.skip("gpu_insar_adjust.linalg not available")
+    res = linalg.lstsq_shared(A, Y.reshape(30, -1).astype(np.float64))
+    assert_matches_reference(fit.x.reshape(A.shape[1], -1), np.asarray(res.x), rtol=1e-8)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_eval_polynomial_surface(engine):
+    rng = np.random.default_rng(4)
+    x = rng.uniform(3e5, 4e5, (30, 40))
+    y = rng.uniform(4e6, 4.1e6, (30, 40))
+    c = np.array([1.0, 2e-4, -1e-4, 1e-9, 3e-9, -2e-9])
+    got = cpu.eval_polynomial_surface(c, x, y, 2, dtype=np.float64, engine=engine)
+    assert_matches_reference(got, ref.eval_polynomial_surface(c, x, y, 2), rtol=1e-10)
+    assert kernels.eval_polynomial_surface(c[:3], x, y, 1).dtype == np.float32
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "matern32", "tps"])
+@pytest.mark.parametrize("grid", [True, False])
+def test_eval_kernel_surface_matches_reference(kernel, grid):
+    rng = np.random.default_rng(8)
+    centres = np.column_stack([rng.uniform(0, 5e4, 25), rng.uniform(0, 4e4, 25)])
+    w = rng.normal(0, 1, 25)
+    mean = np.array([0.5, 1e-5, -2e-5])
+    xs = np.linspace(0, 5e4, 37)
+    ys = np.linspace(0, 4e4, 23)
+    if grid:
+        got = kernels.eval_kernel_surface(centres, w, xs, ys, kernel=kernel, length_scale=1.5e4, mean_coeffs=mean,
+                                          grid=True, dtype="float64")
+        X, Yg = np.meshgrid(xs, ys)
+    else:
+        X, Yg = rng.uniform(0, 5e4, (9, 11)), rng.uniform(0, 4e4, (9, 11))
+        got = kernels.eval_kernel_surface(centres, w, X, Yg, kernel=kernel, length_scale=1.5e4, mean_coeffs=mean,
+                                          dtype="float64")
+    want = ref.eval_kernel_surface(centres, w, X, Yg, kernel=kernel, length_scale=1.5e4, mean_coeffs=mean)
+    assert_matches_reference(got, want, rtol=1e-10)
+
+
+def test_gaussian_surface_equals_sklearn_gp_posterior_mean():
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+
+    rng = np.random.default_rng(9)
+    st = rng.uniform(0, 1e5, (60, 2))
+    vals = np.sin(st[:, 0] / 3e4) + 0.1 * rng.standard_normal(60)
+    gpr = GaussianProcessRegressor(ConstantKernel(2.0, "fixed") * RBF(2e4, "fixed") + WhiteKernel(0.01, "fixed"),
+                                   optimizer=None).fit(st, vals)
+    xs, ys = np.linspace(0, 1e5, 50), np.linspace(0, 1e5, 40)
+    surf = kernels.eval_kernel_surface(st, gpr.alpha_ * 2.0, xs, ys, length_scale=2e4, grid=True)
+    X, Yg = np.meshgrid(xs, ys)
+    want = gpr.predict(np.column_stack([X.ravel(), Yg.ravel()])).reshape(X.shape)
+    assert_matches_reference(surf, want, dtype="float32")
+
+
+def test_bad_inputs_raise_gia_errors():
+    _, cube, x, y = _ramp_data(N=500)
+    with pytest.raises(ArrayArgumentError) as e1:
+        kernels.fit_epoch_ramps(cube, x, y, order=3)
+    assert e1.value.field == "order"
+    with pytest.raises(ArrayArgumentError) as e2:
+        kernels.fit_epoch_ramps(cube, x[:-1], y, order=1)
+    assert e2.value.field == "x"
+    with pytest.raises(ArrayArgumentError) as e3:
+        kernels.fit_epoch_ramps(cube, x, y, weights=-np.ones(500))
+    assert e3.value.field == "weights" and "fix:" in str(e3.value)
+    with pytest.raises(ArrayArgumentError):
+        kernels.shared_design_fit(np.ones((3, 2)), cube)
+    with pytest.raises(ArrayArgumentError):
+        kernels.eval_kernel_surface(np.zeros((3, 2)), np.ones(3), x, y, kernel="cubic")
+
+
+def test_array_api_strict_is_refused_with_a_fix():
+    xp = pytest.importorskip("array_api_strict")
+    cube = xp.asarray(np.zeros((3, 10), np.float32))
+    x = xp.asarray(np.arange(10.0))
+    with pytest.raises(UnsupportedBackendError) as exc:
+        kernels.fit_epoch_ramps(cube, x, x, order=1)
+    assert "numpy" in str(exc.value)
+
+
+def test_import_does_not_load_cupy_or_numba():
+    code = ("import sys, gpu_insar_adjust, gpu_insar_adjust.kernels, gpu_insar_adjust.bench; "
+            "print('cupy' in sys.modules, 'numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_numpy_engine_can_be_forced(monkeypatch):
+    monkeypatch.setenv("GIA_CPU_KERNELS", "numpy")
+    assert kernels.cpu_engine() == "numpy"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("source,defines", [("ramps.cu", ()), ("surfaces.cu", ()),
+                                            ("shared_fit.cu", ("-DN_TERMS=1",)),
+                                            ("shared_fit.cu", ("-DN_TERMS=6",)),
+                                            ("shared_fit.cu", ("-DN_TERMS=12",))])
+def test_cuda_sources_compile(tmp_path, source, defines):
+    out = tmp_path / "k.ptx"
+    proc = subprocess.run(["nvcc", "--ptx", "-arch=sm_80", "--std=c++14", *defines, str(KERNEL_DIR / source),
+                           "-o", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    ptx = out.read_text()
+    names = {"ramps.cu": ["ramp_moments", "ramp_subtract", "poly_eval_f32"], "surfaces.cu": ["kernel_surface"],
+             "shared_fit.cu": ["shared_fit"]}[source]
+    for name in names:
+        assert f".entry {name}(" in ptx
+
+
+# ---------------------------------------------------------------- GPU (skipped without one) -------------------
+def test_cuda_ramps_match_reference(gpu_xp):
+    import cupy as cp
+
+    rng, cube, x, y = _ramp_data()
+    mask = rng.random(cube.shape) > 0.1
+    got = kernels.fit_epoch_ramps(cp.asarray(cube), cp.asarray(x), cp.asarray(y), order=2, mask=cp.asarray(mask))
+    want = ref.fit_epoch_ramps(cube, x, y, order=2, mask=mask)
+    assert_matches_reference(ref.eval_polynomial_surface(cp.asnumpy(got), x, y, 2),
+                             ref.eval_polynomial_surface(want, x, y, 2), rtol=1e-9)
+    sub = kernels.subtract_epoch_ramps(cp.asarray(cube), cp.asarray(want), cp.asarray(x), cp.asarray(y), 2)
+    assert_matches_reference(sub, ref.subtract_epoch_ramps(cube, want, x, y, 2), dtype="float32", atol=1e-6)
+
+
+def test_cuda_shared_fit_and_surfaces_match_reference(gpu_xp):
+    import cupy as cp
+
+    rng = np.random.default_rng(1)
+    A = _annual_design()
+    Y = (A @ rng.normal(0, 10, (A.shape[1], 500)) + rng.normal(0, 1, (A.shape[0], 500))).astype(np.float32)
+    Y[rng.random(Y.shape) < 0.15] = np.nan
+    fit = kernels.shared_design_fit(cp.asarray(A), cp.asarray(Y), residual_rms=True)
+    xr, nr, rr = ref.shared_design_fit(A, Y)
+    assert_matches_reference(fit.x, xr, rtol=1e-9)
+    assert_matches_reference(fit.residual_rms, rr, rtol=1e-8)
+    assert np.array_equal(cp.asnumpy(fit.n_valid), nr)
+    centres = rng.uniform(0, 5e4, (40, 2))
+    w = rng.normal(0, 1, 40)
+    xs, ys = np.linspace(0, 5e4, 64), np.linspace(0, 5e4, 48)
+    for kernel in ("gaussian", "matern32", "tps"):
+        got = kernels.eval_kernel_surface(cp.asarray(centres), cp.asarray(w), cp.asarray(xs), cp.asarray(ys),
+                                          kernel=kernel, length_scale=1e4, grid=True)
+        X, Yg = np.meshgrid(xs, ys)
+        want = ref.eval_kernel_surface(centres, w, X, Yg, kernel=kernel, length_scale=1e4)
+        assert_matches_reference(got, want, dtype="float32")
