@@ -37,8 +37,14 @@ class GnssConfig(_Section):
 
 
 class NetworkConfig(_Section):
+    enabled: bool = Field(True, description="Run the network adjustment over overlaps and GNSS ties after the "
+                                            "per-frame adjustment.")
     order: Literal[0, 1, 2] = Field(1, description="Per-frame network correction: 0 offset, 1 offset + ramp, 2 "
                                                    "quadratic.")
+    pairs: Literal["same-orbit", "all"] = Field(
+        "same-orbit", description="Overlaps tied in the network: 'same-orbit' (ascending with ascending, descending "
+                                  "with descending) or 'all' (also ascending with descending, where unmodelled "
+                                  "horizontal motion, e.g. around subsidence bowls, enters the comparison).")
     correlation_km: float = Field(10.0, gt=0, description="Correlation length of overlap differences (km): sets how "
                                                           "many independent observations an overlap is worth.")
     sigma_floor_mm_yr: float = Field(1.0, ge=0, description="Added in quadrature to every observation sigma "
@@ -51,6 +57,9 @@ class NetworkConfig(_Section):
 
 
 class MosaicConfig(_Section):
+    decompose_up_east: bool = Field(True, description="Where ascending and descending overlap, solve up and east "
+                                                      "per pixel (north from GNSS) instead of removing the GNSS "
+                                                      "horizontal field from each look direction.")
     resolution: float | None = Field(None, gt=0, description="Target pixel spacing in target-CRS units (default: "
                                                              "the finest input spacing).")
     crs: str = Field("EPSG:4326", description="Target CRS of the mosaic.")

@@ -116,6 +116,14 @@ class NetworkSolution:
     rcond_data: float             # of the data-only normal matrix: ~0 where data leave a direction undetermined
     iterations: int
 
+    @classmethod
+    def zeros(cls, n_frames: int, order: int = 1, reason: str = "disabled") -> "NetworkSolution":
+        """A solution that changes nothing (network adjustment switched off or impossible)."""
+        nt = n_terms(order)
+        return cls(order=order, params=np.zeros((n_frames, nt)), param_std=np.full((n_frames, nt), np.nan),
+                   held_by=[reason] * n_frames, pairs=[], ties=[], rcond=float("nan"), rcond_data=float("nan"),
+                   iterations=0)
+
     def correction(self, frame: int, x_km, y_km) -> np.ndarray:
         """The network correction (mm/yr) of ``frame`` at frame-centred coordinates (to subtract)."""
         return poly_terms(x_km, y_km, self.order) @ self.params[frame]

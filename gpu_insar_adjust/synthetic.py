@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------------------
 # Fixed geography
 # --------------------------------------------------------------------------------------------------------------
+#: White pixel noise of a 100 m (0.001°) velocity pixel, mm/yr, and that reference pixel size in degrees.
+PIXEL_SIGMA_100M = 1.5
+REFERENCE_PIXEL_DEG = 0.001
+
 AREA = (113.5, 35.0, 119.5, 40.5)
 """(west, south, east, north) of the scenario, degrees (EPSG:4326)."""
 
@@ -1049,7 +1053,10 @@ def _make_frame(g, index, kind, rng, resolution, stations, stable, frames_dir, t
     # unreliable but kept pixels (unwrapping-error-like): finite velocity, mask 0
     unreliable = valid & (rng.uniform(size=shape) < 0.015)
 
-    vstd = 1.5 * (0.8 + 0.4 * rng.uniform(size=shape)) * (1.0 + 0.5 * mweight)
+    # White pixel noise is 1.5 mm/yr for a 100 m (0.001°) pixel; a coarser grid is a multilooked version of that
+    # product, so its white noise is averaged over (resolution / 0.001)² pixels (the troposphere below is not).
+    looks = max(resolution / REFERENCE_PIXEL_DEG, 1.0)
+    vstd = (PIXEL_SIGMA_100M / looks) * (0.8 + 0.4 * rng.uniform(size=shape)) * (1.0 + 0.5 * mweight)
     pixel_noise = vstd * rng.standard_normal(shape)
     tropo = 1.0 * _gaussian_noise_field(rng, shape, 12.0, resolution, float(lat1.mean()))
     spikes = np.where(unreliable, rng.choice([-1.0, 1.0], shape) * rng.uniform(12.0, 40.0, shape), 0.0)
@@ -1147,7 +1154,9 @@ def _make_frame(g, index, kind, rng, resolution, stations, stable, frames_dir, t
                                          "(along - along_centre_km)/125 (+1 toward the flight direction), both "
                                          "in the local azimuthal-equidistant plane centred at 116.5E 37.75N"),
         "dem_reference_height_m": h_ref,
-        "noise": {"pixel_sigma_mm_per_yr": 1.5, "troposphere_sigma_mm_per_yr": 1.0,
+        "noise": {"pixel_sigma_mm_per_yr_at_100m": PIXEL_SIGMA_100M,
+                  "pixel_sigma_mm_per_yr": PIXEL_SIGMA_100M / max(resolution / REFERENCE_PIXEL_DEG, 1.0),
+                  "troposphere_sigma_mm_per_yr": 1.0,
                   "unreliable_pixel_fraction": 0.015},
         "target_rmse_mm_per_yr": target,
         "rmse_before_mm_per_yr": rmse,
