@@ -6,6 +6,7 @@ traceback unless ``--debug``); 1 an unexpected internal error (traceback and ver
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -75,44 +76,146 @@ def _build_app():
                                                                      "the full-size benchmark case)."),
         timeseries: bool = typer.Option(False, "--timeseries", help="Also write displacement time series "
                                                                     "(LiCSBAS cum.h5) per frame."),
+        epoch_days: int = typer.Option(12, "--epoch-days", help="Days between epochs of the time series."),
+        n_stations: int = typer.Option(150, "--n-stations", help="Number of GNSS stations."),
+        holdout_fraction: float = typer.Option(0.3, "--holdout-fraction", help="Share of stations written to the "
+                                                                               "held-out file."),
     ) -> None:
         """Write the embedded North China Plain scenario (frames, GNSS, held-out GNSS, truth)."""
-        _not_built("synth", "the embedded scenario")
+        from .synthetic import make_scenario
+
+        _logging()
+        p = make_scenario(out, seed=seed, resolution=resolution, timeseries=timeseries, epoch_days=epoch_days,
+                          n_stations=n_stations, holdout_fraction=holdout_fraction)
+        typer.echo(f"wrote {len(p.frame_dirs)} frames, {p.gnss_csv.name}, {p.holdout_csv.name} and truth/ "
+                   f"into {p.out_dir}")
 
     @app.command("run")
     def run_cmd(
         frames: Path = typer.Option(..., "--frames", help="Folder with one sub-folder per frame (LiCSAR/LiCSBAS "
                                                           "or MintPy layout)."),
-        gnss: Path = typer.Option(..., "--gnss", help="GNSS velocities: CSV station,lon,lat,ve,vn,vu,se,sn,su "
-                                                      "(mm/yr) or a MIDAS file."),
         out: Path = typer.Option(..., "--out", help="Output folder."),
+        gnss: Optional[Path] = typer.Option(None, "--gnss", help="GNSS velocities: CSV station,lon,lat,ve,vn,vu,"
+                                                                 "se,sn,su (mm/yr) or a MIDAS file."),
+        holdout: Optional[Path] = typer.Option(None, "--holdout", help="Independent GNSS stations, used only for "
+                                                                       "validation."),
+        gnss_frame: Optional[str] = typer.Option(None, "--gnss-frame", help="Reference frame of the GNSS file "
+                                                                            "(ITRF2014, IGS20, EURA-fixed, ...)."),
+        plate: Optional[str] = typer.Option(None, "--plate", help="Plate for plate-fixed conversions (EURA, "
+                                                                  "NOAM, ...)."),
+        horizontal_grids: Optional[tuple[Path, Path]] = typer.Option(
+            None, "--horizontal-grids", help="East and north horizontal velocity grids (mm/yr) to use as the "
+                                             "horizontal field; with no --gnss, frames are referenced to them "
+                                             "(horizontal-only mode)."),
+        grids_frame: str = typer.Option("EURA-fixed", "--grids-frame", help="Reference frame of the grids."),
+        config: Optional[Path] = typer.Option(None, "--config", help="TOML configuration (gia config --default)."),
+        backend: Optional[str] = typer.Option(None, "--backend", help="auto | numpy | cupy (overrides config)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace another run's products in --out."),
     ) -> None:
         """Adjust every frame to GNSS, merge them by network least squares, mosaic, and analyse."""
-        _not_built("run", "the end-to-end pipeline")
+        from .config import load_config
+        from .pipeline import run
+
+        cfg = load_config(config, {"backend": backend, "gnss.reference_frame": gnss_frame, "gnss.plate": plate})
+        _logging(cfg.log_level)
+        res = run(frames, gnss, out, holdout=holdout, config=cfg,
+                  horizontal_grids=tuple(horizontal_grids) if horizontal_grids else None,
+                  horizontal_grids_frame=grids_frame, overwrite=overwrite)
+        _print_headline(res.summary)
 
     @app.command("demo")
-    def demo_cmd() -> None:
+    def demo_cmd(
+        seed: int = typer.Option(0, "--seed", help="Scenario seed."),
+        resolution: float = typer.Option(0.02, "--resolution", help="Scenario pixel spacing in degrees."),
+        keep: Optional[Path] = typer.Option(None, "--keep", help="Keep the scenario and products in this folder "
+                                                                 "(default: a temporary folder, removed)."),
+    ) -> None:
         """Synthesise the embedded scenario, run the whole pipeline on it and validate against its truth."""
-        _not_built("demo", "the end-to-end demo")
+        import shutil
+        import tempfile
+
+        from .pipeline import run
+        from .synthetic import make_scenario
+        from .validate import validate_run
+
+        _logging()
+        root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="gia-demo-"))
+        try:
+            p = make_scenario(root / "scenario", seed=seed, resolution=resolution)
+            res = run(p.frames_dir, p.gnss_csv, root / "out", holdout=p.holdout_csv, overwrite=True)
+            val = validate_run(root / "out", truth=p.truth_dir, holdout=p.holdout_csv)
+            _print_headline(res.summary, val)
+        finally:
+            if not keep:
+                shutil.rmtree(root, ignore_errors=True)
 
     @app.command("validate")
-    def validate_cmd(out: Path = typer.Argument(..., help="A `gia run` output folder.")) -> None:
-        """Compare a run's vertical velocity with held-out GNSS and/or a truth grid."""
-        _not_built("validate", "validation against held-out GNSS and truth")
+    def validate_cmd(
+        out: Path = typer.Argument(..., help="A `gia run` output folder."),
+        truth: Optional[Path] = typer.Option(None, "--truth", help="Truth folder (vertical_velocity.tif) of a "
+                                                                   "synthetic scenario."),
+        holdout: Optional[Path] = typer.Option(None, "--holdout", help="Held-out GNSS CSV."),
+    ) -> None:
+        """Compare a run's vertical velocity with held-out GNSS and/or a truth grid (writes validation.json)."""
+        from .validate import validate_run
+
+        _logging()
+        val = validate_run(out, truth=truth, holdout=holdout)
+        typer.echo(json.dumps(val, indent=2, default=str))
 
     @app.command("bench")
-    def bench_cmd() -> None:
+    def bench_cmd(
+        size: str = typer.Option("small", "--size", help="small (seconds) or full (the issue sizes)."),
+        case: list[str] = typer.Option(["B1", "B2", "B3"], "--case", help="Cases to run (repeatable)."),
+        backend: str = typer.Option("auto", "--backend", help="auto | numpy | cupy"),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write every figure as JSON."),
+    ) -> None:
         """Run the benchmark cases and print times and ratios measured in the same run."""
-        _not_built("bench", "the benchmark runner")
+        from .bench import print_table, run_bench
+
+        print_table(run_bench(size=size, cases=tuple(case), backend=backend, out_json=json_out))
+
+    @app.command("report")
+    def report_cmd(out: Path = typer.Argument(..., help="A `gia run` output folder.")) -> None:
+        """(Re)write report.html and figures/ from a run's summary.json and rasters."""
+        from .validate import rewrite_report
+
+        typer.echo(str(rewrite_report(out)))
 
     return app
 
 
-def _not_built(command: str, what: str) -> None:
-    from .errors import NotBuiltError
+def _logging(level: str = "INFO") -> None:
+    from .logs import setup_logging
 
-    raise NotBuiltError(f"`gia {command}` ({what}) is not built yet in this version.", field=command,
-                        fix="upgrade gpu_insar_adjust, or use the Python API for the stages that exist")
+    setup_logging(level)
+
+
+def _print_headline(summary: dict, validation: dict | None = None) -> None:
+    """The figures a user looks at first, on stdout."""
+    def f(v, fmt="{:.1f}"):
+        return "-" if v is None else fmt.format(v)
+
+    lines = [f"subsidence area (> {summary.get('subsidence_threshold_mm_yr')} mm/yr): "
+             f"{f(summary.get('subsidence_area_km2'), '{:,.0f}')} km²",
+             f"max / mean subsidence rate: {f(summary.get('max_subsidence_rate_mm_yr'))} / "
+             f"{f(summary.get('mean_subsidence_rate_mm_yr'))} mm/yr"]
+    net = summary.get("network") or {}
+    if net.get("overlap_rms_before_mm_yr") is not None:
+        lines.append(f"overlap RMS before / after network: {f(net['overlap_rms_before_mm_yr'])} / "
+                     f"{f(net.get('overlap_rms_after_mm_yr'))} mm/yr")
+    val = (summary.get("validation") or {}).get("overall")
+    if val:
+        lines.append(f"held-out GNSS (vertical): RMSE {f(val.get('rmse'), '{:.2f}')} mm/yr, bias "
+                     f"{f(val.get('bias'), '{:.2f}')}, n {val.get('n')}")
+    base = ((summary.get("baseline") or {}).get("validation") or {}).get("overall")
+    if base:
+        lines.append(f"baseline (plane per frame + averaging): RMSE {f(base.get('rmse'), '{:.2f}')} mm/yr")
+    if validation and validation.get("truth"):
+        t = validation["truth"]
+        lines.append(f"against the truth grid: RMSE {f(t.get('rmse'), '{:.2f}')} mm/yr; subsidence area "
+                     f"{f(t.get('area_error_percent'), '{:+.1f}')} % vs truth")
+    print("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

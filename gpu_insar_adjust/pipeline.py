@@ -1,0 +1,596 @@
+"""``gia run``: the whole adjustment from frame folders and GNSS to a GNSS-consistent vertical velocity map.
+
+Stages (each also a plain function of the package):
+
+1. **inputs** — open every frame (``io.frames``), the GNSS table (``io.gnss``), the optional held-out GNSS; convert
+   GNSS to ITRF (Sentinel-1 orbits are ITRF, so observed LOS contains the plate motion).
+2. **horizontal field** — GNSS east/north interpolated to every pixel (``geodesy.horizontal``), or given grids.
+3. **per-frame adjustment** — candidate long-wavelength models of InSAR − GNSS, cross-validated, one chosen per
+   frame and removed (``adjust.frame``).
+4. **network** — per-frame offset + ramp from all overlaps and GNSS ties at once (``network``), on
+   vertical-equivalent velocities so that different look geometries compare like with like.
+5. **mosaic** — frames resampled to the target grid and merged per look direction (``mosaic``); LOS decomposed
+   to up (+ east where ascending and descending overlap), elsewhere to vertical with the GNSS horizontal field.
+6. **analysis** — subsidence area/rates/hotspots, validation against held-out GNSS.
+7. **products** — COG GeoTIFFs, per-frame corrections, ``summary.json`` (written last, atomically).
+
+A baseline (a weighted plane per frame, then a plain average of overlapping frames) is computed in the same run,
+so the benefit of the method is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import backend
+from ._version import __version__
+from .config import GiaConfig, load_config
+from .errors import AdjustmentError, GnssError, InputError, OutputError
+from .logs import STAGE_TIMES, get_logger, progress, stage
+
+log = get_logger("pipeline")
+
+__all__ = ["run", "RunResult", "frame_vertical_equivalent", "plane_average_baseline"]
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` produced: the summary dict and the main grids (host xarray objects)."""
+
+    summary: dict
+    out_dir: Path
+    vertical_velocity: Any = None
+    vertical_velocity_std: Any = None
+    east_velocity: Any = None
+    frames: list = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs and provenance
+# --------------------------------------------------------------------------------------------------------------
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def input_checksums(paths: list[Path]) -> dict[str, str]:
+    """SHA-256 of every input file (folders: every file inside, recursively), keyed by path."""
+    out: dict[str, str] = {}
+    for p in paths:
+        p = Path(p)
+        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        for q in files:
+            out[str(q)] = _sha256(q)
+    return out
+
+
+def _prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> None:
+    """Refuse an output folder holding another run's products unless ``overwrite``."""
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / MANIFEST
+    if manifest.exists():
+        try:
+            old = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            old = {}
+        if old.get("fingerprint") != fingerprint and not overwrite:
+            raise OutputError("The output folder holds the products of another run (different inputs or "
+                              "configuration).", file=out, field="--out",
+                              fix="choose an empty folder, or pass --overwrite to replace those products")
+    elif any(out.iterdir()) and not overwrite:
+        raise OutputError("The output folder is not empty and holds no gia run.", file=out, field="--out",
+                          fix="choose an empty or new folder, or pass --overwrite")
+
+
+def _stations_itrf(stations, cfg: GiaConfig):
+    from .geodesy import plates
+
+    return plates.to_itrf(stations, cfg.gnss.plate, cfg.gnss.plate_model)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Geometry helpers
+# --------------------------------------------------------------------------------------------------------------
+def frame_vertical_equivalent(frame, los, los_std, hfield):
+    """Vertical-equivalent velocity of a frame: (LOS − e·ve − n·vn)/u with its 1-sigma (mm/yr, host arrays).
+
+    ``hfield`` holds ``ve, vn`` (and optionally ``se, sn``) on the frame grid in the frame's reference (ITRF).
+    """
+    from .mosaic import decompose_vertical
+
+    e, n, u = (np.asarray(backend.to_numpy(frame[v].data), np.float64) for v in ("los_e", "los_n", "los_u"))
+    ve = np.asarray(hfield["ve"].values, np.float64)
+    vn = np.asarray(hfield["vn"].values, np.float64)
+    se = np.asarray(hfield["se"].values, np.float64) if "se" in hfield else None
+    sn = np.asarray(hfield["sn"].values, np.float64) if "sn" in hfield else None
+    L = np.asarray(backend.to_numpy(los), np.float64)
+    ok = np.isfinite(L) & np.isfinite(ve) & np.isfinite(vn) & np.isfinite(u)
+    L = np.where(ok, L, np.nan)
+    S = np.where(ok, np.asarray(backend.to_numpy(los_std), np.float64), np.nan)
+    res = decompose_vertical(L, S, e, n, u, np.where(ok, ve, 0.0), np.where(ok, vn, 0.0),
+                             None if se is None else np.where(ok, se, 0.0), None if sn is None else
+                             np.where(ok, sn, 0.0))
+    return np.asarray(res.vu, np.float64), np.asarray(res.vu_std, np.float64)
+
+
+def _frame_da(frame, values, name, units="mm/yr"):
+    import xarray as xr
+
+    da = xr.DataArray(np.asarray(values, np.float32), dims=("y", "x"),
+                      coords={"y": frame["y"], "x": frame["x"]}, name=name, attrs={"units": units})
+    crs = frame.rio.crs
+    return da.rio.write_crs(crs) if crs is not None else da
+
+
+def _frame_km(frame, lon, lat):
+    from .adjust.residuals import frame_origin, local_xy_km
+
+    x, y = local_xy_km(np.asarray(lon, np.float64), np.asarray(lat, np.float64), *frame_origin(frame))
+    return np.asarray(x), np.asarray(y)
+
+
+def _frame_lonlat_grid(frame):
+    x = np.asarray(frame["x"].values, np.float64)
+    y = np.asarray(frame["y"].values, np.float64)
+    crs = frame.rio.crs
+    X, Y = np.meshgrid(x, y)
+    if crs is not None and not crs.is_geographic:
+        import pyproj
+
+        tr = pyproj.Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+        X, Y = tr.transform(X, Y)
+    return X, Y
+
+
+def _sample_at_stations(frame, values, stations, half: int = 1):
+    """Median of ``values`` in a (2·half+1)² window at each station's pixel (NaN-aware); NaN if none valid."""
+    x = np.asarray(frame["x"].values, np.float64)
+    y = np.asarray(frame["y"].values, np.float64)
+    col = np.abs(stations["lon"].to_numpy(float)[:, None] - x[None, :]).argmin(axis=1)
+    row = np.abs(stations["lat"].to_numpy(float)[:, None] - y[None, :]).argmin(axis=1)
+    dx = np.median(np.abs(np.diff(x))) if x.size > 1 else np.inf
+    dy = np.median(np.abs(np.diff(y))) if y.size > 1 else np.inf
+    inside = (np.abs(x[col] - stations["lon"].to_numpy(float)) <= dx) & \
+             (np.abs(y[row] - stations["lat"].to_numpy(float)) <= dy)
+    out = np.full(len(stations), np.nan)
+    for k, (r, c) in enumerate(zip(row, col)):
+        if not inside[k]:
+            continue
+        win = values[max(r - half, 0):r + half + 1, max(c - half, 0):c + half + 1]
+        if np.isfinite(win).any():
+            out[k] = np.nanmedian(win)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Baseline: plane per frame + plain averaging
+# --------------------------------------------------------------------------------------------------------------
+def plane_average_baseline(frames, residual_tables, verticals_fn, grid):
+    """Weighted plane per frame fitted to its station residuals, then a plain average of overlapping frames.
+
+    ``residual_tables[i]`` holds x_km, y_km, residual, sigma for frame i; ``verticals_fn(i, correction)`` turns
+    the frame's LOS minus a correction into its vertical-equivalent (host array). Returns the averaged vertical
+    on ``grid`` (host array). This is the simple practice the method is measured against.
+    """
+    from .linalg import lstsq_shared
+    from .mosaic import resample_to_grid
+
+    acc = np.zeros(grid.shape)
+    cnt = np.zeros(grid.shape)
+    for i, frame in enumerate(frames):
+        tab = residual_tables[i]
+        if tab is None or len(tab) < 3:
+            continue
+        A = np.stack([np.ones(len(tab)), tab["x_km"].to_numpy(float), tab["y_km"].to_numpy(float)], axis=1)
+        w = 1.0 / np.square(tab["sigma"].to_numpy(float))
+        sol = lstsq_shared(A, tab["residual"].to_numpy(float), w)
+        if not bool(sol.determined):
+            continue
+        lon, lat = _frame_lonlat_grid(frame)
+        xk, yk = _frame_km(frame, lon, lat)
+        corr = sol.x[0] + sol.x[1] * xk + sol.x[2] * yk
+        vert = verticals_fn(i, corr)
+        on = np.asarray(resample_to_grid(_frame_da(frame, vert, "v"), grid, resampling="bilinear").values,
+                        np.float64)
+        ok = np.isfinite(on)
+        acc[ok] += on[ok]
+        cnt[ok] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(cnt > 0, acc / np.maximum(cnt, 1), np.nan)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+def run(frames_dir: str | os.PathLike, gnss: str | os.PathLike | None, out_dir: str | os.PathLike, *,
+        holdout: str | os.PathLike | None = None, config: GiaConfig | str | os.PathLike | None = None,
+        horizontal_grids: tuple[str, str] | None = None, horizontal_grids_frame: str = "EURA-fixed",
+        overwrite: bool = False) -> RunResult:
+    """Run the whole adjustment (see the module docstring) and write the products into ``out_dir``.
+
+    Parameters
+    ----------
+    frames_dir
+        Folder with one sub-folder per frame (LiCSAR/LiCSBAS or MintPy layout).
+    gnss
+        GNSS velocity file (CSV ``station,lon,lat,ve,vn,vu,se,sn,su`` mm/yr, or MIDAS). May be None only when
+        ``horizontal_grids`` is given (horizontal-only referencing to the grids).
+    out_dir
+        Output folder (created). A folder holding another run's products is refused unless ``overwrite``.
+    holdout
+        Independent GNSS stations used only for validation.
+    config
+        A :class:`GiaConfig`, a TOML path, or None (defaults).
+    horizontal_grids
+        ``(east_grid, north_grid)`` horizontal velocity grids (mm/yr) used as the horizontal field instead of
+        interpolating GNSS; their frame is ``horizontal_grids_frame``.
+    """
+    t_start = time.perf_counter()
+    cfg = config if isinstance(config, GiaConfig) else load_config(config)
+    frames_dir, out = Path(frames_dir), Path(out_dir)
+    if gnss is None and horizontal_grids is None:
+        raise GnssError("No GNSS input was given.", field="--gnss",
+                        fix="give a GNSS velocity file with --gnss, or horizontal grids with --horizontal-grids")
+    inputs = [frames_dir] + [Path(p) for p in (gnss, holdout) if p is not None] + \
+        [Path(p) for p in (horizontal_grids or ())]
+    STAGE_TIMES.clear()
+    with backend.use_backend(cfg.backend) as backend_name:
+        with stage("checksums", log):
+            checksums = input_checksums(inputs)
+        fingerprint = hashlib.sha256(json.dumps({"inputs": checksums, "config": cfg.model_dump(mode="json"),
+                                                 "version": __version__}, sort_keys=True).encode()).hexdigest()
+        _prepare_out_dir(out, fingerprint, overwrite)
+        from .io.write import write_json
+
+        write_json(out / MANIFEST, {"fingerprint": fingerprint, "version": __version__, "status": "running",
+                                    "inputs": checksums, "config": cfg.model_dump(mode="json")})
+        result = _run_stages(frames_dir, gnss, holdout, horizontal_grids, horizontal_grids_frame, out, cfg)
+        summary = result.summary
+        summary["provenance"] = {"version": __version__, "backend": backend_name, "config": cfg.model_dump(mode="json"),
+                                 "inputs_sha256": checksums, "fingerprint": fingerprint,
+                                 "stage_seconds": {k: round(v, 3) for k, v in STAGE_TIMES.items()},
+                                 "wall_seconds": round(time.perf_counter() - t_start, 3)}
+        write_json(out / "summary.json", summary)
+        if cfg.output.report:
+            from .report import write_report
+
+            with stage("report", log):
+                write_report(out, summary, vertical_velocity=result.vertical_velocity,
+                             east_velocity=result.east_velocity if result.east_velocity is not None and
+                             bool(np.isfinite(result.east_velocity.values).any()) else None)
+        write_json(out / MANIFEST, {"fingerprint": fingerprint, "version": __version__, "status": "complete",
+                                    "inputs": checksums, "config": cfg.model_dump(mode="json")})
+    return result
+
+
+def _read_stations(path, cfg: GiaConfig):
+    from .io.gnss import read_gnss
+
+    st = read_gnss(path, reference_frame=cfg.gnss.reference_frame)
+    return st
+
+
+def _pseudo_stations_from_grids(grids, frames, spacing_deg: float = 0.1):
+    """Horizontal-only pseudo-stations sampled from horizontal velocity grids inside the frames' extent."""
+    import pandas as pd
+
+    lon_min = min(float(f["x"].min()) for f in frames)
+    lon_max = max(float(f["x"].max()) for f in frames)
+    lat_min = min(float(f["y"].min()) for f in frames)
+    lat_max = max(float(f["y"].max()) for f in frames)
+    lons = np.arange(lon_min + spacing_deg / 2, lon_max, spacing_deg)
+    lats = np.arange(lat_min + spacing_deg / 2, lat_max, spacing_deg)
+    LO, LA = np.meshgrid(lons, lats)
+    import xarray as xr
+
+    pts = {"x": xr.DataArray(LO.ravel(), dims="p"), "y": xr.DataArray(LA.ravel(), dims="p")}
+    ve = grids["ve"].interp(pts).values
+    vn = grids["vn"].interp(pts).values
+    ok = np.isfinite(ve) & np.isfinite(vn)
+    df = pd.DataFrame({"station": [f"G{k:05d}" for k in range(int(ok.sum()))], "lon": LO.ravel()[ok],
+                       "lat": LA.ravel()[ok], "height": np.nan, "ve": ve[ok], "vn": vn[ok], "vu": np.nan,
+                       "se": 1.0, "sn": 1.0, "su": np.nan})
+    df.attrs["reference_frame"] = grids.attrs.get("reference_frame", "EURA-fixed")
+    df.attrs["path"] = grids.attrs.get("path_e")
+    return df
+
+
+def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_frame, out: Path, cfg: GiaConfig):
+    import xarray as xr
+
+    from .adjust.frame import AdjustConfig, adjust_frame
+    from .analysis.subsidence import subsidence_summary
+    from .analysis.validation import validate_against_gnss
+    from .geodesy import horizontal as hz
+    from .io.frames import list_frames, open_frame
+    from .io.write import write_cog
+    from .mosaic import (decompose_up_east, decompose_vertical, merge_frames, overlap_pairs, resample_to_grid,
+                         sample_overlap, target_grid)
+    from .network import GnssTies, NetworkSolution, OverlapSamples, solve_network
+
+    # 1. inputs ------------------------------------------------------------------------------------------------
+    with stage("read inputs", log):
+        folders = list_frames(frames_dir)
+        if not folders:
+            raise InputError("No frame folders found.", file=frames_dir, field="--frames",
+                             fix="give a folder holding one sub-folder per frame (LiCSAR/LiCSBAS or MintPy)")
+        frames = [open_frame(f) for f in progress(folders, "reading frames")]
+        ids = [f.attrs["frame_id"] for f in frames]
+        grids = None
+        if horizontal_grids is not None:
+            grids = hz.load_horizontal_grids(*horizontal_grids, reference_frame=grids_frame)
+        if gnss_path is not None:
+            stations = _read_stations(gnss_path, cfg)
+        else:
+            stations = _pseudo_stations_from_grids(grids, frames)
+        horizontal_only = bool(cfg.gnss.horizontal_only or not np.isfinite(stations["vu"].to_numpy(float)).any())
+        stations_itrf = _stations_itrf(stations, cfg)
+        holdout_itrf = _stations_itrf(_read_stations(holdout_path, cfg), cfg) if holdout_path else None
+    log.info("%d frames, %d GNSS stations%s", len(frames), len(stations),
+             " (horizontal-only referencing)" if horizontal_only else "")
+
+    # 2. horizontal field (ITRF) on every frame ---------------------------------------------------------------
+    with stage("horizontal field", log):
+        hfields = []
+        field_info: dict[str, Any] = {}
+        if grids is not None:
+            for fr in frames:
+                hf = hz.sample_horizontal_grids(grids, fr, to_itrf=True, model=cfg.gnss.plate_model)
+                hf["se"] = xr.full_like(hf["ve"], 1.0)
+                hf["sn"] = xr.full_like(hf["vn"], 1.0)
+                hfields.append(hf)
+            field_info = {"source": "grids", "reference_frame": grids.attrs.get("reference_frame")}
+        else:
+            fld = hz.HorizontalVelocityField(plate=cfg.gnss.plate, model=cfg.gnss.plate_model).fit(stations_itrf)
+            hfields = [fld.predict_grid(fr) for fr in frames]
+            field_info = {"source": "gnss", "loo_rmse_mm_yr": getattr(fld, "loo_rmse_", None)}
+
+    # 3. per-frame adjustment ---------------------------------------------------------------------------------
+    adj_cfg = AdjustConfig(use_horizontal_only=horizontal_only)
+    adjustments = []
+    with stage("per-frame adjustment", log):
+        for fr in progress(frames, "adjusting frames"):
+            try:
+                adjustments.append(adjust_frame(fr, stations_itrf, adj_cfg, holdout=holdout_itrf))
+            except AdjustmentError as exc:
+                log.warning("frame %s: %s — left to the network adjustment", fr.attrs["frame_id"], exc.message)
+                adjustments.append(None)
+
+    # vertical-equivalent velocity of every adjusted frame
+    verts, vstds, los_adj, corr_std = [], [], [], []
+    for fr, adj, hf in zip(frames, adjustments, hfields):
+        if adj is None:
+            la = np.asarray(backend.to_numpy(fr["los_velocity"].data), np.float64)
+            cs = np.zeros_like(la)
+        else:
+            la = np.asarray(backend.to_numpy(adj.los_adjusted.data), np.float64)
+            cs = np.asarray(backend.to_numpy(adj.correction_std.data), np.float64)
+        ls = (np.asarray(backend.to_numpy(fr["los_std"].data), np.float64) if "los_std" in fr
+              else np.full(la.shape, 2.0))
+        std = np.sqrt(np.square(np.where(np.isfinite(ls), ls, 2.0)) + np.square(np.nan_to_num(cs)))
+        v, s = frame_vertical_equivalent(fr, la, std, hf)
+        verts.append(v), vstds.append(s), los_adj.append(la), corr_std.append(cs)
+
+    # 4. network adjustment over overlaps + GNSS ties ---------------------------------------------------------
+    with stage("network adjustment", log):
+        grid = target_grid(frames, resolution=cfg.mosaic.resolution, crs=cfg.mosaic.crs, bounds=cfg.mosaic.bounds)
+        on_grid = [resample_to_grid(_frame_da(fr, v, "vertical"), grid, resampling="bilinear")
+                   for fr, v in zip(frames, verts)]
+        std_on_grid = [resample_to_grid(_frame_da(fr, s, "vertical_std"), grid, resampling="bilinear", kind="std")
+                       for fr, s in zip(frames, vstds)]
+        pairs = overlap_pairs([o.values for o in on_grid], grid, min_pixels=cfg.network.min_overlap_pixels)
+        overlaps = []
+        rng = np.random.default_rng(0)
+        for p in pairs:
+            smp = sample_overlap(on_grid[p.i].values, on_grid[p.j].values, p.mask, grid=grid, rng=rng,
+                                 a_std=std_on_grid[p.i].values, b_std=std_on_grid[p.j].values,
+                                 max_samples=cfg.network.max_samples_per_overlap)
+            if smp.diff.size == 0:
+                continue
+            xi, yi = _frame_km(frames[p.i], smp.lon, smp.lat)
+            xj, yj = _frame_km(frames[p.j], smp.lon, smp.lat)
+            sig = smp.diff_std if smp.diff_std is not None else np.full(smp.diff.size, 2.0)
+            kind = p.kind or "overlap"
+            if frames[p.i].attrs.get("orbit") != frames[p.j].attrs.get("orbit"):
+                kind = "asc-desc"
+                if cfg.network.pairs == "same-orbit":
+                    continue
+            overlaps.append(OverlapSamples(p.i, p.j, xi, yi, xj, yj, smp.diff, np.nan_to_num(sig, nan=2.0),
+                                           area_km2=p.area_km2, kind=kind))
+        ties = []
+        vert_ok = np.isfinite(stations_itrf["vu"].to_numpy(float))
+        for k, fr in enumerate(frames):
+            st = stations_itrf[vert_ok] if not horizontal_only else stations_itrf
+            if len(st) == 0:
+                continue
+            val = _sample_at_stations(fr, verts[k], st)
+            vu = st["vu"].to_numpy(float) if not horizontal_only else np.zeros(len(st))
+            su = st["su"].to_numpy(float) if not horizontal_only else np.full(len(st), 3.0)
+            flagged = set()
+            if adjustments[k] is not None:
+                flagged = {f["station"] for f in adjustments[k].report.get("flagged", []) or []}
+            ok = np.isfinite(val) & ~st["station"].isin(flagged).to_numpy()
+            if not ok.any():
+                continue
+            xs, ys = _frame_km(fr, st["lon"].to_numpy(float)[ok], st["lat"].to_numpy(float)[ok])
+            ties.append(GnssTies(k, xs, ys, val[ok] - vu[ok], np.nan_to_num(su[ok], nan=3.0) + 0.5,
+                                 st["station"].to_numpy()[ok].tolist()))
+        nc = cfg.network
+        if not nc.enabled:
+            net = NetworkSolution.zeros(len(frames), nc.order)
+        else:
+            net = solve_network(len(frames), overlaps, ties, order=nc.order, correlation_km=nc.correlation_km,
+                                sigma_floor_mm_yr=nc.sigma_floor_mm_yr, prior_sigma_mm_yr=nc.prior_sigma_mm_yr,
+                                huber_k=nc.huber_k)
+
+    # apply the network corrections: vertical-equivalent and LOS (LOS correction = u × vertical correction)
+    final_corr = []
+    for k, fr in enumerate(frames):
+        lon, lat = _frame_lonlat_grid(fr)
+        xk, yk = _frame_km(fr, lon, lat)
+        c_vert = net.correction(k, xk.ravel(), yk.ravel()).reshape(xk.shape)
+        u = np.asarray(backend.to_numpy(fr["los_u"].data), np.float64)
+        verts[k] = verts[k] - c_vert
+        los_adj[k] = los_adj[k] - u * c_vert
+        ml = (np.zeros_like(c_vert) if adjustments[k] is None
+              else np.asarray(backend.to_numpy(adjustments[k].correction.data), np.float64))
+        final_corr.append(ml + u * c_vert)
+    for p_stat, p in zip(net.pairs, overlaps):
+        p_stat["frames"] = [ids[p.i], ids[p.j]]
+
+    # 5. mosaic and decomposition -----------------------------------------------------------------------------
+    with stage("mosaic", log):
+        groups: dict[str, list[int]] = {}
+        for k, fr in enumerate(frames):
+            groups.setdefault(fr.attrs.get("orbit", "unknown"), []).append(k)
+        vert_das = [_frame_da(fr, v, "vertical") for fr, v in zip(frames, verts)]
+        vstd_das = [_frame_da(fr, s, "vertical_std") for fr, s in zip(frames, vstds)]
+        vert_merge = merge_frames(vert_das, vstd_das, grid, feather_km=cfg.mosaic.feather_km,
+                                  tile_size=cfg.mosaic.tile_size)
+        vertical = np.asarray(backend.to_numpy(vert_merge.value), np.float64)
+        vertical_std = np.asarray(backend.to_numpy(vert_merge.std), np.float64)
+        east = np.full(grid.shape, np.nan)
+        east_std = np.full(grid.shape, np.nan)
+        decomposition = {"mode": "vertical-equivalent"}
+        if len(groups) >= 2 and cfg.mosaic.decompose_up_east:
+            stacks: dict[str, list] = {"los": [], "std": [], "e": [], "n": [], "u": []}
+            for orbit, members in sorted(groups.items()):
+                los_das = [_frame_da(frames[k], los_adj[k], "los") for k in members]
+                lstd = [_frame_da(frames[k], vstds[k] * np.asarray(frames[k]["los_u"].values, np.float64), "los_std")
+                        for k in members]
+                m = merge_frames(los_das, lstd, grid, feather_km=cfg.mosaic.feather_km, tile_size=cfg.mosaic.tile_size)
+                stacks["los"].append(np.asarray(backend.to_numpy(m.value), np.float64))
+                stacks["std"].append(np.asarray(backend.to_numpy(m.std), np.float64))
+                for comp, var in (("e", "los_e"), ("n", "los_n"), ("u", "los_u")):
+                    # unit vectors merged with the LOS weights (and its valid mask), so that the merged LOS is
+                    # exactly the merged unit vector times the motion
+                    comp_das = [_frame_da(frames[k], np.where(np.isfinite(los_adj[k]),
+                                                              np.asarray(frames[k][var].values, np.float64), np.nan),
+                                          var) for k in members]
+                    cm = merge_frames(comp_das, lstd, grid, feather_km=cfg.mosaic.feather_km,
+                                      tile_size=cfg.mosaic.tile_size)
+                    stacks[comp].append(np.asarray(backend.to_numpy(cm.value), np.float64))
+            # north from the GNSS horizontal field, on the grid
+            vn_grid = np.full(grid.shape, np.nan)
+            sn_grid = np.full(grid.shape, np.nan)
+            for k, fr in enumerate(frames):
+                vn_k = resample_to_grid(_frame_da(fr, hfields[k]["vn"].values, "vn"), grid).values
+                sn_k = resample_to_grid(_frame_da(fr, hfields[k]["sn"].values, "sn"), grid, kind="std").values
+                fill = ~np.isfinite(vn_grid) & np.isfinite(vn_k)
+                vn_grid[fill], sn_grid[fill] = vn_k[fill], sn_k[fill]
+            ue = decompose_up_east(np.stack(stacks["los"]), np.stack(stacks["std"]), np.stack(stacks["e"]),
+                                   np.stack(stacks["n"]), np.stack(stacks["u"]), np.nan_to_num(vn_grid),
+                                   np.nan_to_num(sn_grid))
+            up = np.asarray(backend.to_numpy(ue.up), np.float64)
+            use = np.asarray(backend.to_numpy(ue.method)) == 2
+            vertical = np.where(use, up, vertical)
+            vertical_std = np.where(use, np.asarray(backend.to_numpy(ue.up_std), np.float64), vertical_std)
+            east = np.where(use, np.asarray(backend.to_numpy(ue.east), np.float64), np.nan)
+            east_std = np.where(use, np.asarray(backend.to_numpy(ue.east_std), np.float64), np.nan)
+            decomposition = {"mode": "up+east where ascending and descending overlap, vertical-equivalent elsewhere",
+                             "up_east_pixels": int(use.sum()), "n_ill_conditioned": int(ue.n_ill_conditioned)}
+
+    # baseline in the same run
+    with stage("baseline", log):
+        tables = [None if a is None else _residual_xy_table(a) for a in adjustments]
+
+        def vert_of(i, corr):
+            raw = np.asarray(backend.to_numpy(frames[i]["los_velocity"].data), np.float64) - corr
+            return frame_vertical_equivalent(frames[i], raw, np.full(raw.shape, 2.0), hfields[i])[0]
+
+        baseline = plane_average_baseline(frames, tables, vert_of, grid)
+
+    # 6. analysis and validation ------------------------------------------------------------------------------
+    ys, xs = grid.coords()
+
+    def grid_da(values, name, units="mm/yr"):
+        da = xr.DataArray(np.asarray(values, np.float32), dims=("y", "x"), coords={"y": ys, "x": xs}, name=name,
+                          attrs={"units": units})
+        return da.rio.write_crs(grid.crs).rio.write_transform(grid.transform)
+
+    v_da = grid_da(vertical, "vertical_velocity")
+    with stage("analysis", log):
+        summary: dict[str, Any] = subsidence_summary(v_da, threshold_mm_yr=cfg.analysis.subsidence_threshold_mm_yr,
+                                                     stations=stations)
+        summary["mode"] = "horizontal_only" if horizontal_only else "3d_gnss"
+        summary["horizontal_field"] = field_info
+        summary["decomposition"] = decomposition
+        summary["frames"] = {}
+        for k, fr in enumerate(frames):
+            rep = _frame_summary(adjustments[k].report) if adjustments[k] is not None else {
+                "selected_model": None, "note": "no usable GNSS station: held by the network adjustment only"}
+            rep["network_held_by"] = net.held_by[k]
+            rep["network_params"] = net.params[k].tolist()
+            rep["orbit"] = fr.attrs.get("orbit")
+            summary["frames"][ids[k]] = rep
+        summary["network"] = net.summary()
+        if holdout_itrf is not None:
+            vu_ok = np.isfinite(holdout_itrf["vu"].to_numpy(float))
+            summary["validation"] = validate_against_gnss(v_da, holdout_itrf[vu_ok])
+            summary["baseline"] = {"method": "weighted plane per frame + plain average",
+                                   "validation": validate_against_gnss(grid_da(baseline, "baseline"),
+                                                                       holdout_itrf[vu_ok])}
+
+    # 7. products ---------------------------------------------------------------------------------------------
+    with stage("write products", log):
+        write_cog(v_da, out / "vertical_velocity.tif")
+        write_cog(grid_da(vertical_std, "vertical_velocity_std"), out / "vertical_velocity_std.tif")
+        if np.isfinite(east).any():
+            write_cog(grid_da(east, "east_velocity"), out / "east_velocity.tif")
+            write_cog(grid_da(east_std, "east_velocity_std"), out / "east_velocity_std.tif")
+        (out / "frames").mkdir(exist_ok=True)
+        for k, fr in enumerate(frames):
+            write_cog(_frame_da(fr, final_corr[k], "correction"), out / "frames" / f"{ids[k]}.correction.tif")
+            write_cog(_frame_da(fr, los_adj[k], "los_adjusted"), out / "frames" / f"{ids[k]}.los_adjusted.tif")
+    return RunResult(summary=summary, out_dir=out, vertical_velocity=v_da,
+                     vertical_velocity_std=grid_da(vertical_std, "vertical_velocity_std"),
+                     east_velocity=grid_da(east, "east_velocity"), frames=ids)
+
+
+def _frame_summary(report: dict) -> dict:
+    """A frame's adjustment report with the summary.json keys in front (the full report is kept under them)."""
+    cands = report.get("candidates") or {}
+    chosen = report.get("chosen")
+    cv = cands.get(chosen, {}) if isinstance(cands, dict) else {}
+    training = report.get("training") or {}
+    holdout = report.get("holdout") or {}
+    out = {"selected_model": chosen, "selection_reason": report.get("reason"),
+           "cv_rmse_mm_yr": cv.get("rmse") if isinstance(cv, dict) else None,
+           "n_gnss": report.get("n_stations_used"),
+           "rmse_before_mm_yr": training.get("rmse_before"), "rmse_after_mm_yr": training.get("rmse_after"),
+           "holdout_rmse_before_mm_yr": holdout.get("rmse_before"),
+           "holdout_rmse_after_mm_yr": holdout.get("rmse_after"),
+           "flagged_stations": [f.get("station") for f in report.get("flagged") or []]}
+    out.update(report)
+    return out
+
+
+def _residual_xy_table(adj):
+    """Station residual table of a frame adjustment with columns x_km, y_km, residual, sigma (used stations)."""
+    tab = adj.residuals
+    if tab is None or len(tab) == 0:
+        return None
+    t = tab
+    if "used" in t.columns:
+        t = t[t["used"].astype(bool)]
+    cols = {c: c for c in ("x_km", "y_km", "residual", "sigma")}
+    missing = [c for c in cols if c not in t.columns]
+    if missing:
+        return None
+    return t[list(cols)]
