@@ -69,6 +69,16 @@ class MosaicConfig(_Section):
     tile_size: int = Field(4096, ge=64, description="Mosaic tile size in pixels (bounds memory on large grids).")
 
 
+class TimeSeriesConfig(_Section):
+    enabled: bool = Field(True, description="Process displacement time series (cum.h5 / timeseries.h5) when frames "
+                                            "carry them.")
+    epoch_ramps: bool = Field(True, description="Remove a per-epoch plane fitted on far-field pixels after the "
+                                                "velocity correction.")
+    far_field_max_rate_mm_yr: float = Field(5.0, gt=0, description="Pixels whose adjusted vertical-equivalent rate is "
+                                                                   "within ± this value are far field (ramp fit).")
+    chunk_pixels: int = Field(262144, ge=1024, description="Pixels per block of the per-pixel temporal fits.")
+
+
 class AnalysisConfig(_Section):
     subsidence_threshold_mm_yr: float = Field(
         20.0, gt=0, description="Subsidence rate (positive, mm/yr) above which a pixel counts as subsiding.")
@@ -97,6 +107,7 @@ class GiaConfig(_Section):
     network: NetworkConfig = Field(default_factory=NetworkConfig, description="Network adjustment over overlaps and "
                                                                               "GNSS ties.")
     mosaic: MosaicConfig = Field(default_factory=MosaicConfig, description="Target grid and merge.")
+    timeseries: TimeSeriesConfig = Field(default_factory=TimeSeriesConfig, description="Displacement time series.")
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig, description="Subsidence and groundwater "
                                                                                  "analysis.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Products written.")

@@ -52,6 +52,7 @@ class RunResult:
     vertical_velocity: Any = None
     vertical_velocity_std: Any = None
     east_velocity: Any = None
+    cumulative: Any = None
     frames: list = field(default_factory=list)
 
 
@@ -271,7 +272,7 @@ def run(frames_dir: str | os.PathLike, gnss: str | os.PathLike | None, out_dir: 
             from .report import write_report
 
             with stage("report", log):
-                write_report(out, summary, vertical_velocity=result.vertical_velocity,
+                write_report(out, summary, vertical_velocity=result.vertical_velocity, cumulative=result.cumulative,
                              east_velocity=result.east_velocity if result.east_velocity is not None and
                              bool(np.isfinite(result.east_velocity.values).any()) else None)
         write_json(out / MANIFEST, {"fingerprint": fingerprint, "version": __version__, "status": "complete",
@@ -525,6 +526,11 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         return da.rio.write_crs(grid.crs).rio.write_transform(grid.transform)
 
     v_da = grid_da(vertical, "vertical_velocity")
+    ts = None
+    cube_paths = [_find_cube(f) for f in folders]
+    if cfg.timeseries.enabled and any(p is not None for p in cube_paths):
+        with stage("time series", log):
+            ts = timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg)
     with stage("analysis", log):
         summary: dict[str, Any] = subsidence_summary(v_da, threshold_mm_yr=cfg.analysis.subsidence_threshold_mm_yr,
                                                      stations=stations)
@@ -540,6 +546,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             rep["orbit"] = fr.attrs.get("orbit")
             summary["frames"][ids[k]] = rep
         summary["network"] = net.summary()
+        if ts is not None:
+            summary.update(ts["summary"])
         if holdout_itrf is not None:
             vu_ok = np.isfinite(holdout_itrf["vu"].to_numpy(float))
             summary["validation"] = validate_against_gnss(v_da, holdout_itrf[vu_ok])
@@ -558,7 +566,14 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         for k, fr in enumerate(frames):
             write_cog(_frame_da(fr, final_corr[k], "correction"), out / "frames" / f"{ids[k]}.correction.tif")
             write_cog(_frame_da(fr, los_adj[k], "los_adjusted"), out / "frames" / f"{ids[k]}.los_adjusted.tif")
-    return RunResult(summary=summary, out_dir=out, vertical_velocity=v_da,
+        if ts is not None:
+            from .io.write import write_netcdf
+
+            write_netcdf(ts["cube"].to_dataset(name="vertical_displacement"), out / "vertical_displacement.nc")
+            write_netcdf(ts["annual"], out / "annual_vertical_velocity.nc")
+            write_cog(ts["cumulative"], out / "cumulative_vertical_displacement.tif")
+    return RunResult(summary=summary, out_dir=out, vertical_velocity=v_da, cumulative=None if ts is None else
+                     ts["cumulative"],
                      vertical_velocity_std=grid_da(vertical_std, "vertical_velocity_std"),
                      east_velocity=grid_da(east, "east_velocity"), frames=ids)
 
@@ -579,6 +594,100 @@ def _frame_summary(report: dict) -> dict:
            "flagged_stations": [f.get("station") for f in report.get("flagged") or []]}
     out.update(report)
     return out
+
+
+def _find_cube(folder: Path) -> Path | None:
+    """The displacement cube of a frame folder (LiCSBAS cum.h5 or MintPy timeseries.h5), if any."""
+    for name in ("cum.h5", "cum_filt.h5", "timeseries.h5", "geo_timeseries.h5"):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: GiaConfig) -> dict:
+    """Adjust every frame's displacement cube, mosaic it per epoch in vertical, and derive the time-series figures.
+
+    Per frame: the LOS velocity correction (per-frame model + network, mm/yr) is applied as a term linear in
+    time referenced to the first epoch; optionally a per-epoch plane fitted on far-field pixels (|vertical rate|
+    below ``far_field_max_rate_mm_yr``) is removed; the horizontal motion (GNSS field, linear in time) is removed
+    and the result divided by the up component. Epochs of all frames are brought to one time axis (the first
+    frame's dates within the common span, linear interpolation in time), resampled to the target grid and merged
+    by inverse-variance weights (the frames' vertical-equivalent velocity sigmas).
+    """
+    import xarray as xr
+
+    from .analysis.groundwater import groundwater_loss
+    from .analysis.subsidence import annual_subsidence
+    from .errors import TimeSeriesError
+    from .io.timeseries import open_cube
+    from .mosaic import merge_frames
+    from .timeseries import (apply_velocity_correction, cumulative_displacement, fit_annual_velocities,
+                             remove_epoch_ramps)
+
+    cubes = {}
+    for k, p in enumerate(cube_paths):
+        if p is None:
+            continue
+        cube = open_cube(p)
+        fr = frames[k]
+        if cube.sizes["y"] != fr.sizes["y"] or cube.sizes["x"] != fr.sizes["x"] or not (
+                np.allclose(cube["x"].values, fr["x"].values, atol=1e-6) and
+                np.allclose(cube["y"].values, fr["y"].values, atol=1e-6)):
+            raise TimeSeriesError("The displacement cube is not on the grid of its frame's velocity.", file=p,
+                                  field="grid", fix="resample the cube (or the velocity) so both share one grid")
+        cubes[k] = cube
+    starts = max(c["time"].values[0] for c in cubes.values())
+    ends = min(c["time"].values[-1] for c in cubes.values())
+    if starts >= ends:
+        raise TimeSeriesError("The frames' time series do not overlap in time.", field="time",
+                              fix="give cubes covering a common period")
+    first = cubes[min(cubes)]
+    times = first["time"].values[(first["time"].values >= starts) & (first["time"].values <= ends)]
+    vert_cubes, weights = [], []
+    for k, cube in cubes.items():
+        fr = frames[k]
+        corr = xr.DataArray(np.asarray(final_corr[k], np.float32), dims=("y", "x"),
+                            coords={"y": cube["y"], "x": cube["x"]})
+        c = apply_velocity_correction(cube, corr)
+        if cfg.timeseries.epoch_ramps:
+            far = np.isfinite(verts[k]) & (np.abs(verts[k]) < cfg.timeseries.far_field_max_rate_mm_yr)
+            if far.sum() >= 50:
+                c = remove_epoch_ramps(c, far, order=1)
+        e, n, u = (np.asarray(fr[v].values, np.float64) for v in ("los_e", "los_n", "los_u"))
+        h_rate = e * hfields[k]["ve"].values + n * hfields[k]["vn"].values  # mm/yr, LOS of horizontal motion
+        t_yr = (c["time"].values - c["time"].values[0]) / np.timedelta64(1, "D") / 365.25
+        c = c.interp(time=times) if not np.array_equal(c["time"].values, times) else c
+        t_yr = (times - cube["time"].values[0]) / np.timedelta64(1, "D") / 365.25
+        data = np.asarray(c.values, np.float64)
+        vert = (data - h_rate[None] * t_yr[:, None, None]) / u[None]
+        vert = vert - vert[:1]  # referenced to the first common epoch
+        vert_cubes.append((k, vert))
+        weights.append(k)
+    # mosaic epoch by epoch (host memory: one epoch of every frame at a time)
+    merged = np.full((times.size, *grid.shape), np.nan, np.float32)
+    for t in range(times.size):
+        das = [_frame_da(frames[k], v[t], "d") for k, v in vert_cubes]
+        stds = [_frame_da(frames[k], np.where(np.isfinite(v[t]), 1.0, np.nan), "d_std") for k, v in vert_cubes]
+        m = merge_frames(das, stds, grid, feather_km=cfg.mosaic.feather_km, tile_size=cfg.mosaic.tile_size)
+        merged[t] = np.asarray(m.value, np.float32)
+    ys, xs = grid.coords()
+    cube_v = xr.DataArray(merged, dims=("time", "y", "x"), coords={"time": times, "y": ys, "x": xs},
+                          name="vertical_displacement", attrs={"units": "mm", "positive": "up"})
+    cube_v = cube_v.rio.write_crs(grid.crs)
+    annual = fit_annual_velocities(cube_v, chunk_pixels=cfg.timeseries.chunk_pixels)
+    annual_da = annual["annual_velocity"].rio.write_crs(grid.crs)
+    ann = annual_subsidence(annual_da, threshold_mm_yr=cfg.analysis.subsidence_threshold_mm_yr)
+    cum = cumulative_displacement(cube_v, times[0], times[-1])
+    cum = cum.rio.write_crs(grid.crs) if hasattr(cum, "rio") else cum
+    gw = groundwater_loss(cube_v, split_dates=(str(cfg.analysis.groundwater_split_date),),
+                          inelastic_fraction=cfg.analysis.inelastic_fraction)
+    summary = {"annual_mean_subsidence_rate_mm_yr": ann.get("annual_mean_subsidence_rate_mm_yr"),
+               "peak_year": ann.get("peak_year"), "annual": ann,
+               "max_cumulative_subsidence_mm": float(-np.nanmin(np.asarray(cum.values, np.float64))),
+               "timeseries_period": [str(np.datetime_as_string(times[0], "D")),
+                                     str(np.datetime_as_string(times[-1], "D"))],
+               "groundwater": gw}
+    return {"summary": summary, "cube": cube_v, "annual": annual, "cumulative": cum.rename("cumulative")}
 
 
 def _residual_xy_table(adj):
