@@ -676,7 +676,9 @@ def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: 
     cube_v = cube_v.rio.write_crs(grid.crs)
     annual = fit_annual_velocities(cube_v, chunk_pixels=cfg.timeseries.chunk_pixels)
     annual_da = annual["annual_velocity"].rio.write_crs(grid.crs)
-    ann = annual_subsidence(annual_da, threshold_mm_yr=cfg.analysis.subsidence_threshold_mm_yr)
+    # partial first/last years (under half a year of data) are too noisy for the annual statistics
+    ann = annual_subsidence(annual_da, threshold_mm_yr=cfg.analysis.subsidence_threshold_mm_yr,
+                            min_year_fraction=0.5)
     cum = cumulative_displacement(cube_v, times[0], times[-1])
     cum = cum.rio.write_crs(grid.crs) if hasattr(cum, "rio") else cum
     gw = groundwater_loss(cube_v, split_dates=(str(cfg.analysis.groundwater_split_date),),

@@ -209,7 +209,8 @@ def subsidence_summary(vertical_velocity, *, threshold_mm_yr: float = 20.0, stat
 
 
 def annual_subsidence(annual_velocity, *, threshold_mm_yr: float = 20.0, crs=None, easing_years: int = 3,
-                      easing_min_slope_mm_yr2: float = 0.5, min_year_fraction: float = 0.0) -> dict:
+                      easing_min_slope_mm_yr2: float = 0.5, min_year_fraction: float = 0.0,
+                      region: str = "per_year") -> dict:
     """Year-by-year subsidence statistics from annual vertical velocity grids, the peak year and the trend.
 
     Parameters
@@ -228,10 +229,13 @@ def annual_subsidence(annual_velocity, *, threshold_mm_yr: float = 20.0, crs=Non
         Years whose ``year_start``/``year_end`` coordinates cover less than this fraction of the calendar year
         are left out (partial first/last years are noisier).
 
-    The annual mean subsidence rate is area-weighted over one fixed region for all years — the pixels beyond
-    the threshold in at least one year — so that years are comparable (a per-year region would shrink as
-    subsidence eases and bias the trend). Per-year area, maximum and volume rate beyond the threshold are
-    reported too.
+    region
+        ``"per_year"`` (default): the annual mean subsidence rate of a year is area-weighted over the pixels
+        beyond the threshold *in that year* — the statistic published for the North China Plain (mean rate of
+        the area sinking faster than 20 mm/yr, per year). ``"fixed"``: over one region for all years, the pixels
+        beyond the threshold in at least one year, so that years compare like with like (but noisy pixels that
+        cross the threshold once pull every year's mean toward zero). Per-year area, maximum and volume rate
+        beyond the threshold are reported either way.
 
     Returns
     -------
@@ -254,11 +258,13 @@ def annual_subsidence(annual_velocity, *, threshold_mm_yr: float = 20.0, crs=Non
     y, x = np.asarray(av["y"].values, float), np.asarray(av["x"].values, float)
     rate = -np.asarray(to_numpy(av.data), dtype=np.float64)
     area = cell_area_m2(y, x, crs)
-    region = np.any(np.isfinite(rate) & (rate >= thr), axis=0)
+    if region not in ("per_year", "fixed"):
+        raise InputError(f"Unknown region {region!r}.", field="region", fix="use 'per_year' or 'fixed'")
+    fixed_region = np.any(np.isfinite(rate) & (rate >= thr), axis=0)
     means, areas, maxima, vols = {}, {}, {}, {}
     for k, year in enumerate(years):
         r = rate[k]
-        ok = region & np.isfinite(r)
+        ok = (fixed_region if region == "fixed" else (r >= thr)) & np.isfinite(r)
         a = float(np.sum(area[ok]))
         means[year] = float(np.sum(r[ok] * area[ok]) / a) if a > 0 else float("nan")
         s = _stats(r, area, thr)

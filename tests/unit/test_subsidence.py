@@ -101,8 +101,14 @@ def test_annual_subsidence_peak_year_and_easing(peaks, peak_year, easing):
     years = list(range(2018, 2023))
     cube = np.stack([_bowl(p, y, x) for p in peaks])
     da = xr.DataArray(cube, dims=("year", "y", "x"), coords={"year": years, "y": y, "x": x})
-    out = annual_subsidence(da, threshold_mm_yr=20.0)
+    out = annual_subsidence(da, threshold_mm_yr=20.0, region="fixed")
     assert out["peak_year"] == peak_year and out["easing"] is easing
+    # per-year region (the default): mean of a Gaussian bowl of peak p over the disc where it exceeds 20 mm/yr
+    per_year = annual_subsidence(da, threshold_mm_yr=20.0)
+    for yr, p in zip(years, peaks):
+        expect = (p - 20) / math.log(p / 20)
+        assert abs(per_year["annual_mean_subsidence_rate_mm_yr"][yr] - expect) / expect < 0.01
+    assert per_year["peak_year"] == peak_year
     # fixed region = disc where the largest bowl (100 mm/yr) exceeds 20 mm/yr; mean of the Gaussian over it
     r2 = 2 * SIGMA_M**2 * math.log(100 / 20)
     g_mean = 2 * SIGMA_M**2 * (1 - 20 / 100) / r2
