@@ -82,8 +82,19 @@ def input_checksums(paths: list[Path]) -> dict[str, str]:
 
 
 def _prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> None:
-    """Refuse an output folder holding another run's products unless ``overwrite``."""
+    """Refuse an output folder holding another run's products unless ``overwrite``; clear stale temporaries.
+
+    Products are written under hidden temporary names and renamed into place, so an interrupted run can
+    leave only such temporaries behind (never a product that looks whole); they are removed here.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    for stale in list(out.rglob(".*.tmp")):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     manifest = out / MANIFEST
     if manifest.exists():
         try:
@@ -261,7 +272,8 @@ def run(frames_dir: str | os.PathLike, gnss: str | os.PathLike | None, out_dir: 
 
         write_json(out / MANIFEST, {"fingerprint": fingerprint, "version": __version__, "status": "running",
                                     "inputs": checksums, "config": cfg.model_dump(mode="json")})
-        result = _run_stages(frames_dir, gnss, holdout, horizontal_grids, horizontal_grids_frame, out, cfg)
+        result = _run_stages(frames_dir, gnss, holdout, horizontal_grids, horizontal_grids_frame, out, cfg,
+                             checksums)
         summary = result.summary
         summary["provenance"] = {"version": __version__, "backend": backend_name, "config": cfg.model_dump(mode="json"),
                                  "inputs_sha256": checksums, "fingerprint": fingerprint,
@@ -312,7 +324,65 @@ def _pseudo_stations_from_grids(grids, frames, spacing_deg: float = 0.1):
     return df
 
 
-def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_frame, out: Path, cfg: GiaConfig):
+def _frame_key(folder: Path, checksums: dict[str, str], cfg: GiaConfig) -> str:
+    """Cache key of a frame's adjustment: its own files, every non-frame input (GNSS, holdout, grids), config."""
+    prefix = str(Path(folder))
+    own = {k: v for k, v in checksums.items() if k.startswith(prefix + os.sep)}
+    frames_root = str(Path(folder).parent) + os.sep
+    others = {k: v for k, v in checksums.items() if not k.startswith(frames_root)}
+    blob = json.dumps({"frame": own, "others": others, "gnss": cfg.gnss.model_dump(mode="json"),
+                       "version": __version__}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class _CachedAdjustment:
+    """A per-frame adjustment read back from the run's work folder (what the later stages use of it)."""
+
+    def __init__(self, correction, correction_std, los_adjusted, report, residuals):
+        self.correction, self.correction_std, self.los_adjusted = correction, correction_std, los_adjusted
+        self.report, self.residuals, self.model = report, residuals, None
+
+
+def _save_adjustment(work: Path, fid: str, key: str, adj) -> None:
+    """Write one frame's adjustment atomically (NetCDF + JSON); the JSON, written last, marks it complete."""
+    import xarray as xr
+
+    from .io.write import write_json, write_netcdf
+
+    ds = xr.Dataset({"correction": adj.correction.astype("float32"),
+                     "correction_std": adj.correction_std.astype("float32"),
+                     "los_adjusted": adj.los_adjusted.astype("float32")})
+    for v in ds.data_vars:
+        ds[v].data = backend.to_numpy(ds[v].data)
+    write_netcdf(ds, work / f"{fid}.adjust.nc", compress=False)
+    res = adj.residuals
+    write_json(work / f"{fid}.adjust.json", {"key": key, "report": adj.report,
+                                             "residuals": None if res is None else
+                                             json.loads(res.to_json(orient="split"))})
+
+
+def _load_adjustment(work: Path, fid: str, key: str):
+    import pandas as pd
+    import xarray as xr
+
+    meta_path, nc_path = work / f"{fid}.adjust.json", work / f"{fid}.adjust.nc"
+    if not (meta_path.is_file() and nc_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("key") != key:
+        return None
+    with xr.open_dataset(nc_path) as ds:
+        ds = ds.load()
+    res = meta.get("residuals")
+    residuals = None if res is None else pd.DataFrame(res["data"], index=res["index"], columns=res["columns"])
+    return _CachedAdjustment(ds["correction"], ds["correction_std"], ds["los_adjusted"], meta["report"], residuals)
+
+
+def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_frame, out: Path, cfg: GiaConfig,
+                checksums: dict[str, str] | None = None):
     import xarray as xr
 
     from .adjust.frame import AdjustConfig, adjust_frame
@@ -366,12 +436,27 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
     adj_cfg = AdjustConfig(use_horizontal_only=horizontal_only)
     adjustments = []
     with stage("per-frame adjustment", log):
-        for fr in progress(frames, "adjusting frames"):
+        work = out / "work"
+        work.mkdir(exist_ok=True)
+        n_cached = 0
+        for folder, fr in progress(list(zip(folders, frames)), "adjusting frames"):
+            fid = fr.attrs["frame_id"]
+            key = _frame_key(folder, checksums or {}, cfg)
+            cached = _load_adjustment(work, fid, key)
+            if cached is not None:  # finished in an earlier, interrupted run with the same inputs
+                adjustments.append(cached)
+                n_cached += 1
+                continue
             try:
-                adjustments.append(adjust_frame(fr, stations_itrf, adj_cfg, holdout=holdout_itrf))
+                adj = adjust_frame(fr, stations_itrf, adj_cfg, holdout=holdout_itrf)
             except AdjustmentError as exc:
-                log.warning("frame %s: %s — left to the network adjustment", fr.attrs["frame_id"], exc.message)
+                log.warning("frame %s: %s — left to the network adjustment", fid, exc.message)
                 adjustments.append(None)
+                continue
+            _save_adjustment(work, fid, key, adj)
+            adjustments.append(adj)
+        if n_cached:
+            log.info("resumed: %d of %d frame adjustments reused from %s", n_cached, len(frames), work)
 
     # vertical-equivalent velocity of every adjusted frame
     verts, vstds, los_adj, corr_std = [], [], [], []
