@@ -141,6 +141,14 @@ def frame_vertical_equivalent(frame, los, los_std, hfield):
     return np.asarray(res.vu, np.float64), np.asarray(res.vu_std, np.float64)
 
 
+def _apply_mask(frame):
+    """Blank pixels the processor flagged as unusable (``mask`` False): unwrapping errors and decorrelated pixels
+    carry errors of tens of mm/yr and must enter neither the fits, the overlaps, the ties nor the mosaic."""
+    if "mask" in frame:
+        frame["los_velocity"] = frame["los_velocity"].where(frame["mask"].astype(bool))
+    return frame
+
+
 def _frame_da(frame, values, name, units="mm/yr"):
     import xarray as xr
 
@@ -401,7 +409,7 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         if not folders:
             raise InputError("No frame folders found.", file=frames_dir, field="--frames",
                              fix="give a folder holding one sub-folder per frame (LiCSAR/LiCSBAS or MintPy)")
-        frames = [open_frame(f) for f in progress(folders, "reading frames")]
+        frames = [_apply_mask(open_frame(f)) for f in progress(folders, "reading frames")]
         ids = [f.attrs["frame_id"] for f in frames]
         grids = None
         if horizontal_grids is not None:
@@ -469,7 +477,9 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             cs = np.asarray(backend.to_numpy(adj.correction_std.data), np.float64)
         ls = (np.asarray(backend.to_numpy(fr["los_std"].data), np.float64) if "los_std" in fr
               else np.full(la.shape, 2.0))
-        std = np.sqrt(np.square(np.where(np.isfinite(ls), ls, 2.0)) + np.square(np.nan_to_num(cs)))
+        # a product sigma of 0 (or missing) is not credible: floor it at 0.1 mm/yr
+        std = np.sqrt(np.square(np.where(np.isfinite(ls) & (ls > 0.1), ls, np.where(np.isfinite(ls), 0.1, 2.0)))
+                      + np.square(np.nan_to_num(cs)))
         v, s = frame_vertical_equivalent(fr, la, std, hf)
         verts.append(v), vstds.append(s), los_adj.append(la), corr_std.append(cs)
 
@@ -518,11 +528,21 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             ties.append(GnssTies(k, xs, ys, val[ok] - vu[ok], np.nan_to_num(su[ok], nan=3.0) + 0.5,
                                  st["station"].to_numpy()[ok].tolist()))
         nc = cfg.network
+        prior = np.full(len(frames), nc.prior_sigma_mm_yr)
+        if nc.prior_from_cv:
+            for k, adj in enumerate(adjustments):
+                if adj is None:
+                    continue
+                cands = adj.report.get("candidates") or {}
+                cv = (cands.get(adj.report.get("chosen")) or {}).get("rmse")
+                if cv is not None and np.isfinite(cv):
+                    # the frame's correction is uncertain to about its CV RMSE, in vertical (÷ u ≈ 0.78)
+                    prior[k] = max(float(cv) / 0.78, 0.5)
         if not nc.enabled:
             net = NetworkSolution.zeros(len(frames), nc.order)
         else:
             net = solve_network(len(frames), overlaps, ties, order=nc.order, correlation_km=nc.correlation_km,
-                                sigma_floor_mm_yr=nc.sigma_floor_mm_yr, prior_sigma_mm_yr=nc.prior_sigma_mm_yr,
+                                sigma_floor_mm_yr=nc.sigma_floor_mm_yr, prior_sigma_mm_yr=prior,
                                 huber_k=nc.huber_k)
 
     # apply the network corrections: vertical-equivalent and LOS (LOS correction = u × vertical correction)

@@ -220,12 +220,12 @@ def _select_plausible(scores, X, y, w, frame, origin, cfg) -> tuple[str | None, 
 # --------------------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------------------
-def _stations_in_frame(stations: pd.DataFrame, frame) -> pd.DataFrame:
+def _stations_in_frame(stations: pd.DataFrame, frame, horizontal_only: bool = False) -> pd.DataFrame:
     if "gnss_los" in stations.columns:
         return stations
     from ..geodesy.gnss_los import gnss_in_frame
 
-    return gnss_in_frame(stations, frame)
+    return gnss_in_frame(stations, frame, vertical="horizontal_only" if horizontal_only else "require")
 
 
 def _rms(a) -> float | None:
@@ -282,7 +282,7 @@ def adjust_frame(frame: xr.Dataset, stations: pd.DataFrame, config: AdjustConfig
     cfg = AdjustConfig() if config is None else (AdjustConfig(**config) if isinstance(config, dict) else config)
     fid = str(frame.attrs.get("frame_id", "frame"))
     origin = frame_origin(frame)
-    table_in = _stations_in_frame(stations, frame)
+    table_in = _stations_in_frame(stations, frame, cfg.use_horizontal_only)
     res, dropped = station_residuals(frame, table_in, window_m=cfg.window_m,
                                      min_valid_fraction=cfg.min_valid_fraction,
                                      use_horizontal_only=cfg.use_horizontal_only, origin=origin)
@@ -376,7 +376,8 @@ def adjust_frame(frame: xr.Dataset, stations: pd.DataFrame, config: AdjustConfig
                 "weighted_rmse_after": round(weighted_rmse(yk - fitted[keep], wk), 4)}
     hold = None
     if holdout is not None:
-        hres, hdrop = station_residuals(frame, _stations_in_frame(holdout, frame), window_m=cfg.window_m,
+        hres, hdrop = station_residuals(frame, _stations_in_frame(holdout, frame, cfg.use_horizontal_only),
+                                        window_m=cfg.window_m,
                                         min_valid_fraction=cfg.min_valid_fraction,
                                         use_horizontal_only=cfg.use_horizontal_only, origin=origin)
         hres = hres[np.all(np.isfinite(hres[list(model.required_features)].to_numpy(dtype=float)), axis=1)]

@@ -159,7 +159,8 @@ def gnss_in_frame(stations, frame, *, plate: str | None = None, model: str = "IT
     no_vertical = list(sub["station"].to_numpy()[horizontal_only])
     if vertical == "require" and no_vertical:
         log.warning("%d stations inside %s have no vertical velocity and are left out (vertical='require'): %s",
-                    len(no_vertical), frame.attrs.get("frame_id", "the frame"), ", ".join(map(str, no_vertical)))
+                    len(no_vertical), frame.attrs.get("frame_id", "the frame"),
+                    ", ".join(map(str, no_vertical[:10])) + (", ..." if len(no_vertical) > 10 else ""))
         keep = ~horizontal_only
         rec = [r for r, k in zip(rec, keep) if k]
         sub, vu, horizontal_only = sub[keep], vu[keep], horizontal_only[keep]
