@@ -517,7 +517,10 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                 continue
             val = _sample_at_stations(fr, verts[k], st)
             vu = st["vu"].to_numpy(float) if not horizontal_only else np.zeros(len(st))
-            su = st["su"].to_numpy(float) if not horizontal_only else np.full(len(st), 3.0)
+            # horizontal-only: the ties only state "no long-wavelength vertical motion"; dense pseudo-stations
+            # sampled from a field are not independent observations, so they tie loosely and let the overlaps
+            # decide the relative corrections
+            su = st["su"].to_numpy(float) if not horizontal_only else np.full(len(st), 10.0)
             flagged = set()
             if adjustments[k] is not None:
                 flagged = {f["station"] for f in adjustments[k].report.get("flagged", []) or []}
