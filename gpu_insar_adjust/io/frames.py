@@ -319,16 +319,36 @@ def mintpy_attrs(h5) -> dict[str, str]:
     return {k: _attr_str(v) for k, v in h5.attrs.items()}
 
 
+def _attr_float(attrs: dict[str, str], key: str, *, file=None, positive: bool = False) -> float:
+    """A numeric MintPy attribute, or a FrameError naming it (never a bare ValueError)."""
+    try:
+        value = float(attrs[key])
+    except (TypeError, ValueError) as exc:
+        raise FrameError(f"MintPy attribute {key}={attrs[key]!r} is not a number.", file=file, field=key,
+                         fix="repair the attribute (MintPy's info.py shows them) or re-export the file") from exc
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise FrameError(f"MintPy attribute {key}={attrs[key]!r} is not a {'positive ' if positive else ''}finite "
+                         "number.", file=file, field=key, fix="repair the attribute or re-export the file")
+    return value
+
+
 def mintpy_crs(attrs: dict[str, str], *, file=None):
     """pyproj CRS of a geocoded MintPy file (``EPSG``, ``UTM_ZONE`` or ``X_UNIT`` = degrees)."""
     import pyproj
 
-    if attrs.get("EPSG"):
-        return pyproj.CRS.from_epsg(int(float(attrs["EPSG"])))
-    zone = attrs.get("UTM_ZONE", "").strip()
-    if zone:
-        num, hemi = int(zone[:-1]), zone[-1].upper()
-        return pyproj.CRS.from_epsg((32600 if hemi == "N" else 32700) + num)
+    try:
+        if attrs.get("EPSG"):
+            return pyproj.CRS.from_epsg(int(_attr_float(attrs, "EPSG", file=file)))
+        zone = attrs.get("UTM_ZONE", "").strip()
+        if zone:
+            num, hemi = int(zone[:-1]), zone[-1].upper()
+            if not 1 <= num <= 60 or hemi not in "NS":
+                raise ValueError(zone)
+            return pyproj.CRS.from_epsg((32600 if hemi == "N" else 32700) + num)
+    except (ValueError, pyproj.exceptions.CRSError) as exc:
+        key = "EPSG" if attrs.get("EPSG") else "UTM_ZONE"
+        raise FrameError(f"MintPy attribute {key}={attrs.get(key)!r} is not a CRS PROJ knows.", file=file, field=key,
+                         fix="give a valid EPSG code (e.g. 4326) or UTM zone (e.g. 50N)") from exc
     if attrs.get("X_UNIT", "degrees").lower().startswith("deg"):
         return pyproj.CRS.from_epsg(4326)
     raise FrameError("Cannot tell the CRS of the MintPy file (no EPSG, UTM_ZONE, or X_UNIT=degrees attribute).",
@@ -345,11 +365,15 @@ def mintpy_grid(attrs: dict[str, str], shape: tuple[int, int], *, file=None):
         raise FrameError(f"MintPy file is not geocoded (attributes {', '.join(missing)} missing).", file=file,
                          field=missing[0], fix="geocode it first, e.g. geocode.py velocity.h5 -l geometryRadar.h5")
     for key, size in (("LENGTH", shape[-2]), ("WIDTH", shape[-1])):
-        if key in attrs and int(float(attrs[key])) != size:
+        if key in attrs and _attr_float(attrs, key, file=file) != size:
             raise FrameError(f"Attribute {key}={attrs[key]} does not match the data shape {shape}.", file=file,
                              field=key, fix="the file is inconsistent; re-export it with MintPy")
-    transform = Affine(float(attrs["X_STEP"]), 0.0, float(attrs["X_FIRST"]),
-                       0.0, float(attrs["Y_STEP"]), float(attrs["Y_FIRST"]))
+    x_step, y_step = _attr_float(attrs, "X_STEP", file=file), _attr_float(attrs, "Y_STEP", file=file)
+    if x_step == 0 or y_step == 0:
+        raise FrameError("MintPy pixel spacing X_STEP/Y_STEP is zero.", file=file, field="X_STEP" if x_step == 0
+                         else "Y_STEP", fix="repair the attribute or re-export the file")
+    transform = Affine(x_step, 0.0, _attr_float(attrs, "X_FIRST", file=file),
+                       0.0, y_step, _attr_float(attrs, "Y_FIRST", file=file))
     return transform, mintpy_crs(attrs, file=file)
 
 
@@ -361,19 +385,26 @@ def _find_mintpy_geometry(folder: Path) -> Path | None:
     return None
 
 
-def _mintpy_incidence(attrs: dict[str, str]) -> tuple[float, str]:
+def _mintpy_incidence(attrs: dict[str, str], file=None) -> tuple[float, str]:
     for key in ("CENTER_INCIDENCE_ANGLE", "INCIDENCE_ANGLE", "incidenceAngle"):
         if key in attrs:
-            return float(attrs[key]), f"attribute {key}"
+            return _attr_float(attrs, key, file=file), f"attribute {key}"
     need = ("STARTING_RANGE", "RANGE_PIXEL_SIZE", "WIDTH", "EARTH_RADIUS", "HEIGHT")
     if all(k in attrs for k in need):
         # Spherical-earth law of cosines at near and far range, averaged (MintPy utils.incidence_angle).
-        r, h = float(attrs["EARTH_RADIUS"]), float(attrs["HEIGHT"])
-        near = float(attrs["STARTING_RANGE"])
-        far = near + float(attrs["RANGE_PIXEL_SIZE"]) * int(float(attrs["WIDTH"]))
+        r = _attr_float(attrs, "EARTH_RADIUS", file=file, positive=True)
+        h = _attr_float(attrs, "HEIGHT", file=file, positive=True)
+        near = _attr_float(attrs, "STARTING_RANGE", file=file, positive=True)
+        far = near + _attr_float(attrs, "RANGE_PIXEL_SIZE", file=file) * _attr_float(attrs, "WIDTH", file=file)
 
         def inc(rng):
-            return 180.0 - math.degrees(math.acos((r * r + rng * rng - (r + h) ** 2) / (2.0 * r * rng)))
+            c = (r * r + rng * rng - (r + h) ** 2) / (2.0 * r * rng)
+            if not -1.0 <= c <= 1.0:
+                raise FrameError("The slant-range attributes describe an impossible geometry (no incidence angle "
+                                 "fits them).", file=file, field="STARTING_RANGE",
+                                 fix="check STARTING_RANGE, RANGE_PIXEL_SIZE, EARTH_RADIUS and HEIGHT, or add "
+                                     "CENTER_INCIDENCE_ANGLE")
+            return 180.0 - math.degrees(math.acos(c))
 
         return 0.5 * (inc(near) + inc(far)), "slant-range geometry attributes (MintPy's centre incidence)"
     return DEFAULT_INCIDENCE_DEG, f"the default {DEFAULT_INCIDENCE_DEG:g}° (no incidence information)"
@@ -446,11 +477,11 @@ def _read_mintpy(folder: Path, vel_file: Path | None):
             raise FrameError("No LOS geometry: no geometryGeo.h5 next to the velocity and no HEADING attribute.",
                              file=vel_path, field="geometryGeo.h5",
                              fix="put MintPy's geometryGeo.h5 (incidenceAngle, azimuthAngle) next to velocity.h5")
-        heading = float(attrs["HEADING"])
+        heading = _attr_float(attrs, "HEADING", file=vel_path)
         if attrs.get("ANTENNA_SIDE", "-1").strip() == "1":
             # Left-looking: the look direction is heading - 90° = (heading + 180°) + 90°.
             heading += 180.0
-        incidence, how = _mintpy_incidence(attrs)
+        incidence, how = _mintpy_incidence(attrs, file=vel_path)
         msg = (f"{vel_path}: no geometry file, so one LOS unit vector is used for the whole frame, from "
                f"HEADING={heading:.3f}° and incidence {incidence:.2f}° ({how}); put geometryGeo.h5 next to "
                f"the velocity for per-pixel geometry.")

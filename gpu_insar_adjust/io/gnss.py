@@ -440,6 +440,9 @@ def _read_neu(p: Path) -> pd.DataFrame:
     text = "".join(header)
     rows, lines = _parse_table(p, 9, (9,), None)
     v = _floats(rows, lines, list(range(9)), p)
+    if np.any((v[:, 1] < 1900) | (v[:, 1] > 2200)):
+        raise GnssError("Year outside 1900-2200.", file=p, field="yr",
+                        fix="give an unmodified SOPAC .neu file (dec_yr yr doy n e u sig_n sig_e sig_u, in m)")
     year, doy = v[:, 1].astype(int), v[:, 2].astype(int)
     if np.any((doy < 1) | (doy > 366)):
         raise GnssError("Day-of-year outside 1..366.", file=p, field="doy",
@@ -568,6 +571,8 @@ def _reml_white_flicker(Ab, rb, counts, G):
         try:
             L, r, s2 = parts(phi)
         except np.linalg.LinAlgError:
+            return np.inf
+        if not s2 > 0:  # residuals vanish (e.g. a constant component): this noise mix is not identifiable
             return np.inf
         return ((nb - npar) * math.log(s2) + 2.0 * np.sum(np.log(np.diag(L)))
                 + 2.0 * np.sum(np.log(np.abs(np.diag(r)))))

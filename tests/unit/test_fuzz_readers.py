@@ -3,8 +3,8 @@
 Every reader is fed random bytes, truncated files, empty files, non-finite and huge values. The contract: a
 reader returns, or raises a :class:`gpu_insar_adjust.errors.GiaError` (never a bare ValueError, OSError, ...);
 it finishes within the hypothesis deadline; its traced Python/NumPy allocations stay far below
-:data:`PEAK_LIMIT` for these tiny inputs. Known reader bugs are pinned by ``xfail(strict=True)`` cases at the
-end of the file, each with the input that triggers it.
+:data:`PEAK_LIMIT` for these tiny inputs. The smallest inputs that once broke that contract are kept as regular
+cases at the end of the file.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import pytest
 import rasterio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pyproj.exceptions import CRSError
 from rasterio.transform import from_origin
 
 from gpu_insar_adjust.errors import GiaError
@@ -317,8 +316,7 @@ def test_tenv3_random_numbers(reader, values):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Known reader bugs: a non-GiaError escapes. Each case is the smallest input found; strict xfail so that a fix
-# turns the case into an XPASS failure and the mark gets removed.
+# Inputs that once let a non-GiaError escape (found by the property tests above); each is now a GiaError.
 # --------------------------------------------------------------------------------------------------------------
 def _raises_only_gia(fn, *args):
     with warnings.catch_warnings():
@@ -329,30 +327,14 @@ def _raises_only_gia(fn, *args):
             pass
 
 
-_BUG = "reader bug: {} escapes from {}"
-
-
-def _bug(exc: type, where: str):
-    """Strict xfail for a reader bug: exactly ``exc`` (not some other failure) escapes at ``where``."""
-    return pytest.mark.xfail(strict=True, raises=exc, reason=_BUG.format(exc.__name__, where))
-
-
 @pytest.mark.parametrize("attrs", [
-    pytest.param({"WIDTH": "abc"}, marks=_bug(ValueError, "frames.mintpy_grid int(float(attrs['WIDTH']))")),
-    pytest.param({"WIDTH": "nan"}, marks=_bug(ValueError, "frames.mintpy_grid int(float('nan'))")),
-    pytest.param({"LENGTH": "inf"}, marks=_bug(OverflowError, "frames.mintpy_grid int(float('inf'))")),
-    pytest.param({"X_FIRST": "abc"}, marks=_bug(ValueError, "frames.mintpy_grid float(attrs['X_FIRST'])")),
-    pytest.param({"HEADING": "abc"}, marks=_bug(ValueError, "frames._read_mintpy float(attrs['HEADING'])")),
-    pytest.param({"EPSG": "999999"}, marks=_bug(CRSError, "frames.mintpy_crs CRS.from_epsg")),
-    pytest.param({"UTM_ZONE": "ZZ"}, marks=_bug(ValueError, "frames.mintpy_crs int(zone[:-1])")),
-    pytest.param({"CENTER_INCIDENCE_ANGLE": "abc"},
-                 marks=_bug(ValueError, "frames._mintpy_incidence float(attrs[key])")),
-    pytest.param({"CENTER_INCIDENCE_ANGLE": None, "STARTING_RANGE": "1e9", "RANGE_PIXEL_SIZE": "1",
-                  "EARTH_RADIUS": "6.4e6", "HEIGHT": "7e5"},
-                 marks=_bug(ValueError, "frames._mintpy_incidence math.acos of a value outside [-1, 1]")),
+    {"WIDTH": "abc"}, {"WIDTH": "nan"}, {"LENGTH": "inf"}, {"X_FIRST": "abc"}, {"HEADING": "abc"},
+    {"EPSG": "999999"}, {"UTM_ZONE": "ZZ"}, {"CENTER_INCIDENCE_ANGLE": "abc"},
+    {"CENTER_INCIDENCE_ANGLE": None, "STARTING_RANGE": "1e9", "RANGE_PIXEL_SIZE": "1", "EARTH_RADIUS": "6.4e6",
+     "HEIGHT": "7e5"},
     pytest.param({"UNIT": "mm/yr"}, id="control-valid"),
 ])
-def test_known_mintpy_attribute_bugs(attrs):
+def test_bad_mintpy_attributes_give_gia_errors(attrs):
     attrs = dict(attrs)
     d = _mintpy_frame({k: v for k, v in attrs.items() if v is not None})
     if attrs.get("CENTER_INCIDENCE_ANGLE", "") is None:
@@ -370,11 +352,9 @@ def _neu_series(last_year: float) -> bytes:
     return (_NEU_HEADER + "\n".join(rows) + "\n").encode()
 
 
-@_bug(ValueError, "gnss._reml_white_flicker objective: math.log(s2) with s2 == 0 (math domain error)")
-def test_known_bug_neu_fit_log_of_zero_variance():
+def test_neu_with_a_constant_component_and_a_far_epoch():
     _raises_only_gia(read_gnss, _gnss_file(_neu_series(3000.0), suffix=".neu"))
 
 
-@_bug(ValueError, "gnss._read_neu pd.to_datetime(year, format='%Y') for a 5-digit year")
-def test_known_bug_neu_five_digit_year():
+def test_neu_five_digit_year_is_a_gnss_error():
     _raises_only_gia(read_position_series, _gnss_file(_neu_series(20000.0), suffix=".neu"))
