@@ -111,6 +111,8 @@ def _build_app():
         config: Optional[Path] = typer.Option(None, "--config", help="TOML configuration (gia config --default)."),
         backend: Optional[str] = typer.Option(None, "--backend", help="auto | numpy | cupy (overrides config)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace another run's products in --out."),
+        check: bool = typer.Option(False, "--check", help="Only check every input (no compute) and list all "
+                                                          "problems; exit 2 if any is an error."),
     ) -> None:
         """Adjust every frame to GNSS, merge them by network least squares, mosaic, and analyse."""
         from .config import load_config
@@ -118,10 +120,23 @@ def _build_app():
 
         cfg = load_config(config, {"backend": backend, "gnss.reference_frame": gnss_frame, "gnss.plate": plate})
         _logging(cfg.log_level)
+        if check:
+            raise typer.Exit(_check(frames, gnss, holdout, cfg.gnss.reference_frame, as_json=False))
         res = run(frames, gnss, out, holdout=holdout, config=cfg,
                   horizontal_grids=tuple(horizontal_grids) if horizontal_grids else None,
                   horizontal_grids_frame=grids_frame, overwrite=overwrite)
         _print_headline(res.summary)
+
+    @app.command("check")
+    def check_cmd(
+        frames: Path = typer.Option(..., "--frames", help="Folder with one sub-folder per frame."),
+        gnss: Optional[Path] = typer.Option(None, "--gnss", help="GNSS velocity file."),
+        holdout: Optional[Path] = typer.Option(None, "--holdout", help="Held-out GNSS file."),
+        gnss_frame: str = typer.Option("ITRF2014", "--gnss-frame", help="Reference frame of the GNSS file."),
+        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    ) -> None:
+        """Check every input before any compute and list all problems at once (same as `gia run --check`)."""
+        raise typer.Exit(_check(frames, gnss, holdout, gnss_frame, as_json=as_json))
 
     @app.command("demo")
     def demo_cmd(
@@ -183,6 +198,22 @@ def _build_app():
         typer.echo(str(rewrite_report(out)))
 
     return app
+
+
+def _check(frames, gnss, holdout, reference_frame: str, *, as_json: bool) -> int:
+    """Run the input checks, print the table (or JSON), and return the exit code (2 when errors were found)."""
+    from .checks import check_inputs
+
+    report = check_inputs(frames, gnss, holdout, reference_frame=reference_frame)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        from rich.console import Console
+
+        Console().print(report.to_table())
+        n_err, n_warn = len(report.errors), len(report.warnings)
+        print(f"{n_err} error(s), {n_warn} warning(s)" + ("" if report.ok else " — fix the errors above first"))
+    return 0 if report.ok else 2
 
 
 def _logging(level: str = "INFO") -> None:

@@ -39,18 +39,21 @@ class GnssConfig(_Section):
 class NetworkConfig(_Section):
     enabled: bool = Field(True, description="Run the network adjustment over overlaps and GNSS ties after the "
                                             "per-frame adjustment.")
-    order: Literal[0, 1, 2] = Field(1, description="Per-frame network correction: 0 offset, 1 offset + ramp, 2 "
+    order: Literal[0, 1, 2] = Field(2, description="Per-frame network correction: 0 offset, 1 offset + ramp, 2 "
                                                    "quadratic.")
     pairs: Literal["same-orbit", "all"] = Field(
         "same-orbit", description="Overlaps tied in the network: 'same-orbit' (ascending with ascending, descending "
                                   "with descending) or 'all' (also ascending with descending, where unmodelled "
                                   "horizontal motion, e.g. around subsidence bowls, enters the comparison).")
-    correlation_km: float = Field(10.0, gt=0, description="Correlation length of overlap differences (km): sets how "
+    correlation_km: float = Field(50.0, gt=0, description="Correlation length of overlap differences (km): sets how "
                                                           "many independent observations an overlap is worth.")
     sigma_floor_mm_yr: float = Field(1.0, ge=0, description="Added in quadrature to every observation sigma "
                                                             "(mm/yr).")
-    prior_sigma_mm_yr: float = Field(20.0, gt=0, description="Weak prior on every correction parameter (mm/yr); "
-                                                             "decides only frames with no GNSS-tied neighbour.")
+    prior_sigma_mm_yr: float = Field(20.0, gt=0, description="Prior sigma of the correction parameters (mm/yr) of "
+                                                             "frames without a per-frame GNSS fit.")
+    prior_from_cv: bool = Field(True, description="Use each frame's cross-validated RMSE of its GNSS fit as the prior "
+                                                  "sigma of its correction: well-fitted frames stay put, poorly "
+                                                  "fitted ones are corrected by their overlaps.")
     huber_k: float = Field(1.5, gt=0, description="Huber threshold of the robust reweighting, in robust sigmas.")
     max_samples_per_overlap: int = Field(1500, ge=10, description="Overlap pixels sampled per frame pair.")
     min_overlap_pixels: int = Field(10, ge=1, description="Pairs sharing fewer valid pixels are not tied.")
