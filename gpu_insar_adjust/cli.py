@@ -258,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
 
     app = _build_app()
     try:
-        app(args=argv, prog_name="gia", standalone_mode=False)
+        rv = app(args=argv, prog_name="gia", standalone_mode=False)
+        if isinstance(rv, int) and not isinstance(rv, bool):  # typer.Exit(code) comes back as the return value
+            return rv
     except GiaError as exc:
         if _DEBUG:
             import traceback
