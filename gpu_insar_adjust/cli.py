@@ -144,6 +144,9 @@ def _build_app():
         resolution: float = typer.Option(0.02, "--resolution", help="Scenario pixel spacing in degrees."),
         keep: Optional[Path] = typer.Option(None, "--keep", help="Keep the scenario and products in this folder "
                                                                  "(default: a temporary folder, removed)."),
+        timeseries: bool = typer.Option(False, "--timeseries", help="Include displacement time series: annual "
+                                                                    "rates, cumulative subsidence, groundwater."),
+        epoch_days: int = typer.Option(36, "--epoch-days", help="Days between epochs of the demo time series."),
     ) -> None:
         """Synthesise the embedded scenario, run the whole pipeline on it and validate against its truth."""
         import shutil
@@ -156,7 +159,8 @@ def _build_app():
         _logging()
         root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="gia-demo-"))
         try:
-            p = make_scenario(root / "scenario", seed=seed, resolution=resolution)
+            p = make_scenario(root / "scenario", seed=seed, resolution=resolution, timeseries=timeseries,
+                              epoch_days=epoch_days)
             res = run(p.frames_dir, p.gnss_csv, root / "out", holdout=p.holdout_csv, overwrite=True)
             val = validate_run(root / "out", truth=p.truth_dir, holdout=p.holdout_csv)
             _print_headline(res.summary, val)
@@ -242,6 +246,14 @@ def _print_headline(summary: dict, validation: dict | None = None) -> None:
     base = ((summary.get("baseline") or {}).get("validation") or {}).get("overall")
     if base:
         lines.append(f"baseline (plane per frame + averaging): RMSE {f(base.get('rmse'), '{:.2f}')} mm/yr")
+    if summary.get("annual_mean_subsidence_rate_mm_yr"):
+        rates = ", ".join(f"{y}: {v:.1f}" for y, v in summary["annual_mean_subsidence_rate_mm_yr"].items())
+        lines.append(f"annual mean subsidence rate (mm/yr): {rates}; peak year {summary.get('peak_year')}")
+        lines.append(f"max cumulative subsidence: {f(summary.get('max_cumulative_subsidence_mm'), '{:.0f}')} mm")
+    gw = summary.get("groundwater") or {}
+    if gw.get("total_loss_m3") is not None:
+        per = "; ".join(f"{p['start']}..{p['end']}: {p['loss_m3'] / 1e9:.2f}" for p in gw.get("periods", []))
+        lines.append(f"groundwater storage loss: {gw['total_loss_m3'] / 1e9:.2f} billion m³ ({per})")
     if validation and validation.get("truth"):
         t = validation["truth"]
         lines.append(f"against the truth grid: RMSE {f(t.get('rmse'), '{:.2f}')} mm/yr; subsidence area "
