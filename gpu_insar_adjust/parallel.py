@@ -15,6 +15,7 @@ This is the only module that imports Dask; it is imported lazily.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -71,13 +72,34 @@ def get_client(scheduler: str | None = None, *, n_workers: int | None = None, th
     return client
 
 
+class _GiaFailure:
+    """A task's GiaError, returned rather than raised so that Dask does not retry it (bad input stays bad)."""
+
+    def __init__(self, error: GiaError):
+        self.error = error
+
+
+def _run_keeping_gia_errors(func: Callable[..., Any], item: Any, **kwargs) -> Any:
+    try:
+        return func(item, **kwargs)
+    except GiaError as exc:
+        return _GiaFailure(exc)
+
+
 def map_frames(func: Callable[..., Any], items: Sequence[Any], *, client=None, retries: int = 2,
                on_result: Callable[[int, Any], None] | None = None, **kwargs) -> list[Any]:
     """Run ``func(item, **kwargs)`` for every item; results in the order of ``items``.
 
     Without a client the items run in this process (the reference). With one, each item is a task; tasks lost
-    with a worker are retried up to ``retries`` times on the others. ``on_result(index, result)`` is called in
-    this process as each task finishes (e.g. to write that frame's products atomically).
+    with a worker are rescheduled on the others, and a task that raises is retried up to ``retries`` times —
+    except for a :class:`~gpu_insar_adjust.errors.GiaError` (bad input is not retried). ``on_result(index,
+    result)`` is called in this process as each task finishes (e.g. to write that frame's products atomically),
+    exactly once per item.
+
+    All tasks are drained before an error is raised, so every frame that finished has had its ``on_result``.
+    Then a frame that raised a :class:`~gpu_insar_adjust.errors.GiaError` re-raises it (the lowest item index
+    first); any other failure (an exception after ``retries`` retries, or a worker killed too often while running
+    the task) raises :class:`SchedulerError` naming the failed items.
     """
     if client is None:
         out = []
@@ -89,29 +111,57 @@ def map_frames(func: Callable[..., Any], items: Sequence[Any], *, client=None, r
         return out
     from distributed import as_completed
 
-    futures = [client.submit(func, item, retries=retries, pure=False, **kwargs) for item in items]
+    name = getattr(func, "__name__", "frame")
+    run_id = uuid.uuid4().hex[:12]
+    # Unique, readable keys ("<func>-<index>-<run>"): a rerun never reuses a cached result of an earlier one.
+    futures = [client.submit(_run_keeping_gia_errors, func, item, key=f"{name}-{k}-{run_id}", retries=retries,
+                             **kwargs) for k, item in enumerate(items)]
     index = {f.key: k for k, f in enumerate(futures)}
     results: list[Any] = [None] * len(items)
     errors: list[tuple[int, BaseException]] = []
-    for fut in as_completed(futures):
-        k = index[fut.key]
-        try:
-            res = fut.result()
-        except GiaError:
-            raise
-        except Exception as exc:  # a task that failed for good (after retries)
-            errors.append((k, exc))
-            continue
-        results[k] = res
-        if on_result is not None:
-            on_result(k, res)
+    done: set[int] = set()
+    try:
+        # Drain every task before raising, so that one failed frame never costs the finished ones their
+        # on_result (their products are persisted; a rerun redoes only what failed).
+        for fut in as_completed(futures):
+            k = index[fut.key]
+            if k in done:  # defensive: a recomputed future is reported once only
+                continue
+            done.add(k)
+            try:
+                res = fut.result()
+            except Exception as exc:  # failed for good (retries used up), or its worker died too often
+                errors.append((k, exc))
+                continue
+            if isinstance(res, _GiaFailure):
+                errors.append((k, res.error))
+                continue
+            results[k] = res
+            if on_result is not None:
+                on_result(k, res)
+    finally:
+        # On an interrupt or an on_result error, do not leave tasks running on the cluster.
+        pending = [f for f in futures if not f.done()]
+        if pending:
+            client.cancel(pending)
     if errors:
+        errors.sort(key=lambda e: e[0])
+        gia = [e for e in errors if isinstance(e[1], GiaError)]
+        if gia:  # a user-fixable problem of one frame: show it as it is
+            raise gia[0][1]
         k, exc = errors[0]
-        raise SchedulerError(f"{len(errors)} of {len(items)} frame task(s) failed on the Dask cluster; first: item "
-                             f"{k}: {type(exc).__name__}: {exc}.", field="workers",
-                             fix="finished frames were kept; rerun the same command to redo only the failed ones") \
-            from exc
+        failed = ", ".join(str(i) for i, _ in errors[:10]) + (", ..." if len(errors) > 10 else "")
+        raise SchedulerError(f"{len(errors)} of {len(items)} frame task(s) failed on the Dask cluster (item(s) "
+                             f"{failed}); first: item {k} ({_short(items[k])}): {type(exc).__name__}: {exc}.",
+                             field="workers",
+                             fix="finished frames were kept; rerun the same command to redo only the failed "
+                                 "ones") from exc
     return results
+
+
+def _short(obj: Any, limit: int = 80) -> str:
+    text = repr(obj)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def map_blocks_pixels(func: Callable, cube, *, chunk_pixels: tuple[int, int] = (256, 256), n_out: int,

@@ -7,6 +7,12 @@ the new one renamed in, and only then the old one deleted.
 
 Rasters are written as float32 with NaN as nodata; the CRS travels as GeoTIFF keys (COG) or as a CF
 ``grid_mapping`` variable (``spatial_ref``, written by rioxarray) in NetCDF and Zarr.
+
+Every raster product passes a finite-or-NaN guard before it reaches the file: NaN means "no data" and is
+fine, but +/-inf (or a dtype a product cannot have, such as complex) is the trace of an upstream numerical
+failure and raises :class:`~gpu_insar_adjust.errors.OutputError` naming the file and the variable. NumPy data
+are checked up front; Dask data are checked block by block *as they are written* (one pass, nothing computed
+twice), and the atomic temporary output is removed when a block fails.
 """
 
 from __future__ import annotations
@@ -142,6 +148,91 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2, overwrite:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Finite-or-NaN guard
+# --------------------------------------------------------------------------------------------------------------
+_INF_FIX = ("this indicates an upstream numerical failure (e.g. a division by a zero up-component or an "
+            "unguarded solve); report it with the command and inputs that produced it. Do not replace inf by "
+            "NaN to get the file written: the affected pixels are wrong, not missing")
+
+
+def _inf_error(path: Path, variable: str, n_inf: int, n_total: int, *, where: str = "",
+               note: str = "") -> OutputError:
+    return OutputError(f"Refusing to write {variable!r}: {n_inf} of {n_total} value(s){where} are +/-inf{note} "
+                       f"(NaN, meaning no data, would be accepted).", file=path, field=variable, fix=_INF_FIX)
+
+
+def _check_block(block, path: str, variable: str, note: str = "", block_info=None):
+    """Dask block function: pass ``block`` through unchanged, or raise if it holds +/-inf."""
+    bad = np.isinf(block)
+    if bad.any():
+        where = ""
+        if block_info and 0 in block_info:
+            where = f" in the block at {tuple(lo for lo, _ in block_info[0]['array-location'])}"
+        raise _inf_error(Path(path), variable, int(bad.sum()), int(block.size), where=where, note=note)
+    return block
+
+
+def _guard_array(data, path: Path, variable: str, *, note: str = ""):
+    """Return ``data`` (NumPy or Dask) ready to write, or raise :class:`OutputError` if it holds +/-inf.
+
+    NumPy arrays are checked at once. Dask arrays get a pass-through check fused into each block, so the inf
+    test runs while the writer computes the blocks (the data are computed once); a failing block aborts the
+    write and :func:`atomic_output` removes the partial temporary output.
+    """
+    dtype = np.dtype(data.dtype)
+    if dtype.kind not in "fc":
+        return data  # bool / int / dates / strings cannot hold inf
+    try:
+        import dask.array as dask_array
+    except ImportError:  # pragma: no cover - dask is an optional dependency
+        dask_array = None
+    if dask_array is not None and isinstance(data, dask_array.Array):
+        return data.map_blocks(_check_block, os.fspath(path), variable, note, dtype=dtype, meta=data._meta)
+    arr = np.asarray(data)
+    bad = np.isinf(arr)
+    if bad.any():
+        raise _inf_error(path, variable, int(bad.sum()), int(arr.size), note=note)
+    return data
+
+
+def _guard_dtype(dtype, path: Path, variable: str, *, raster: bool) -> None:
+    """Reject dtypes a product cannot have: complex (and, for a float32 raster, anything non-numeric)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "c":
+        raise OutputError(f"Refusing to write {variable!r}: it has complex dtype {dtype}, which no product of "
+                          f"this package has.", file=path, field=variable,
+                          fix="write the real part, the amplitude or the phase (e.g. np.angle) as a float array; "
+                              "if a solver returned complex values, that is an upstream numerical failure: "
+                              "report it")
+    if raster and dtype.kind not in "biuf":
+        raise OutputError(f"Refusing to write {variable!r} as a float32 raster: it has dtype {dtype}.", file=path,
+                          field=variable, fix="pass a numeric (float, integer or boolean) array")
+
+
+def _guard_dataset(ds, path: Path):
+    """Check every variable of ``ds`` (data and coordinates) and return ``ds`` with Dask data wrapped in the
+    per-block check."""
+    for name in list(ds.variables):
+        var = ds.variables[name]
+        _guard_dtype(var.dtype, path, str(name), raster=False)
+        if var.dtype.kind == "O" and not var.chunks:
+            # An object array of numbers (not strings) is a dtype surprise: the writer would store text.
+            vals = np.asarray(var.values).ravel()
+            if any(not isinstance(v, (str, bytes)) for v in vals):
+                raise OutputError(f"Refusing to write {str(name)!r}: it has object dtype holding non-text values.",
+                                  file=path, field=str(name),
+                                  fix="convert it to a numeric array first (e.g. .astype('float32'))")
+        if var.dtype.kind in "fc":
+            guarded = _guard_array(var.data, path, str(name))
+            if guarded is not var.data:
+                if name in ds.coords:
+                    ds = ds.assign_coords({name: var.copy(data=guarded)})
+                else:
+                    ds[name] = var.copy(data=guarded)
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Cloud-Optimized GeoTIFF
 # --------------------------------------------------------------------------------------------------------------
 def _require_crs(obj, path: Path, what: str):
@@ -161,6 +252,9 @@ def write_cog(dataarray, path: str | os.PathLike, *, blocksize: int = 512, compr
     Boolean arrays (masks) are written as 0/1 with nearest-neighbour overviews; other data use ``average``
     overviews (NaN-aware) unless ``resampling`` says otherwise. Attributes ``units``/``long_name`` become GDAL
     metadata. Returns the path.
+
+    Raises :class:`OutputError` (and writes nothing) if the array holds +/-inf — also after the conversion to
+    float32, which turns values beyond +/-3.4e38 into inf — or has a non-numeric dtype.
     """
     import rioxarray  # noqa: F401
 
@@ -170,9 +264,14 @@ def write_cog(dataarray, path: str | os.PathLike, *, blocksize: int = 512, compr
                           file=final, field="dataarray",
                           fix="select one epoch/variable first (e.g. .isel(time=0))")
     _require_crs(dataarray, final, "array")
+    variable = str(dataarray.name) if dataarray.name is not None else "data"
+    _guard_dtype(dataarray.dtype, final, variable, raster=True)
     t0 = time.perf_counter()
     is_bool = dataarray.dtype == bool
-    da = dataarray.astype(np.float32)
+    with np.errstate(over="ignore"):  # an overflow to inf is reported by the guard below, with the file
+        da = dataarray.astype(np.float32)
+    note = "" if dataarray.dtype in (np.float32, bool) else f" after conversion from {dataarray.dtype} to float32"
+    da = da.copy(data=_guard_array(da.data, final, variable, note=note))
     da = da.rio.write_nodata(np.nan, encoded=False)
     attrs = {k: str(v) for k, v in dataarray.attrs.items()
              if k in ("units", "long_name", "standard_name", "description", "frame_id")}
@@ -251,9 +350,10 @@ def _float_encoding(ds, extra: dict | None = None) -> dict:
 def write_netcdf(obj, path: str | os.PathLike, *, compress: bool = True, overwrite: bool = True) -> Path:
     """Write a Dataset/DataArray (frame, cube, product) to NetCDF-4, atomically; CF attributes, CRS as the
     ``spatial_ref`` grid mapping, NaN fill value for floats, zlib compression. Dask-backed data are written
-    chunk by chunk. Returns the path."""
+    chunk by chunk. Raises :class:`OutputError` (and leaves no file) if a variable holds +/-inf or is complex.
+    Returns the path."""
     final = Path(path)
-    ds = _as_dataset(obj, final)
+    ds = _guard_dataset(_as_dataset(obj, final), final)
     t0 = time.perf_counter()
     encoding = _float_encoding(ds, {"zlib": True, "complevel": 4} if compress else None)
     with atomic_output(final, overwrite=overwrite) as tmp:
@@ -266,9 +366,10 @@ def write_zarr(obj, path: str | os.PathLike, *, overwrite: bool = True, zarr_for
     """Write a Dataset/DataArray to a Zarr store (a folder), atomically; CF attributes, CRS as the
     ``spatial_ref`` grid mapping, NaN fill value for floats, consolidated metadata. Dask chunks are kept (each
     Dask chunk becomes whole Zarr chunks). ``zarr_format`` 2 (default) is read by every Zarr/xarray/GDAL
-    version; pass 3 for the newer format. Returns the path."""
+    version; pass 3 for the newer format. Raises :class:`OutputError` (and leaves no store) if a variable holds
+    +/-inf or is complex. Returns the path."""
     final = Path(path)
-    ds = _as_dataset(obj, final)
+    ds = _guard_dataset(_as_dataset(obj, final), final)
     t0 = time.perf_counter()
     encoding = _float_encoding(ds)
     with atomic_output(final, overwrite=overwrite) as tmp:

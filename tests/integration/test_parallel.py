@@ -9,6 +9,8 @@ da = pytest.importorskip("dask.array")
 from gpu_insar_adjust import errors, linalg  # noqa: E402
 from gpu_insar_adjust.parallel import SchedulerError, get_client, map_blocks_pixels, map_frames  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a 1 GB cube through 400 MiB workers takes about a minute on 2 cores
+
 
 def _frame_job(seed: int) -> dict:
     """A stand-in per-frame task: fit a plane to noisy data with the package solver."""

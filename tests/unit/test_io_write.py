@@ -140,3 +140,113 @@ def test_text_and_json(tmp_path):
     with pytest.raises(OutputError):
         atomic_write_text(tmp_path / "a.txt", "again", overwrite=False)
     assert _leftovers(tmp_path) == [] and write_mod.atomic_output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finite-or-NaN guard: +/-inf never reaches a file
+# ----------------------------------------------------------------------------------------------------------------
+def _with_value(obj: xr.DataArray, index, value, *, dask: bool):
+    arr = obj.load().copy(deep=True)
+    arr[index] = value
+    return arr.chunk(obj.chunksizes or {d: 25 for d in obj.dims}) if dask else arr
+
+
+_WRITERS = {
+    "cog": (write_cog, "vel.tif", lambda: _frame_like(60, 70), (45, 66)),
+    "netcdf": (write_netcdf, "cube.nc", _cube, (3, 29, 39)),  # in the last Dask block
+    "zarr": (write_zarr, "cube.zarr", _cube, (3, 29, 39)),
+}
+
+
+@pytest.mark.parametrize("dask", [False, True], ids=["numpy", "dask"])
+@pytest.mark.parametrize("kind", list(_WRITERS))
+@pytest.mark.parametrize("bad", [np.inf, -np.inf])
+def test_inf_rejected_and_previous_output_kept(tmp_path, kind, dask, bad):
+    writer, name, make, index = _WRITERS[kind]
+    target = tmp_path / name
+    good = make()
+    writer(good, target)  # a previous, valid product
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(OutputError) as exc:
+        writer(_with_value(good, index, bad, dask=dask), target)
+    err = exc.value
+    assert err.file == str(target) and err.field == good.name
+    assert "inf" in err.message and "upstream numerical failure" in err.fix
+    assert str(target) in str(err) and good.name in str(err)
+    assert _leftovers(tmp_path) == []  # no temporary file or store
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    # ...and the previous product is intact, value for value
+    if kind == "cog":
+        with rasterio.open(target) as src:
+            np.testing.assert_array_equal(src.read(1), good.values)
+    else:
+        opener = xr.open_zarr if kind == "zarr" else xr.open_dataset
+        with opener(target) as back:
+            np.testing.assert_array_equal(back[good.name].values, good.values)
+
+
+@pytest.mark.parametrize("kind", list(_WRITERS))
+def test_inf_rejected_leaves_nothing_when_no_previous_output(tmp_path, kind):
+    writer, name, make, index = _WRITERS[kind]
+    with pytest.raises(OutputError, match="inf"):
+        writer(_with_value(make(), index, np.inf, dask=True), tmp_path / name)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", list(_WRITERS))
+def test_nan_accepted_exactly(tmp_path, kind):
+    writer, name, make, _ = _WRITERS[kind]
+    good = make().load()
+    good[..., :5, :] = np.nan  # whole blocks of no data, NaN everywhere in a row band
+    good = good.chunk(good.chunksizes) if kind != "cog" else good
+    writer(good, tmp_path / name)
+    if kind == "cog":
+        with rasterio.open(tmp_path / name) as src:
+            got = src.read(1)
+    else:
+        opener = xr.open_zarr if kind == "zarr" else xr.open_dataset
+        with opener(tmp_path / name) as back:
+            got = back[good.name].values
+    np.testing.assert_array_equal(got, good.values)  # NaN pattern and values exact
+    assert np.isnan(got).sum() == np.isnan(good.values).sum() > 0
+
+
+def test_dask_guard_computes_each_block_once(tmp_path):
+    """The inf check is fused into the write: every source block is computed exactly once."""
+    import dask.array as dsa
+
+    calls = []
+
+    def source(block_info=None):
+        calls.append(block_info[None]["chunk-location"])
+        return np.full(block_info[None]["chunk-shape"], 1.5, np.float32)
+
+    data = dsa.map_blocks(source, chunks=((2, 2), (15, 15), (20, 20)), dtype=np.float32,
+                          meta=np.empty((0, 0, 0), np.float32))
+    cube = _cube().copy(data=data)
+    write_netcdf(cube, tmp_path / "c.nc", compress=False)
+    assert sorted(calls) == sorted({(t, y, x) for t in range(2) for y in range(2) for x in range(2)})
+    with xr.open_dataset(tmp_path / "c.nc") as back:
+        assert float(back["displacement"].sum()) == 1.5 * cube.size
+
+
+def test_cog_float32_overflow_and_dtype_surprises(tmp_path):
+    wide = _frame_like(40, 40).astype(np.float64)
+    wide[5, 5] = 1e39  # finite in float64, inf once stored as float32
+    with pytest.raises(OutputError, match="after conversion from float64 to float32"):
+        write_cog(wide, tmp_path / "v.tif")
+    cplx = _frame_like(40, 40).astype(np.complex64)
+    with pytest.raises(OutputError, match="complex") as exc:
+        write_cog(cplx, tmp_path / "v.tif")
+    assert exc.value.field == "los_velocity"
+    with pytest.raises(OutputError, match="complex"):
+        write_netcdf(_cube().astype(np.complex64), tmp_path / "c.nc")
+    obj = _cube().load().astype(object)
+    with pytest.raises(OutputError, match="object dtype"):
+        write_zarr(obj, tmp_path / "c.zarr")
+    assert os.listdir(tmp_path) == []
+    # integer and boolean products are fine (no inf possible) and round-trip exactly
+    counts = (_frame_like(40, 40).fillna(0) > 0).astype(np.int16).rename("n_frames")
+    write_netcdf(counts, tmp_path / "n.nc")
+    with xr.open_dataset(tmp_path / "n.nc") as back:
+        np.testing.assert_array_equal(back["n_frames"].values, counts.values)
