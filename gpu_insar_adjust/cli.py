@@ -113,12 +113,17 @@ def _build_app():
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace another run's products in --out."),
         check: bool = typer.Option(False, "--check", help="Only check every input (no compute) and list all "
                                                           "problems; exit 2 if any is an error."),
+        workers: Optional[int] = typer.Option(None, "--workers", help="Adjust frames on a local Dask cluster with "
+                                                                      "this many workers."),
+        scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Adjust frames on an existing Dask "
+                                                                          "scheduler (tcp://HOST:PORT)."),
     ) -> None:
         """Adjust every frame to GNSS, merge them by network least squares, mosaic, and analyse."""
         from .config import load_config
         from .pipeline import run
 
-        cfg = load_config(config, {"backend": backend, "gnss.reference_frame": gnss_frame, "gnss.plate": plate})
+        cfg = load_config(config, {"backend": backend, "gnss.reference_frame": gnss_frame, "gnss.plate": plate,
+                                   "parallel.workers": workers, "parallel.scheduler": scheduler})
         _logging(cfg.log_level)
         if check:
             raise typer.Exit(_check(frames, gnss, holdout, cfg.gnss.reference_frame, as_json=False))

@@ -82,6 +82,14 @@ class TimeSeriesConfig(_Section):
     chunk_pixels: int = Field(262144, ge=1024, description="Pixels per block of the per-pixel temporal fits.")
 
 
+class ParallelConfig(_Section):
+    workers: int = Field(0, ge=0, description="Dask workers for the per-frame stage on a local cluster (0: run in "
+                                              "this process).")
+    scheduler: str | None = Field(None, description="Address of an existing Dask scheduler (tcp://HOST:PORT); "
+                                                    "overrides workers.")
+    worker_memory: str = Field("auto", description="Memory limit per local worker (e.g. '4GiB').")
+
+
 class AnalysisConfig(_Section):
     subsidence_threshold_mm_yr: float = Field(
         20.0, gt=0, description="Subsidence rate (positive, mm/yr) above which a pixel counts as subsiding.")
@@ -110,6 +118,7 @@ class GiaConfig(_Section):
     network: NetworkConfig = Field(default_factory=NetworkConfig, description="Network adjustment over overlaps and "
                                                                               "GNSS ties.")
     mosaic: MosaicConfig = Field(default_factory=MosaicConfig, description="Target grid and merge.")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Dask scale-out.")
     timeseries: TimeSeriesConfig = Field(default_factory=TimeSeriesConfig, description="Displacement time series.")
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig, description="Subsidence and groundwater "
                                                                                  "analysis.")

@@ -389,6 +389,19 @@ def _load_adjustment(work: Path, fid: str, key: str):
     return _CachedAdjustment(ds["correction"], ds["correction_std"], ds["los_adjusted"], meta["report"], residuals)
 
 
+def _adjust_one(folder, *, stations, config, holdout):
+    """One frame's adjustment from its folder (runs in-process or as a Dask task); None when it has no station."""
+    from .adjust.frame import adjust_frame
+    from .io.frames import open_frame
+
+    frame = _apply_mask(open_frame(folder))
+    try:
+        return adjust_frame(frame, stations, config, holdout=holdout)
+    except AdjustmentError as exc:
+        log.warning("frame %s: %s — left to the network adjustment", frame.attrs["frame_id"], exc.message)
+        return None
+
+
 def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_frame, out: Path, cfg: GiaConfig,
                 checksums: dict[str, str] | None = None):
     import xarray as xr
@@ -446,23 +459,32 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
     with stage("per-frame adjustment", log):
         work = out / "work"
         work.mkdir(exist_ok=True)
-        n_cached = 0
-        for folder, fr in progress(list(zip(folders, frames)), "adjusting frames"):
-            fid = fr.attrs["frame_id"]
-            key = _frame_key(folder, checksums or {}, cfg)
-            cached = _load_adjustment(work, fid, key)
-            if cached is not None:  # finished in an earlier, interrupted run with the same inputs
-                adjustments.append(cached)
-                n_cached += 1
-                continue
-            try:
-                adj = adjust_frame(fr, stations_itrf, adj_cfg, holdout=holdout_itrf)
-            except AdjustmentError as exc:
-                log.warning("frame %s: %s — left to the network adjustment", fid, exc.message)
-                adjustments.append(None)
-                continue
-            _save_adjustment(work, fid, key, adj)
-            adjustments.append(adj)
+        keys = [_frame_key(folder, checksums or {}, cfg) for folder in folders]
+        adjustments = [_load_adjustment(work, fr.attrs["frame_id"], key) for fr, key in zip(frames, keys)]
+        n_cached = sum(a is not None for a in adjustments)  # finished in an earlier, interrupted run
+        todo = [k for k, a in enumerate(adjustments) if a is None]
+
+        def finished(j: int, adj) -> None:  # persist each frame as soon as it is done (resume, Dask faults)
+            k = todo[j]
+            if adj is not None:
+                _save_adjustment(work, frames[k].attrs["frame_id"], keys[k], adj)
+            adjustments[k] = adj
+
+        pc = cfg.parallel
+        client = None
+        if todo and (pc.scheduler or pc.workers > 0):
+            from .parallel import get_client
+
+            client = get_client(pc.scheduler, n_workers=pc.workers or None, memory_limit=pc.worker_memory)
+        try:
+            from .parallel import map_frames
+
+            map_frames(_adjust_one, [folders[k] for k in todo], client=client, on_result=finished,
+                       stations=stations_itrf, config=adj_cfg, holdout=holdout_itrf)
+        finally:
+            if client is not None and not pc.scheduler:
+                client.close()
+                client.cluster.close()
         if n_cached:
             log.info("resumed: %d of %d frame adjustments reused from %s", n_cached, len(frames), work)
 
@@ -547,6 +569,14 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             net = solve_network(len(frames), overlaps, ties, order=nc.order, correlation_km=nc.correlation_km,
                                 sigma_floor_mm_yr=nc.sigma_floor_mm_yr, prior_sigma_mm_yr=prior,
                                 huber_k=nc.huber_k)
+
+    # a frame with no usable GNSS station and no overlap with a GNSS-tied frame cannot be referenced at all
+    lost = [ids[k] for k in range(len(frames)) if adjustments[k] is None and net.held_by[k] in ("prior", "disabled")]
+    if lost:
+        raise AdjustmentError(f"{len(lost)} frame(s) have no usable GNSS station and no overlap with a frame that "
+                              f"has: {', '.join(lost)}.", file=frames_dir, field="frames",
+                              fix="add GNSS stations inside these frames or frames that connect them to GNSS, or "
+                                  "remove them from --frames")
 
     # apply the network corrections: vertical-equivalent and LOS (LOS correction = u × vertical correction)
     final_corr = []

@@ -87,3 +87,27 @@ def test_check_reports_broken_input(demo, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert rc == 2
     assert any(p["severity"] == "error" and vel.name in (p["file"] or "") for p in report["problems"])
+
+
+def test_gnss_outside_all_frames_is_a_clear_error(demo, tmp_path, capsys):
+    gnss = tmp_path / "far.csv"
+    gnss.write_text("station,lon,lat,ve,vn,vu,se,sn,su\n"
+                    "FAR1,10.0,60.0,20.0,14.0,1.0,0.3,0.3,1.0\n"
+                    "FAR2,11.0,60.5,20.5,14.2,0.5,0.3,0.3,1.0\n"
+                    "FAR3,12.0,61.0,21.0,14.1,0.0,0.3,0.3,1.0\n")
+    rc = main(["run", "--frames", str(demo / "scenario" / "frames"), "--gnss", str(gnss), "--out",
+               str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no usable GNSS station" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "vertical_velocity.tif").exists()
+
+
+def test_frames_on_a_dask_cluster_give_identical_products(demo, tmp_path):
+    pytest.importorskip("distributed")
+    scen = demo / "scenario"
+    out = tmp_path / "dask"
+    assert main(["run", "--frames", str(scen / "frames"), "--gnss", str(scen / "gnss.csv"), "--holdout",
+                 str(scen / "gnss_holdout.csv"), "--out", str(out), "--workers", "2"]) == 0
+    for name in ("vertical_velocity.tif", "frames/040A_05000_131313.correction.tif"):
+        with rasterio.open(demo / "out" / name) as a, rasterio.open(out / name) as b:
+            np.testing.assert_array_equal(a.read(1), b.read(1), err_msg=name)
