@@ -150,7 +150,8 @@ def _robust_scale(r: np.ndarray, w: np.ndarray) -> float:
 
 
 def solve_network(n_frames: int, overlaps: list[OverlapSamples], ties: list[GnssTies], *, order: int = 1,
-                  correlation_km: float = 10.0, sigma_floor_mm_yr: float = 1.0, prior_sigma_mm_yr: float = 20.0,
+                  correlation_km: float = 10.0, sigma_floor_mm_yr: float = 1.0,
+                  prior_sigma_mm_yr: float | np.ndarray = 20.0,
                   huber_k: float = 1.5, max_iter: int = 15, tol: float = 1e-4,
                   max_condition: float = 1e10) -> NetworkSolution:
     """Estimate per-frame correction surfaces from overlap differences and GNSS ties (see module doc).
@@ -168,7 +169,9 @@ def solve_network(n_frames: int, overlaps: list[OverlapSamples], ties: list[Gnss
     sigma_floor_mm_yr
         Added in quadrature to every observation sigma (unmodelled differences).
     prior_sigma_mm_yr
-        Weak prior on every parameter; only decisive for frames with neither GNSS nor a GNSS-tied neighbour.
+        Prior sigma of every parameter (mm/yr per scaled coordinate unit): one number, or one per frame — e.g.
+        each frame's cross-validated RMSE, so that a frame the GNSS fit well stays put while a poorly fitted
+        one is corrected by its overlaps.
     huber_k, max_iter, tol
         IRLS settings.
     max_condition
@@ -225,7 +228,11 @@ def solve_network(n_frames: int, overlaps: list[OverlapSamples], ties: list[Gnss
                       shape=(row, npar))
     y = np.concatenate(obs)
     base_w = np.concatenate(eff) / np.concatenate(sig) ** 2
-    prior = np.full(npar, 1.0 / prior_sigma_mm_yr**2)
+    ps = np.broadcast_to(np.asarray(prior_sigma_mm_yr, np.float64), (n_frames,))
+    if not np.all(np.isfinite(ps) & (ps > 0)):
+        raise ArrayArgumentError("prior_sigma_mm_yr must be positive and finite.", field="prior_sigma_mm_yr",
+                                 fix="give one positive sigma (mm/yr) or one per frame")
+    prior = np.repeat(1.0 / ps**2, nt)
     if not np.all(np.isfinite(y)) or not np.all(np.isfinite(base_w)):
         raise ArrayArgumentError("Network observations contain NaN or inf.", field="overlaps/ties",
                                  fix="drop invalid samples before calling solve_network")
@@ -264,7 +271,7 @@ def solve_network(n_frames: int, overlaps: list[OverlapSamples], ties: list[Gnss
     rcond_data = float(max(ev_d[0], 0.0) / ev_d[-1]) if ev_d[-1] > 0 else 0.0
     if rcond_data < 1e-10:
         log.warning("network: the data leave some correction parameters undetermined (rcond %.1e); those are "
-                    "held at zero by the prior (sigma %.0f mm/yr)", rcond_data, prior_sigma_mm_yr)
+                    "held at zero by the prior", rcond_data)
     params = x.reshape(n_frames, nt)
     param_std = np.sqrt(np.clip(np.diag(cov), 0, None)).reshape(n_frames, nt)
 

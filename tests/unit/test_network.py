@@ -88,3 +88,16 @@ def test_ill_conditioned_network_is_detected():
     # with the default weak prior the undetermined direction is held at zero and reported, not solved wildly
     sol = solve_network(1, [], ties, order=1)
     assert sol.rcond_data < 1e-12 and np.all(np.abs(sol.params) < 2.0)
+
+
+def test_per_frame_prior_keeps_well_fitted_frames_and_corrects_poor_ones():
+    truth, overlaps, ties = _chain(n_frames=3, tied=(0, 1, 2))
+    ties = [t for t in ties if t.frame != 2]  # frame 2 has no GNSS of its own
+    tight = solve_network(3, overlaps, ties, order=1, prior_sigma_mm_yr=np.array([0.01, 20.0, 20.0]))
+    assert np.all(np.abs(tight.params[0]) < 0.05)  # a tight prior pins frame 0 at zero correction
+    loose = solve_network(3, overlaps, ties, order=1, prior_sigma_mm_yr=20.0)
+    gx, gy = np.meshgrid(np.linspace(-100, 100, 11), np.linspace(-100, 100, 11))
+    err = loose.correction(2, gx.ravel(), gy.ravel()) - poly_terms(gx.ravel(), gy.ravel(), 1) @ truth[2]
+    assert np.max(np.abs(err)) < 1.5  # frame 2 is recovered through its overlap alone
+    with pytest.raises(errors.ArrayArgumentError, match="prior_sigma"):
+        solve_network(3, overlaps, ties, prior_sigma_mm_yr=np.array([1.0, 0.0, 1.0]))
