@@ -57,8 +57,14 @@ class AdjustConfig(BaseModel):
     outlier_max_fraction: float = Field(0.2, ge=0, le=0.5, description="flag at most this fraction of stations")
     one_se_rule: bool = Field(True, description="choose the simplest candidate within one standard error of the "
                                                 "best CV score")
-    max_overshoot: float = Field(1.0, gt=0, description="reject a candidate whose surface leaves the range of the "
-                                                        "station differences by more than this × that range")
+    paired_se: bool = Field(True, description="one-SE rule on the paired per-station differences of the CV errors "
+                                              "(False: the unpaired SE of the best score)")
+    max_overshoot: float = Field(1.0, gt=0, description="reject a candidate whose surface (its x/y part for models "
+                                                        "with DEM/incidence terms) leaves the range of the station "
+                                                        "differences by more than this × that range")
+    max_feature_extrapolation: float = Field(2.0, gt=0, description="reject a DEM/incidence term extrapolated "
+                                                                    "beyond the stations' range of that feature by "
+                                                                    "more than this × the stations' span of it")
     std_grid: int = Field(64, ge=4, description="coarse grid nodes per side for the jackknife σ of the correction")
     chunk_pixels: int = Field(1 << 16, ge=1024, description="pixels evaluated per block (bounds memory)")
 
@@ -183,10 +189,17 @@ def _jackknife_std(name, X, y, w, splits, frame, origin, n_grid: int):
 def _select_plausible(scores, X, y, w, frame, origin, cfg) -> tuple[str | None, str | None]:
     """Select by CV, rejecting candidates whose surface runs away between or beyond the stations.
 
-    Cross-validation only tests a surface where stations are; a DEM term fitted on plain stations, or a cubic,
-    can swing far outside the data over hills or corners that no station constrains. A candidate whose surface
-    over the frame's valid pixels (coarse grid) overshoots the range of the station differences by more than
-    ``max_overshoot`` × that range is marked skipped ("extrapolates") and the choice is made again.
+    Cross-validation only tests a surface where stations are. Two checks on the frame's valid pixels (coarse
+    grid) guard what it cannot see; a failing candidate is marked skipped ("extrapolates") and the choice is
+    made again:
+
+    * the coordinate part of the surface (for polynomial + DEM/incidence models: with those features held at
+      the stations' mean, so only the x/y polynomial varies) may leave the range of the station differences by
+      at most ``max_overshoot`` × that range — a cubic swinging up at an unconstrained corner fails;
+    * a linear DEM/incidence term may be extrapolated beyond the span of that feature at the stations by at
+      most ``max_feature_extrapolation`` × that span. Within it the term's full size counts: height-correlated
+      delay over mountains legitimately exceeds what plain stations show, so the surface range is not a test
+      of it; a height coefficient fitted on stations spanning 50 m and applied to 1200 m peaks is.
     """
     xp = _frame_xp(frame)
     ny, nx = frame.sizes["y"], frame.sizes["x"]
@@ -198,7 +211,8 @@ def _select_plausible(scores, X, y, w, frame, origin, cfg) -> tuple[str | None, 
     allow = cfg.max_overshoot * max(hi - lo, 1.0)
     while True:
         try:
-            chosen, reason = select_model(scores, one_se_rule=cfg.one_se_rule)
+            chosen, reason = select_model(scores, one_se_rule=cfg.one_se_rule, sample_weight=w,
+                                          paired=cfg.paired_se)
         except AdjustmentError:
             return None, None
         if not valid.any() or len(y) < 2:
@@ -208,13 +222,32 @@ def _select_plausible(scores, X, y, w, frame, origin, cfg) -> tuple[str | None, 
             warnings.simplefilter("ignore")
             m.fit(X, y, w)
         feats = pixel_features(frame, m.required_features, origin, xp, rows=rows, cols=cols)
-        surf = np.asarray(backend.to_numpy(m.evaluate(feats)), dtype=np.float64)[valid]
-        surf = surf[np.isfinite(surf)]
-        over = max(float(surf.max()) - hi, lo - float(surf.min()), 0.0) if surf.size else 0.0
-        if over <= allow:
+        extra = [f for f in m.required_features if f not in ("x_km", "y_km")]
+        why = None
+        for f in extra:
+            fp = np.asarray(backend.to_numpy(feats[f]), dtype=np.float64)[valid]
+            fp = fp[np.isfinite(fp)]
+            fs = np.asarray(X[f], dtype=np.float64)
+            span = max(float(np.ptp(fs)), 1e-9)
+            beyond = max(float(fp.max()) - float(fs.max()), float(fs.min()) - float(fp.min()), 0.0) if fp.size else 0.0
+            if beyond > cfg.max_feature_extrapolation * span:
+                why = (f"extrapolates: {f} at the pixels reaches {beyond:.0f} beyond the stations' range "
+                       f"[{fs.min():.0f}, {fs.max():.0f}] (> {cfg.max_feature_extrapolation:g} × its span)")
+                break
+        if why is None:
+            if extra and isinstance(m, _models.PolynomialSurface):
+                feats = dict(feats)
+                for f in extra:
+                    feats[f] = xp.full_like(feats["x_km"], float(m.centre_[f]))
+            surf = np.asarray(backend.to_numpy(m.evaluate(feats)), dtype=np.float64)[valid]
+            surf = surf[np.isfinite(surf)]
+            over = max(float(surf.max()) - hi, lo - float(surf.min()), 0.0) if surf.size else 0.0
+            if over > allow:
+                why = (f"extrapolates: surface{' (coordinate part)' if extra else ''} leaves the station range "
+                       f"[{lo:.1f}, {hi:.1f}] mm/yr by {over:.1f} mm/yr inside the frame")
+        if why is None:
             return chosen, reason
-        scores[chosen].skipped = (f"extrapolates: surface leaves the station range [{lo:.1f}, {hi:.1f}] mm/yr by "
-                                  f"{over:.1f} mm/yr inside the frame")
+        scores[chosen].skipped = why
 
 
 # --------------------------------------------------------------------------------------------------------------

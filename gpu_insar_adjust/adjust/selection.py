@@ -7,8 +7,9 @@
   ``loo_below`` stations, else :class:`BlockKFold`.
 * :func:`cross_validate_candidates` — out-of-fold predictions of every candidate; score = weighted RMSE
   sqrt(Σw r²/Σw) with a standard error (delta method, over stations for LOO and over folds for block K-fold).
-* :func:`select_model` — lowest CV RMSE, then the simplest candidate whose RMSE is within one standard error
-  of it (complexity order: :func:`gpu_insar_adjust.adjust.models.candidate_complexity`).
+* :func:`select_model` — lowest CV RMSE, then the simplest candidate not worse than it by more than one
+  standard error of the paired per-station differences of the CV errors (complexity order:
+  :func:`gpu_insar_adjust.adjust.models.candidate_complexity`).
 * :func:`flag_outliers` — iterative MAD-scaled screening of stations that disagree with the surface of their
   neighbours (standardised leave-one-out residuals of a Gaussian-process surface, or of a plane for small
   sets).
@@ -216,12 +217,33 @@ def cross_validate_candidates(X, y, sample_weight=None, *, candidates=_models.DE
     return scores
 
 
-def select_model(scores: dict[str, CandidateScore], *, one_se_rule: bool = True) -> tuple[str, str]:
+def _paired_se(a: CandidateScore, b: CandidateScore, w: np.ndarray | None) -> tuple[float, float] | None:
+    """Mean and standard error of the per-station difference of weighted squared CV errors, a minus b.
+
+    Both candidates were scored on the same stations and folds, so most of the station-to-station spread of
+    the CV error (station noise, an unlucky station) is common to both and cancels in the difference; this SE
+    is far tighter than the SE of either score. None when the out-of-fold residuals are not available.
+    """
+    ra, rb = np.asarray(a.oof_residual, dtype=np.float64), np.asarray(b.oof_residual, dtype=np.float64)
+    if ra.size < 3 or ra.shape != rb.shape:
+        return None
+    wn = np.ones_like(ra) if w is None or len(w) != ra.size else np.asarray(w, dtype=np.float64) / np.mean(w)
+    d = wn * (ra * ra - rb * rb)
+    return float(np.mean(d)), float(np.std(d, ddof=1) / math.sqrt(d.size))
+
+
+def select_model(scores: dict[str, CandidateScore], *, one_se_rule: bool = True, sample_weight=None,
+                 paired: bool = True) -> tuple[str, str]:
     """Name of the chosen candidate and why.
 
-    The candidate with the lowest CV RMSE is the best; with ``one_se_rule`` the simplest candidate whose RMSE
-    is within one standard error of the best's is chosen instead (it predicts as well, within the noise of the
-    CV estimate, and extrapolates more safely). Raises :class:`AdjustmentError` when nothing was scored.
+    The candidate with the lowest CV RMSE is the best. With ``one_se_rule`` the simplest candidate that is not
+    worse than the best by more than one standard error is chosen instead (it predicts as well, within the
+    noise of the CV estimate, and extrapolates more safely). With ``paired`` (default) and the out-of-fold
+    residuals at hand, "worse" is judged on the per-station differences of the weighted squared CV errors
+    (mean difference ≤ its SE; the stations are shared, so their common noise cancels): the unpaired SE of the
+    best score alone is dominated by that common noise and, with 10-30 stations, keeps a plane even when a
+    richer model is better at nearly every station. Without residuals the unpaired rule (RMSE ≤ best RMSE +
+    best SE) is used. Raises :class:`AdjustmentError` when nothing was scored.
     """
     scored = [s for s in scores.values() if s.skipped is None and np.isfinite(s.rmse)]
     if not scored:
@@ -231,11 +253,24 @@ def select_model(scores: dict[str, CandidateScore], *, one_se_rule: bool = True)
     if not one_se_rule:
         return best.name, f"lowest CV RMSE {best.rmse:.2f} mm/yr"
     se = best.se if np.isfinite(best.se) else 0.0
-    limit = best.rmse + se
-    within = [s for s in scored if s.rmse <= limit]
+    w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    within, tests = [], {}
+    for s in scored:
+        t = _paired_se(s, best, w) if (paired and s is not best) else None
+        if t is not None:
+            tests[s.name] = t
+            if t[0] <= t[1]:
+                within.append(s)
+        elif s is best or s.rmse <= best.rmse + se:
+            within.append(s)
     chosen = min(within, key=lambda s: (s.complexity, s.rmse))
     if chosen.name == best.name:
         return chosen.name, f"lowest CV RMSE {best.rmse:.2f} ± {se:.2f} mm/yr and no simpler candidate within one SE"
+    if chosen.name in tests:
+        d, sd = tests[chosen.name]
+        return chosen.name, (f"simplest candidate not worse than the best ({best.name}: {best.rmse:.2f} mm/yr) by "
+                             f"more than one paired SE: {chosen.name} scored {chosen.rmse:.2f} mm/yr, mean squared "
+                             f"difference {d:.2f} ± {sd:.2f} (mm/yr)²")
     return chosen.name, (f"simplest candidate within one SE of the best ({best.name}: {best.rmse:.2f} ± {se:.2f} "
                          f"mm/yr); {chosen.name} scored {chosen.rmse:.2f} mm/yr")
 
