@@ -307,6 +307,27 @@ def _read_stations(path, cfg: GiaConfig):
     return st
 
 
+def _require_stations_in_frames(stations, frames, gnss_path) -> None:
+    """Refuse a GNSS file none of whose stations lies inside any frame's bounds (wrong file, region or lon/lat swap)."""
+    lon = stations["lon"].to_numpy(float)
+    lat = stations["lat"].to_numpy(float)
+    inside = np.zeros(lon.shape, bool)
+    for fr in frames:
+        x = fr["x"].to_numpy()
+        y = fr["y"].to_numpy()
+        inside |= (lon >= x.min()) & (lon <= x.max()) & (lat >= y.min()) & (lat <= y.max())
+    if not inside.any():
+        x0 = min(float(f["x"].min()) for f in frames)
+        x1 = max(float(f["x"].max()) for f in frames)
+        y0 = min(float(f["y"].min()) for f in frames)
+        y1 = max(float(f["y"].max()) for f in frames)
+        raise GnssError(f"no usable GNSS station: none of the {len(lon)} stations lies inside any frame "
+                         f"(frames span lon {x0:.3f}..{x1:.3f}, lat {y0:.3f}..{y1:.3f}; stations span lon "
+                         f"{np.nanmin(lon):.3f}..{np.nanmax(lon):.3f}, lat {np.nanmin(lat):.3f}..{np.nanmax(lat):.3f}).",
+                         file=gnss_path, field="lon/lat",
+                         fix="give the GNSS table for this region, and check that lon and lat are not swapped")
+
+
 def _pseudo_stations_from_grids(grids, frames, spacing_deg: float = 0.1):
     """Horizontal-only pseudo-stations sampled from horizontal velocity grids inside the frames' extent."""
     import pandas as pd
@@ -431,6 +452,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             stations = _read_stations(gnss_path, cfg)
         else:
             stations = _pseudo_stations_from_grids(grids, frames)
+        if gnss_path is not None:
+            _require_stations_in_frames(stations, frames, gnss_path)
         horizontal_only = bool(cfg.gnss.horizontal_only or not np.isfinite(stations["vu"].to_numpy(float)).any())
         stations_itrf = _stations_itrf(stations, cfg)
         holdout_itrf = _stations_itrf(_read_stations(holdout_path, cfg), cfg) if holdout_path else None
