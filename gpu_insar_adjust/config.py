@@ -75,8 +75,10 @@ class MosaicConfig(_Section):
 class TimeSeriesConfig(_Section):
     enabled: bool = Field(True, description="Process displacement time series (cum.h5 / timeseries.h5) when frames "
                                             "carry them.")
-    epoch_ramps: bool = Field(True, description="Remove a per-epoch plane fitted on far-field pixels after the "
-                                                "velocity correction.")
+    epoch_ramps: bool = Field(False, description="Remove a per-epoch plane fitted on far-field pixels to the "
+                                                 "departure from the adjusted linear motion (off by default: where "
+                                                 "slow regional subsidence shares the aquifer's non-linear history, "
+                                                 "the planes take part of it out).")
     far_field_max_rate_mm_yr: float = Field(5.0, gt=0, description="Pixels whose adjusted vertical-equivalent rate is "
                                                                    "within ± this value are far field (ramp fit).")
     chunk_pixels: int = Field(262144, ge=1024, description="Pixels per block of the per-pixel temporal fits.")

@@ -691,7 +691,7 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
     cube_paths = [_find_cube(f) for f in folders]
     if cfg.timeseries.enabled and any(p is not None for p in cube_paths):
         with stage("time series", log):
-            ts = timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg)
+            ts = timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg, vertical=vertical)
     with stage("analysis", log):
         summary: dict[str, Any] = subsidence_summary(v_da, threshold_mm_yr=cfg.analysis.subsidence_threshold_mm_yr,
                                                      stations=stations)
@@ -765,15 +765,22 @@ def _find_cube(folder: Path) -> Path | None:
     return None
 
 
-def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: GiaConfig) -> dict:
+def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: GiaConfig, *,
+                     vertical=None) -> dict:
     """Adjust every frame's displacement cube, mosaic it per epoch in vertical, and derive the time-series figures.
 
-    Per frame: the LOS velocity correction (per-frame model + network, mm/yr) is applied as a term linear in
-    time referenced to the first epoch; optionally a per-epoch plane fitted on far-field pixels (|vertical rate|
-    below ``far_field_max_rate_mm_yr``) is removed; the horizontal motion (GNSS field, linear in time) is removed
-    and the result divided by the up component. Epochs of all frames are brought to one time axis (the first
-    frame's dates within the common span, linear interpolation in time), resampled to the target grid and merged
-    by inverse-variance weights (the frames' vertical-equivalent velocity sigmas).
+    Per frame: pixels the velocity masks (processor mask, unwrapping errors) are blanked in the cube too; the LOS
+    velocity correction (per-frame model + network, mm/yr) is applied as a term linear in time referenced to the
+    first epoch; optionally a per-epoch plane is removed, fitted on far-field pixels (|vertical rate| below
+    ``far_field_max_rate_mm_yr``) to the departure of the cube from the adjusted linear LOS model, so that the
+    planes take out per-epoch atmosphere/orbit ramps but never the GNSS-tied trend nor the horizontal (plate)
+    motion that the far field shows in LOS; the horizontal motion (GNSS field, linear in time) is removed and the
+    result divided by the up component. Epochs of all frames are brought to one time axis (the first frame's
+    dates within the common span, linear interpolation in time), resampled to the target grid and merged with
+    equal weights. With ``vertical`` (the run's vertical velocity on ``grid``, mm/yr), the per-pixel linear trend
+    of the merged cube is replaced by it, so that the cube, its annual rates and cumulative displacement agree
+    with the vertical velocity map (up+east decomposed where look directions cross, where the vertical-equivalent
+    cube still holds the east motion); only the departure from linear motion comes from the cube itself.
     """
     import xarray as xr
 
@@ -804,26 +811,34 @@ def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: 
                               fix="give cubes covering a common period")
     first = cubes[min(cubes)]
     times = first["time"].values[(first["time"].values >= starts) & (first["time"].values <= ends)]
-    vert_cubes, weights = [], []
+    vert_cubes = []
     for k, cube in cubes.items():
         fr = frames[k]
-        corr = xr.DataArray(np.asarray(final_corr[k], np.float32), dims=("y", "x"),
-                            coords={"y": cube["y"], "x": cube["x"]})
-        c = apply_velocity_correction(cube, corr)
+        yx = {"y": cube["y"], "x": cube["x"]}
+        corr = xr.DataArray(np.asarray(final_corr[k], np.float32), dims=("y", "x"), coords=yx)
+        # adjusted LOS velocity; NaN where the frame's mask blanked it (unwrapping errors, decorrelation): the
+        # cube carries the same errors there (tens of mm/yr), so those pixels are blanked in the cube as well
+        los_adj = np.asarray(backend.to_numpy(fr["los_velocity"].data), np.float64) - np.asarray(final_corr[k])
+        usable = np.isfinite(los_adj)
+        c = apply_velocity_correction(cube, corr).where(xr.DataArray(usable, dims=("y", "x"), coords=yx))
         if cfg.timeseries.epoch_ramps:
-            far = np.isfinite(verts[k]) & (np.abs(verts[k]) < cfg.timeseries.far_field_max_rate_mm_yr)
+            far = usable & np.isfinite(verts[k]) & (np.abs(verts[k]) < cfg.timeseries.far_field_max_rate_mm_yr)
             if far.sum() >= 50:
-                c = remove_epoch_ramps(c, far, order=1)
+                # fit the planes to the departure from the adjusted linear model: fitted to the cube itself they
+                # would also take out the far field's LOS trend (horizontal plate motion in ITRF, residual
+                # vertical), i.e. change the GNSS-tied velocity and remove the horizontal motion twice
+                t_c = (c["time"].values - c["time"].values[0]) / np.timedelta64(1, "D") / 365.25
+                lin = (xr.DataArray(los_adj, dims=("y", "x"), coords=yx) *
+                       xr.DataArray(t_c, dims="time", coords={"time": c["time"]})).astype(c.dtype)
+                c = remove_epoch_ramps(c - lin, far, order=1) + lin
         e, n, u = (np.asarray(fr[v].values, np.float64) for v in ("los_e", "los_n", "los_u"))
         h_rate = e * hfields[k]["ve"].values + n * hfields[k]["vn"].values  # mm/yr, LOS of horizontal motion
-        t_yr = (c["time"].values - c["time"].values[0]) / np.timedelta64(1, "D") / 365.25
         c = c.interp(time=times) if not np.array_equal(c["time"].values, times) else c
         t_yr = (times - cube["time"].values[0]) / np.timedelta64(1, "D") / 365.25
         data = np.asarray(c.values, np.float64)
         vert = (data - h_rate[None] * t_yr[:, None, None]) / u[None]
         vert = vert - vert[:1]  # referenced to the first common epoch
         vert_cubes.append((k, vert))
-        weights.append(k)
     # mosaic epoch by epoch (host memory: one epoch of every frame at a time)
     merged = np.full((times.size, *grid.shape), np.nan, np.float32)
     for t in range(times.size):
@@ -831,6 +846,8 @@ def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: 
         stds = [_frame_da(frames[k], np.where(np.isfinite(v[t]), 1.0, np.nan), "d_std") for k, v in vert_cubes]
         m = merge_frames(das, stds, grid, feather_km=cfg.mosaic.feather_km, tile_size=cfg.mosaic.tile_size)
         merged[t] = np.asarray(m.value, np.float32)
+    if vertical is not None:
+        merged = _anchor_trend(merged, times, np.asarray(vertical, np.float64))
     ys, xs = grid.coords()
     cube_v = xr.DataArray(merged, dims=("time", "y", "x"), coords={"time": times, "y": ys, "x": xs},
                           name="vertical_displacement", attrs={"units": "mm", "positive": "up"})
@@ -851,6 +868,30 @@ def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: 
                                      str(np.datetime_as_string(times[-1], "D"))],
                "groundwater": gw}
     return {"summary": summary, "cube": cube_v, "annual": annual, "cumulative": cum.rename("cumulative")}
+
+
+def _anchor_trend(merged: np.ndarray, times: np.ndarray, velocity: np.ndarray) -> np.ndarray:
+    """Replace the per-pixel least-squares linear trend of a (time, y, x) displacement cube (mm) by ``velocity``
+    (mm/yr, (y, x)) where both are defined (3+ epochs); the first epoch stays the reference. In place, epoch by
+    epoch (host memory: a few (y, x) float64 sums)."""
+    t = (times - times[0]) / np.timedelta64(1, "D") / 365.25
+    n = np.zeros(merged.shape[1:])
+    st, stt, sd, std_ = (np.zeros(merged.shape[1:]) for _ in range(4))
+    for k, tk in enumerate(t):
+        d = np.asarray(merged[k], np.float64)
+        ok = np.isfinite(d)
+        n += ok
+        st += np.where(ok, tk, 0.0)
+        stt += np.where(ok, tk * tk, 0.0)
+        sd += np.where(ok, d, 0.0)
+        std_ += np.where(ok, tk * d, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sxx = stt - st * st / n
+        slope = (std_ - st * sd / n) / sxx
+    fix = np.where((n >= 3) & (sxx > 0) & np.isfinite(slope) & np.isfinite(velocity), velocity - slope, 0.0)
+    for k, tk in enumerate(t):
+        merged[k] = (merged[k] + fix * tk).astype(merged.dtype)
+    return merged
 
 
 def _residual_xy_table(adj):

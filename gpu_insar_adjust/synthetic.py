@@ -1223,16 +1223,18 @@ def _write_timeseries_truth(tm, parts, glon, glat, area_grid, truth_dir, station
     years = np.array(sorted(_YEAR_MULTIPLIER), int)
     su, bu = parts["su"].astype(np.float64), parts["bu"].astype(np.float64)  # static and funnel vertical
     annual = np.stack([su + bu * tm.annual_factor(int(yr)) for yr in years]).astype(np.float32)
+    # the data end at the last epoch (before _TS_END unless the epochs fall on it): nothing after it is observed
+    t_last = float(tm.t[-1])
     ends = np.array([_years_since_start(_dt.date(int(yr) + 1, 1, 1)) for yr in years])
-    ends = np.minimum(ends, _years_since_start(_TS_END))
+    ends = np.minimum(ends, t_last)
     cumulative = np.stack([su * te + bu * tm.history(te) for te in ends]).astype(np.float32)
     ds = xr.Dataset(
         {"annual_vertical_velocity": (("year", "y", "x"), annual,
                                       {"units": "mm/yr", "long_name": "true mean vertical velocity in the year"}),
          "cumulative_vertical_displacement": (("year", "y", "x"), cumulative,
                                               {"units": "mm", "long_name": "true vertical displacement at the end "
-                                               "of the year (31 December 2022 for 2022) since the first epoch, "
-                                               "positive up"})},
+                                               "of the year (the last epoch for the last year) since the first "
+                                               "epoch, positive up"})},
         coords={"year": years, "y": ("y", glat, {"units": "degrees_north"}),
                 "x": ("x", glon, {"units": "degrees_east"})},
         attrs={"first_epoch": _TS_START.isoformat(), "crs": "EPSG:4326"})
@@ -1256,7 +1258,7 @@ def _write_timeseries_truth(tm, parts, glon, glat, area_grid, truth_dir, station
     info["max_cumulative_subsidence_mm"] = float(np.nanmin(cumulative[-1]))
     # vertical displacement integrated over area (m³): whole land and the long-term subsidence area
     t2021 = _years_since_start(_dt.date(2021, 1, 1))
-    tend = _years_since_start(_TS_END)
+    tend = t_last
     d_before = su * t2021 + bu * tm.history(t2021)
     d_after = su * (tend - t2021) + bu * (tm.history(tend) - tm.history(t2021))
     sinking = (su + bu) < _SUBSIDENCE_THRESHOLD
@@ -1264,7 +1266,7 @@ def _write_timeseries_truth(tm, parts, glon, glat, area_grid, truth_dir, station
     for label, d in (("before_2021", d_before), ("2021_2022", d_after)):
         ok = np.isfinite(d)
         vol[label] = {"period": [tm.dates[0].isoformat(), "2021-01-01"] if label == "before_2021"
-                      else ["2021-01-01", _TS_END.isoformat()],
+                      else ["2021-01-01", tm.dates[-1].isoformat()],
                       "land_m3": float(np.sum(d[ok] * 1e-3 * area_grid[ok])),
                       "subsidence_area_m3": float(np.sum(d[ok & sinking] * 1e-3 * area_grid[ok & sinking]))}
     info["vertical_displacement_volume"] = vol

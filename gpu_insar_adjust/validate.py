@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["validate_run", "rewrite_report", "load_run_grid"]
+__all__ = ["validate_run", "rewrite_report", "load_run_grid", "validate_displacement_at_stations"]
 
 
 def load_run_grid(out: Path, name: str):
@@ -73,8 +73,73 @@ def validate_run(out: str | os.PathLike, *, truth: str | os.PathLike | None = No
         result["truth"]["true_subsidence_area_km2"] = true_area
         result["truth"]["area_error_percent"] = (100.0 * (est_area - true_area) / true_area) if true_area else None
         result["truth"]["rmse"] = result["truth"].get("rmse", (tv.get("overall") or {}).get("rmse"))
+        disp_truth = tpath / "holdout_displacement.csv" if tpath.is_dir() else None
+        if disp_truth is not None and disp_truth.is_file() and (out / "vertical_displacement.nc").is_file():
+            result["holdout_displacement"] = validate_displacement_at_stations(out / "vertical_displacement.nc",
+                                                                               disp_truth)
     write_json(out / "validation.json", result)
     return result
+
+
+def validate_displacement_at_stations(cube_path: str | os.PathLike, truth_csv: str | os.PathLike) -> dict:
+    """Cumulative vertical displacement of a run's cube against a per-epoch truth at stations (mm).
+
+    ``truth_csv`` has columns ``station, lon, lat`` (or a companion ``gnss_truth.csv`` next to it giving them),
+    ``date`` and ``du`` (mm, positive up). The cube (``vertical_displacement.nc``, mm since its first epoch) is
+    interpolated bilinearly at each station and in time at each truth date inside the cube's span; both series
+    are referenced to the cube's first epoch, so a constant offset between them cannot count as an error.
+    Returns the RMS over stations of the cumulative displacement at the last common epoch
+    (``rmse_final_mm``), the RMS over all station-epochs (``rmse_all_epochs_mm``), the mean bias at the last
+    epoch and a per-station table.
+    """
+    import pandas as pd
+    import xarray as xr
+
+    cube_path, truth_csv = Path(cube_path), Path(truth_csv)
+    tab = pd.read_csv(truth_csv)
+    if not {"lon", "lat"} <= set(tab.columns):
+        pos_file = truth_csv.with_name("gnss_truth.csv")
+        if not pos_file.is_file():
+            raise InputError("The displacement truth has no station positions.", file=truth_csv, field="lon/lat",
+                             fix="add lon and lat columns, or keep gnss_truth.csv next to it")
+        pos = pd.read_csv(pos_file)[["station", "lon", "lat"]]
+        tab = tab.merge(pos, on="station", how="left")
+    missing = {"station", "date", "du"} - set(tab.columns)
+    if missing:
+        raise InputError(f"The displacement truth lacks column(s) {sorted(missing)}.", file=truth_csv,
+                         field=",".join(sorted(missing)), fix="give columns station, date, du (mm, positive up)")
+    with xr.open_dataset(cube_path) as ds:
+        cube = ds["vertical_displacement"].load()
+    t_cube = cube["time"].values
+    tab["time"] = pd.to_datetime(tab["date"]).values.astype("datetime64[ns]")
+    tab = tab[(tab["time"] >= t_cube[0]) & (tab["time"] <= t_cube[-1])]
+    rows, resid_all = [], []
+    for name, g in tab.groupby("station", sort=True):
+        g = g.sort_values("time")
+        lon, lat = float(g["lon"].iloc[0]), float(g["lat"].iloc[0])
+        series = cube.interp(x=lon, y=lat, method="linear")
+        if not np.isfinite(series.values).any():  # at a data edge bilinear sees a NaN neighbour: nearest pixel
+            series = cube.sel(x=lon, y=lat, method="nearest")
+        est = series.interp(time=g["time"].values).values.astype(float)
+        # truth at the cube's first epoch, so both series start from zero there
+        true0 = float(np.interp(t_cube[0].astype(np.int64), g["time"].values.astype(np.int64),
+                                g["du"].to_numpy(float)))
+        true = g["du"].to_numpy(float) - true0
+        ok = np.isfinite(est)
+        if not ok.any():
+            continue
+        r = est[ok] - true[ok]
+        resid_all.append(r)
+        rows.append({"station": name, "lon": lon, "lat": lat, "n_epochs": int(ok.sum()),
+                     "true_final_mm": float(true[ok][-1]), "insar_final_mm": float(est[ok][-1]),
+                     "residual_final_mm": float(r[-1]), "rms_mm": float(np.sqrt(np.mean(r**2)))})
+    if not rows:
+        return {"n_stations": 0, "rmse_final_mm": None, "rmse_all_epochs_mm": None, "stations": []}
+    fin = np.array([r["residual_final_mm"] for r in rows])
+    allr = np.concatenate(resid_all)
+    return {"n_stations": len(rows), "rmse_final_mm": float(np.sqrt(np.mean(fin**2))),
+            "bias_final_mm": float(np.mean(fin)), "rmse_all_epochs_mm": float(np.sqrt(np.mean(allr**2))),
+            "period": [str(t_cube[0])[:10], str(t_cube[-1])[:10]], "stations": rows}
 
 
 def rewrite_report(out: str | os.PathLike) -> Path:

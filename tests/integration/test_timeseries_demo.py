@@ -1,9 +1,11 @@
 """`gia demo --timeseries`: annual rates, peak year, cumulative subsidence and groundwater loss against truth.
 
 Measured when written (seed 0, 0.05°, 36-day epochs 2014-10..2022-12): annual mean subsidence rates 2015-2022
-33.7, 32.9, 34.3, 36.6, 34.5, 33.5, 30.8, 30.1 mm/yr against truth 35.6, 36.8, 38.2, 39.5, 38.4, 36.9, 33.5, 30.2
-(errors 0.1-3.9 mm/yr; the issue's target is 1.5); peak year 2018 as planted; groundwater loss 16.0 / 3.5 billion m³
-before / from 2021 against 17.9 / 4.6 of truth (-11 % / -25 %; target 5 %).
+35.4, 37.2, 37.5, 39.1, 38.7, 36.5, 33.1, 30.5 mm/yr against truth 35.6, 36.8, 38.2, 39.5, 38.4, 36.9, 33.5, 30.2
+(errors 0.2-0.7 mm/yr; target 1.5); peak year 2018 as planted; groundwater loss 16.6 / 4.2 billion m³ before /
+from 2021 against 17.8 / 4.5 of truth over the covered area (-6.8 % / -6.9 %; target 5 %); cumulative
+displacement at 44 held-out stations 13.8 mm RMS over all epochs, 23 mm at the last epoch; maximum cumulative
+subsidence 945 mm against 957.
 """
 
 from __future__ import annotations
@@ -24,6 +26,29 @@ def demo(tmp_path_factory):
     return root
 
 
+def _truth_loss_over_covered_area(demo):
+    """True compaction volume (m³) per default period over the pixels the run's cube covers.
+
+    The frames do not cover the whole truth grid; no method can measure loss where there are no data, so the
+    truth is integrated over the same pixels. The truth cube holds cumulative displacement at each year's end
+    (the last epoch for the last year): period 1 ends at the end of 2020, period 2 at the last epoch.
+    """
+    import numpy as np
+    import xarray as xr
+
+    from gpu_insar_adjust.geodesy.grids import cell_area_m2
+
+    with xr.open_dataset(demo / "scenario" / "truth" / "vertical_timeseries.nc") as tr, \
+            xr.open_dataset(demo / "out" / "vertical_displacement.nc") as out:
+        covered = np.isfinite(out["vertical_displacement"].isel(time=-1)).astype(np.float64).interp(
+            x=tr["x"], y=tr["y"], method="nearest").values > 0.5
+        cum = tr["cumulative_vertical_displacement"]
+        end2020, last = cum.sel(year=2020).values, cum.isel(year=-1).values
+        area = cell_area_m2(tr["y"].values, tr["x"].values, "EPSG:4326")
+    vol = lambda d: -float(np.nansum(np.where(covered, d, 0.0) * 1e-3 * area))  # noqa: E731
+    return vol(end2020), vol(last - end2020), float(covered.mean())
+
+
 def test_time_series_figures_against_truth(demo):
     s = json.loads((demo / "out" / "summary.json").read_text())
     truth = json.loads((demo / "scenario" / "truth" / "scenario.json").read_text())["timeseries"]
@@ -31,19 +56,33 @@ def test_time_series_figures_against_truth(demo):
     true_rates = {int(y): -v for y, v in truth["annual_mean_subsidence_rate_mm_per_yr"].items()}
     rates = {int(y): v for y, v in s["annual_mean_subsidence_rate_mm_yr"].items()}
     assert set(rates) >= set(range(2015, 2023))
-    for year, value in rates.items():
-        assert abs(value - true_rates[year]) < 5.0, (year, value, true_rates[year])
+    for year in range(2015, 2023):  # whole years of data (2014 holds under three months)
+        assert abs(rates[year] - true_rates[year]) <= 1.5, (year, rates[year], true_rates[year])
     # easing after 2021 is seen
     assert rates[2022] < rates[2018] - 3.0
-    vol = truth["vertical_displacement_volume"]
     periods = s["groundwater"]["periods"]
     assert len(periods) == 2 and periods[1]["start"].startswith("2021-01-01")
-    for p, key in zip(periods, ("before_2021", "2021_2022")):
-        true_loss = -vol[key]["land_m3"]
-        assert abs(p["loss_m3"] - true_loss) / true_loss < 0.35, (key, p["loss_m3"], true_loss)
+    true_before, true_after, covered = _truth_loss_over_covered_area(demo)
+    assert covered > 0.85
+    for p, true_loss in zip(periods, (true_before, true_after)):
+        # measured -6.8 % in both periods: the map's mean vertical bias (+0.7 mm/yr over the region); the
+        # issue's 5 % needs the velocity accuracy of the adjustment issue
+        assert abs(p["loss_m3"] - true_loss) / true_loss < 0.10, (p["start"], p["loss_m3"], true_loss)
     assert abs(s["groundwater"]["total_loss_m3"] - sum(p["loss_m3"] for p in periods)) < 1e-6 * s["groundwater"][
         "total_loss_m3"]
-    assert 700 < s["max_cumulative_subsidence_mm"] < 1300  # truth 960 mm
+    assert abs(s["max_cumulative_subsidence_mm"] - (-truth["max_cumulative_subsidence_mm"])) < 50
+
+
+def test_cumulative_displacement_at_held_out_stations(demo):
+    from gpu_insar_adjust.validate import validate_displacement_at_stations
+
+    r = validate_displacement_at_stations(demo / "out" / "vertical_displacement.nc",
+                                          demo / "scenario" / "truth" / "holdout_displacement.csv")
+    assert r["n_stations"] >= 30
+    # RMS over all station-epochs: measured 13.8 mm (target 15); at the last epoch alone 23 mm (a velocity error
+    # of ~2.8 mm/yr at held-out stations accumulated over eight years)
+    assert r["rmse_all_epochs_mm"] < 15.0
+    assert r["rmse_final_mm"] < 30.0
 
 
 def test_time_series_products_and_report(demo):
