@@ -273,7 +273,10 @@ def run(frames_dir: str | os.PathLike, gnss: str | os.PathLike | None, out_dir: 
     with backend.use_backend(cfg.backend) as backend_name:
         with stage("checksums", log):
             checksums = input_checksums(inputs)
-        fingerprint = hashlib.sha256(json.dumps({"inputs": checksums, "config": cfg.model_dump(mode="json"),
+        # execution settings (backend, workers, scheduler, log level) do not change the products: a run resumed
+        # with more workers or on another backend is the same run
+        run_config = cfg.model_dump(mode="json", exclude={"backend", "log_level", "parallel"})
+        fingerprint = hashlib.sha256(json.dumps({"inputs": checksums, "config": run_config,
                                                  "version": __version__}, sort_keys=True).encode()).hexdigest()
         _prepare_out_dir(out, fingerprint, overwrite)
         from .io.write import write_json

@@ -80,3 +80,40 @@ def test_output_folder_of_another_run_is_refused(scenario, tmp_path):
     proc = _gia("run", "--frames", scenario.frames_dir, "--gnss", scenario.gnss_csv, "--out", out)
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 2 and "another run" in log and "--overwrite" in log and "Traceback" not in log
+
+
+def test_changed_frame_is_the_only_one_redone(scenario, tmp_path):
+    """After a complete run, one frame's velocity changes: a rerun with --overwrite recomputes that frame alone,
+    and a rerun that only adds Dask workers is accepted as the same run (execution settings are not inputs)."""
+    import shutil
+
+    frames = tmp_path / "frames"
+    shutil.copytree(scenario.frames_dir, frames)
+    args = ["run", "--frames", frames, "--gnss", scenario.gnss_csv, "--out", tmp_path / "out"]
+    first = _gia(*args)
+    assert first.wait(timeout=600) == 0, first.stdout.read()
+    work = tmp_path / "out" / "work"
+    before = {p.name: p.stat().st_mtime_ns for p in work.glob("*.adjust.json")}
+    n_frames = len(before)
+    assert n_frames == len(scenario.frame_dirs)
+
+    # same inputs, only the execution settings differ: the completed run is recognised, nothing is refused
+    same = _gia(*args, "--workers", "0", "--backend", "numpy")
+    log = same.communicate(timeout=600)[0]
+    assert same.returncode == 0, log
+    assert f"resumed: {n_frames} of {n_frames} frame adjustments reused" in log
+
+    changed = sorted(p for p in frames.iterdir() if p.is_dir())[1]
+    vel = next(changed.glob("*vel*.tif"))
+    with rasterio.open(vel, "r+") as ds:  # a 2 mm/yr offset on the whole frame: a real change of input
+        ds.write(ds.read(1) + np.float32(2.0), 1)
+    refused = _gia(*args)
+    log = refused.communicate(timeout=300)[0]
+    assert refused.returncode == 2 and "--overwrite" in log, log
+    rerun = _gia(*args, "--overwrite")
+    log = rerun.communicate(timeout=600)[0]
+    assert rerun.returncode == 0, log
+    assert f"resumed: {n_frames - 1} of {n_frames} frame adjustments reused" in log
+    after = {p.name: p.stat().st_mtime_ns for p in work.glob("*.adjust.json")}
+    redone = sorted(name for name in after if after[name] != before.get(name))
+    assert redone == [f"{changed.name}.adjust.json"], redone

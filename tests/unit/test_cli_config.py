@@ -69,3 +69,40 @@ def test_user_errors_exit_2_without_traceback(capsys):
 
 def test_unknown_command_exits_2(capsys):
     assert main(["no-such-command"]) == 2
+
+
+def test_debug_prints_the_traceback_of_a_user_error(capsys):
+    rc = main(["--debug", "config", "--check", "/nonexistent/gia.toml"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" in err and "ConfigError" in err
+    # the flag does not stick to later invocations
+    assert main(["config", "--check", "/nonexistent/gia.toml"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_internal_error_exits_1_with_traceback_and_versions(monkeypatch, capsys, tmp_path):
+    from gpu_insar_adjust import cli
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(cli, "_check", broken)
+    rc = main(["check", "--frames", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "Traceback" in err and "RuntimeError: simulated bug" in err
+    assert "please report it" in err and "numpy" in err  # the versions table follows
+
+
+def test_run_check_reports_a_broken_frame_and_exits_2(tmp_path, capsys):
+    frames = tmp_path / "frames"
+    (frames / "001A_BROKEN").mkdir(parents=True)
+    (frames / "001A_BROKEN" / "vel.geo.tif").write_bytes(b"this is not a GeoTIFF")
+    gnss = tmp_path / "gnss.csv"
+    gnss.write_text("station,lon,lat,ve,vn,vu,se,sn,su\nA001,116.0,38.0,30.0,-8.0,-5.0,0.4,0.4,1.2\n")
+    rc = main(["run", "--check", "--frames", str(frames), "--gnss", str(gnss), "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert rc == 2, text
+    assert "001A_BROKEN" in text and "Traceback" not in text
+    assert not (tmp_path / "out" / "summary.json").exists()
