@@ -1021,6 +1021,9 @@ def overlap_pairs(frames_on_grid: Sequence, grid: TargetGrid | None = None, *, m
             both = masks[i] & masks[j]
             npx = int(both.sum())
             if npx < max(1, min_pixels):
+                if npx:  # a sliver (a pixel or two at a corner) would tie two frames by noise alone
+                    log.info("frames %d and %d share only %d valid pixel(s) (< %d): not tied to each other",
+                             i, j, npx, min_pixels)
                 continue
             rows, cols = np.nonzero(both)
             area = float(cell_area_km2(grid, rows, cols).sum())

@@ -321,3 +321,14 @@ def test_overlap_pairs_counts_area_kind_and_sampling():
     np.testing.assert_allclose(s.lat, y[s.rows], rtol=1e-13)
     allp = M.sample_overlap(on[0], on[1], p01.mask, max_samples=10_000)
     assert allp.rows.size == 300 and allp.stride == 1
+
+
+def test_a_one_pixel_overlap_is_not_a_tie_and_is_reported(caplog):
+    a = make_frame(114.0, 38.0, 10, 10, 0.01, 1.0, frame_id="014A_00001_000000")
+    b = make_frame(114.09, 37.91, 10, 10, 0.01, 3.0, frame_id="014A_00002_000000")  # shares one corner pixel
+    g = M.target_grid([a, b])
+    on = [M.resample_to_grid(f, g) for f in (a, b)]
+    assert [p.n_pixels for p in M.overlap_pairs(on, g, min_pixels=1)] == [1]
+    with caplog.at_level("INFO", logger="gpu_insar_adjust.mosaic"):
+        assert M.overlap_pairs(on, g, min_pixels=10) == []
+    assert "share only 1 valid pixel" in caplog.text
