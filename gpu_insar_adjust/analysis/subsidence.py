@@ -106,14 +106,51 @@ def _nearest_station(lon: float, lat: float, stations) -> tuple[str | None, floa
     return str(stations["station"].iloc[i]), float(dist[i] / 1e3)
 
 
+def _split_funnels(labels: np.ndarray, n: int, rate: np.ndarray, core_mm_yr: float, min_pixels: int
+                   ) -> tuple[np.ndarray, int]:
+    """Split connected regions that hold several funnels: cores are connected areas sinking faster than
+    ``core_mm_yr`` (at least ``min_pixels``); each pixel of a region with two or more cores goes to its nearest
+    core (Euclidean in pixels). Regions with one core or none stay whole."""
+    from scipy import ndimage
+
+    cores, n_cores = ndimage.label(np.isfinite(rate) & (rate >= core_mm_yr), structure=_EIGHT)
+    if n_cores < 2:
+        return labels, n
+    sizes = ndimage.sum(np.ones_like(rate), cores, np.arange(1, n_cores + 1))
+    small = np.flatnonzero(sizes < max(1, min_pixels)) + 1
+    cores[np.isin(cores, small)] = 0
+    # nearest core of every pixel, then keep it only inside the region that holds that core
+    _, (iy, ix) = ndimage.distance_transform_edt(cores == 0, return_indices=True)
+    nearest = cores[iy, ix]
+    region_of_core = np.zeros(n_cores + 1, np.int64)
+    region_of_core[cores[cores > 0]] = labels[cores > 0]
+    per_region = np.bincount(region_of_core[1:][region_of_core[1:] > 0], minlength=n + 1)
+    out = labels.copy()
+    split = (labels > 0) & (per_region[labels] >= 2) & (region_of_core[nearest] == labels)
+    out[split] = n + nearest[split]  # new ids above the region ids
+    # relabel 1..m in order of appearance
+    ids = np.unique(out[out > 0])
+    lut = np.zeros(int(out.max()) + 1, np.int64)
+    lut[ids] = np.arange(1, ids.size + 1)
+    return lut[out], int(ids.size)
+
+
 def find_hotspots(rate: np.ndarray, area: np.ndarray, x: np.ndarray, y: np.ndarray, threshold_mm_yr: float, *,
-                  crs="EPSG:4326", stations=None, min_area_km2: float = 0.0, max_hotspots: int | None = 20
+                  crs="EPSG:4326", stations=None, min_area_km2: float = 0.0, min_pixels: int = 3,
+                  split_funnels: bool = True, core_factor: float = 2.0, max_hotspots: int | None = 20
                   ) -> list[dict]:
-    """Connected regions with subsidence rate ≥ threshold, largest first.
+    """Subsidence hotspots: connected regions with subsidence rate ≥ threshold, largest first.
+
+    Around a plain's funnels the area beyond a 20 mm/yr threshold often joins several funnels into one region
+    of tens of thousands of km²; with ``split_funnels`` a region holding two or more cores (connected areas
+    sinking faster than ``core_factor`` × threshold) is split between them, each pixel going to its nearest
+    core, so that each funnel is one hotspot. Regions smaller than ``min_pixels`` pixels or ``min_area_km2``
+    (isolated noisy pixels) are left out.
 
     Each hotspot: ``area_km2``, ``peak_subsidence_rate_mm_yr``, ``mean_subsidence_rate_mm_yr`` (area-weighted),
     ``volume_rate_m3_yr``, ``centroid_lon``/``centroid_lat`` (area-weighted centroid), ``peak_lon``/``peak_lat``,
-    ``nearest_station`` and ``nearest_station_distance_km`` (geodesic, WGS84) when ``stations`` is given.
+    ``nearest_station`` and ``nearest_station_distance_km`` (geodesic from the peak, WGS84) when ``stations``
+    is given.
     """
     from scipy import ndimage
 
@@ -121,6 +158,8 @@ def find_hotspots(rate: np.ndarray, area: np.ndarray, x: np.ndarray, y: np.ndarr
     labels, n = ndimage.label(beyond, structure=_EIGHT)
     if n == 0:
         return []
+    if split_funnels:
+        labels, n = _split_funnels(labels, n, rate, core_factor * threshold_mm_yr, min_pixels)
     idx = np.arange(1, n + 1)
     r = np.where(beyond, rate, 0.0)
     a = np.where(beyond, area, 0.0)
@@ -134,11 +173,12 @@ def find_hotspots(rate: np.ndarray, area: np.ndarray, x: np.ndarray, y: np.ndarr
     clon, clat = _lonlat(cx, cy, crs)
     plon, plat = _lonlat(np.array([x[p[1]] for p in peak_pos]), np.array([y[p[0]] for p in peak_pos]), crs)
     order = np.argsort(-areas, kind="stable")
+    n_pix = ndimage.sum(np.ones_like(r), labels, idx)
     out = []
     for k in order:
-        if areas[k] / 1e6 < min_area_km2:
+        if areas[k] / 1e6 < min_area_km2 or n_pix[k] < min_pixels:
             continue
-        name, dist = _nearest_station(float(clon[k]), float(clat[k]), stations)
+        name, dist = _nearest_station(float(plon[k]), float(plat[k]), stations)
         out.append({
             "id": int(idx[k]),
             "area_km2": float(areas[k] / 1e6),
@@ -147,7 +187,7 @@ def find_hotspots(rate: np.ndarray, area: np.ndarray, x: np.ndarray, y: np.ndarr
             "volume_rate_m3_yr": float(vol[k]),
             "centroid_lon": float(clon[k]), "centroid_lat": float(clat[k]),
             "peak_lon": float(plon[k]), "peak_lat": float(plat[k]),
-            "n_pixels": int(np.sum(labels == idx[k])),
+            "n_pixels": int(n_pix[k]),
             "nearest_station": name,
             "nearest_station_distance_km": dist,
         })
@@ -173,7 +213,8 @@ def _stats(rate: np.ndarray, area: np.ndarray, thr: float) -> dict:
 
 
 def subsidence_summary(vertical_velocity, *, threshold_mm_yr: float = 20.0, stations=None, crs=None,
-                       min_hotspot_area_km2: float = 0.0, max_hotspots: int | None = 20) -> dict:
+                       min_hotspot_area_km2: float = 0.0, min_hotspot_pixels: int = 3, split_funnels: bool = True,
+                       max_hotspots: int | None = 20) -> dict:
     """Area, rates, volume rate and hotspots of subsidence beyond ``threshold_mm_yr``.
 
     Parameters
@@ -186,6 +227,8 @@ def subsidence_summary(vertical_velocity, *, threshold_mm_yr: float = 20.0, stat
         Optional GNSS table (``station``, ``lon``, ``lat``) to name the station nearest each hotspot.
     crs
         CRS of the grid; default the DataArray's rioxarray CRS, else EPSG:4326.
+    min_hotspot_area_km2, min_hotspot_pixels, split_funnels, max_hotspots
+        Hotspot options, see :func:`find_hotspots`.
 
     Returns
     -------
@@ -204,7 +247,8 @@ def subsidence_summary(vertical_velocity, *, threshold_mm_yr: float = 20.0, stat
     out = {"subsidence_threshold_mm_yr": thr}
     out.update(_stats(rate, area, thr))
     out["hotspots"] = find_hotspots(rate, area, x, y, thr, crs=crs, stations=stations,
-                                    min_area_km2=min_hotspot_area_km2, max_hotspots=max_hotspots)
+                                    min_area_km2=min_hotspot_area_km2, min_pixels=min_hotspot_pixels,
+                                    split_funnels=split_funnels, max_hotspots=max_hotspots)
     return out
 
 

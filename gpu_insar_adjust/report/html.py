@@ -267,14 +267,14 @@ def _maps(s: Mapping, figs: _Figures, vv, cum, ev) -> str:
     if isinstance(hs, Sequence) and not isinstance(hs, str):
         for k, h in enumerate(hs):
             if isinstance(h, Mapping):
-                points.append({"lon": _first(h, ("centroid_lon", "lon", "peak_lon")),
-                               "lat": _first(h, ("centroid_lat", "lat", "peak_lat")),
+                points.append({"lon": _first(h, ("peak_lon", "lon", "centroid_lon")),
+                               "lat": _first(h, ("peak_lat", "lat", "centroid_lat")),
                                "label": h.get("id", k + 1)})
     if vv is not None:
         fig = figs.draw("vertical_velocity", _f.map_figure, vv, title="Vertical velocity",
                         units="mm/yr (positive up; red = subsidence)", points=points or None,
                         caption="Vertical velocity (mm/yr, positive up), colour scale centred on 0; circles mark "
-                                "hotspot centroids numbered as in the hotspot table.")
+                                "hotspot peaks numbered as in the hotspot table.")
         parts.append(fig or _na("Vertical velocity map (no finite value)"))
     else:
         parts.append(_na("Vertical velocity map"))

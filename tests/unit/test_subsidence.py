@@ -77,13 +77,34 @@ def test_hotspots_are_ranked_located_and_named_by_nearest_station():
     assert abs(big["centroid_lon"] - LON0) < 0.005 and abs(big["centroid_lat"] - LAT0) < 0.005
     assert abs(small["centroid_lon"] - lon2) < 0.005 and abs(small["centroid_lat"] - lat2) < 0.005
     assert big["nearest_station"] == "TJWQ" and small["nearest_station"] == "HECX"
-    expect_km = GEOD.inv(big["centroid_lon"], big["centroid_lat"], LON0 + 0.02, LAT0)[2] / 1e3
+    expect_km = GEOD.inv(big["peak_lon"], big["peak_lat"], LON0 + 0.02, LAT0)[2] / 1e3
     assert abs(big["nearest_station_distance_km"] - expect_km) < 1e-6
     assert abs(big["nearest_station_distance_km"] - 1.73) < 0.3  # 0.02° of longitude at 38.9°N
     assert abs(big["peak_subsidence_rate_mm_yr"] - 100.0) < 0.5
     area_small = math.pi * 2 * 4_000.0**2 * math.log(60.0 / 20.0) / 1e6
     assert abs(small["area_km2"] - area_small) / area_small < 0.02  # ~250 pixels: boundary discretisation
     assert sum(h["area_km2"] for h in hs) == pytest.approx(out["subsidence_area_km2"], rel=1e-12)
+
+
+def test_joined_funnels_are_split_and_speckle_is_dropped():
+    """Two 80 mm/yr funnels 0.17° (15 km) apart join above 20 mm/yr into one region (saddle ~30 mm/yr); each
+    becomes its own hotspot, split at the saddle. A lone noisy pixel beyond the threshold is not a hotspot."""
+    y, x = _grid()
+    lon2 = LON0 + 0.17
+    vu = _bowl(80.0, y, x, sigma=4_000.0) + _bowl(80.0, y, x, lon2, LAT0, sigma=4_000.0)
+    vu[5, 5] = -30.0  # speckle far from both
+    joined = subsidence_summary(_da(vu, y, x), threshold_mm_yr=20.0, split_funnels=False)["hotspots"]
+    assert len(joined) == 1
+    out = subsidence_summary(_da(vu, y, x), threshold_mm_yr=20.0)
+    hs = out["hotspots"]
+    assert len(hs) == 2
+    a, b = sorted(hs, key=lambda h: h["peak_lon"])
+    assert abs(a["peak_lon"] - LON0) < 0.01 and abs(b["peak_lon"] - lon2) < 0.01
+    # symmetric funnels: equal halves, split at the midpoint, together the joined region
+    assert a["area_km2"] == pytest.approx(b["area_km2"], rel=0.05)
+    assert a["centroid_lon"] < LON0 + 0.085 < b["centroid_lon"]
+    assert a["area_km2"] + b["area_km2"] == pytest.approx(joined[0]["area_km2"], rel=1e-12)
+    assert out["subsidence_area_km2"] > joined[0]["area_km2"]  # the speckle counts in the area, not as a hotspot
 
 
 def test_negative_threshold_is_rejected_with_the_expected_sign():
