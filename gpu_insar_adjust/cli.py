@@ -179,12 +179,15 @@ def _build_app():
         truth: Optional[Path] = typer.Option(None, "--truth", help="Truth folder (vertical_velocity.tif) of a "
                                                                    "synthetic scenario."),
         holdout: Optional[Path] = typer.Option(None, "--holdout", help="Held-out GNSS CSV."),
+        holdout_series: Optional[Path] = typer.Option(None, "--holdout-series",
+                                                      help="Folder of held-out daily GNSS series (.tenv3/.neu) "
+                                                           "to compare with the run's displacement cube."),
     ) -> None:
         """Compare a run's vertical velocity with held-out GNSS and/or a truth grid (writes validation.json)."""
         from .validate import validate_run
 
         _logging()
-        val = validate_run(out, truth=truth, holdout=holdout)
+        val = validate_run(out, truth=truth, holdout=holdout, holdout_series=holdout_series)
         typer.echo(json.dumps(val, indent=2, default=str))
 
     @app.command("bench")

@@ -25,20 +25,24 @@ def load_run_grid(out: Path, name: str):
 
 
 def validate_run(out: str | os.PathLike, *, truth: str | os.PathLike | None = None,
-                 holdout: str | os.PathLike | None = None, threshold_mm_yr: float | None = None) -> dict:
+                 holdout: str | os.PathLike | None = None, threshold_mm_yr: float | None = None,
+                 holdout_series: str | os.PathLike | None = None) -> dict:
     """RMSE, bias, MAE and R² of a run's vertical velocity against held-out GNSS and/or a truth grid.
 
     ``truth`` is a folder holding ``vertical_velocity.tif`` (and, for the embedded scenario, ``scenario.json``
-    with the true subsidence area), or that GeoTIFF itself. Writes ``validation.json`` into the run folder.
+    with the true subsidence area), or that GeoTIFF itself. ``holdout_series`` is a folder of held-out daily
+    GNSS position series (NGL ``.tenv3`` or SOPAC ``.neu``) compared epoch by epoch with the run's
+    ``vertical_displacement.nc``. Writes ``validation.json`` into the run folder.
     """
     from .analysis.subsidence import subsidence_summary
     from .analysis.validation import validate_against_gnss, validate_against_truth
     from .io.write import write_json
 
     out = Path(out)
-    if truth is None and holdout is None:
-        raise InputError("Nothing to validate against.", field="--truth/--holdout",
-                         fix="give a truth folder (--truth) or a held-out GNSS file (--holdout)")
+    if truth is None and holdout is None and holdout_series is None:
+        raise InputError("Nothing to validate against.", field="--truth/--holdout/--holdout-series",
+                         fix="give a truth folder (--truth), a held-out GNSS file (--holdout) or a folder of "
+                             "held-out daily series (--holdout-series)")
     vertical = load_run_grid(out, "vertical_velocity.tif")
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -77,6 +81,8 @@ def validate_run(out: str | os.PathLike, *, truth: str | os.PathLike | None = No
         if disp_truth is not None and disp_truth.is_file() and (out / "vertical_displacement.nc").is_file():
             result["holdout_displacement"] = validate_displacement_at_stations(out / "vertical_displacement.nc",
                                                                                disp_truth)
+    if holdout_series is not None:
+        result["holdout_series"] = validate_series_folder(out, holdout_series)
     write_json(out / "validation.json", result)
     return result
 
@@ -155,3 +161,42 @@ def rewrite_report(out: str | os.PathLike) -> Path:
     east = load_run_grid(out, "east_velocity.tif") if (out / "east_velocity.tif").is_file() else None
     return write_report(out, summary, vertical_velocity=load_run_grid(out, "vertical_velocity.tif"),
                         east_velocity=east)
+
+
+def validate_series_folder(out: str | os.PathLike, folder: str | os.PathLike) -> dict:
+    """The run's vertical displacement cube against every held-out daily GNSS series in ``folder``.
+
+    Each ``.tenv3``/``.neu`` file is read with :func:`gpu_insar_adjust.io.gnss.read_position_series`; its up
+    component (mm) is compared with the cube sampled at the station, both referenced to their common mean over
+    the epochs they share (see :func:`analysis.validation.validate_timeseries_against_gnss`).
+    """
+    import pandas as pd
+    import xarray as xr
+
+    from .analysis.validation import validate_timeseries_against_gnss
+    from .io.gnss import read_position_series
+
+    out, folder = Path(out), Path(folder)
+    cube_path = out / "vertical_displacement.nc"
+    if not cube_path.is_file():
+        raise InputError("The run has no vertical displacement cube to compare with daily GNSS series.",
+                         file=cube_path, field="vertical_displacement.nc",
+                         fix="run `gia run` on frames that carry time series (cum.h5 or timeseries.h5)")
+    if not folder.is_dir():
+        raise InputError("Held-out series folder not found.", file=folder, field="--holdout-series",
+                         fix="give a folder of .tenv3 or .neu files")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".tenv3", ".neu"))
+    if not files:
+        raise InputError("No .tenv3 or .neu file in the held-out series folder.", file=folder,
+                         field="--holdout-series", fix="put one NGL .tenv3 or SOPAC .neu file per station there")
+    series, rows = {}, []
+    for f in files:
+        ps = read_position_series(f)
+        name = str(ps.attrs.get("station") or f.stem)
+        series[name] = pd.Series(ps["u"].to_numpy(float), index=pd.DatetimeIndex(ps["time"]))
+        rows.append({"station": name, "lon": float(ps.attrs["lon"]), "lat": float(ps.attrs["lat"])})
+    with xr.open_dataset(cube_path) as ds:
+        cube = ds["vertical_displacement"].load()
+    res = validate_timeseries_against_gnss(cube, series, pd.DataFrame(rows))
+    res["n_stations"] = len(files)
+    return res
