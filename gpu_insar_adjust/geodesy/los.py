@@ -21,7 +21,9 @@ Sentinel-1 at mid latitudes: ascending (heading ≈ -12°) gives e ≈ -0.6, n �
 (heading ≈ -168°) gives e ≈ +0.6.
 
 All functions are backend-aware (written against the array API): they accept NumPy, CuPy or any array-API
-arrays (or Python scalars) and return arrays of the same namespace. Angles are degrees.
+arrays (or Python scalars) and return arrays of the same namespace. Angles are degrees. Integer inputs are
+converted to float64; strings, ``None``, booleans, complex values and array arguments whose shapes do not
+broadcast together raise :class:`~gpu_insar_adjust.errors.ArrayArgumentError` naming the argument.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import math
 from typing import Any
 
 from .. import backend
-from ..errors import GeometryError
+from ..errors import ArrayArgumentError, GeometryError
 
 __all__ = [
     "unit_vector_from_enu",
@@ -54,19 +56,84 @@ _DEG = math.pi / 180.0
 NORM_TOLERANCE = 0.02
 
 
-def _floats(*values: Any):
-    """(xp, arrays...) with every value an array of one namespace and a real floating dtype (float64 default)."""
-    xp = backend.namespace(*values)
-    # Python scalars take the dtype of the first floating array, so float32 rasters stay float32.
-    scalar_dtype = next((v.dtype for v in values if backend._is_array(v) and xp.isdtype(v.dtype, "real floating")),
-                        xp.float64)
+def _broadcast_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
+    """Common broadcast shape of ``shapes`` (NumPy/array-API rules), or None when they do not broadcast."""
+    ndim = max((len(s) for s in shapes), default=0)
     out = []
-    for v in values:
-        a = v if backend._is_array(v) else xp.asarray(v, dtype=scalar_dtype)
-        if not xp.isdtype(a.dtype, "real floating"):
-            a = xp.astype(a, xp.float64)
+    for axis in range(-ndim, 0):
+        sizes = {s[axis] for s in shapes if len(s) >= -axis} - {1}
+        if len(sizes) > 1:
+            return None
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
+def _floats(**named: Any):
+    """(xp, arrays...) for the named arguments, every one an array of one namespace with a real floating dtype.
+
+    Validation is metadata-only (types, dtypes, shapes; no pass over the data). Accepted: real floating arrays
+    (kept as they are, so float32 rasters stay float32), integer arrays and Python ints/floats (converted to
+    float — an angle of ``39`` degrees is a valid input), and lists/tuples of numbers. Anything else — strings,
+    ``None``, booleans, complex values, object arrays — and shapes that do not broadcast together raise
+    :class:`ArrayArgumentError` naming the argument.
+    """
+    arrays = {}
+    for name, v in named.items():
+        if isinstance(v, bool) or (backend._is_array(v) and _dtype_kind(v) == "bool"):
+            raise ArrayArgumentError(f"Argument {name!r} is boolean, not a number.", field=name,
+                                     fix=f"pass {name} as a float array or number (a mask is not a value)")
+        if isinstance(v, complex) or (backend._is_array(v) and _dtype_kind(v) == "complex"):
+            raise ArrayArgumentError(f"Argument {name!r} is complex; LOS geometry is real-valued.", field=name,
+                                     fix=f"pass the real {name} as a float array or number")
+        if backend._is_array(v):
+            if _dtype_kind(v) not in ("real floating", "integral"):
+                raise ArrayArgumentError(f"Argument {name!r} has dtype {v.dtype}, not a numeric dtype.",
+                                         field=name, fix=f"pass {name} as a float array or number")
+            arrays[name] = v
+        elif not isinstance(v, (int, float, list, tuple)):
+            raise ArrayArgumentError(f"Argument {name!r} is a {type(v).__name__}, not a number or an array.",
+                                     field=name, fix=f"pass {name} as a float array (NumPy, CuPy, ...) or number")
+    xp = backend.namespace(*arrays.values())
+    # Python scalars take the dtype of the first floating array, so float32 rasters stay float32.
+    scalar_dtype = next((a.dtype for a in arrays.values() if xp.isdtype(a.dtype, "real floating")), xp.float64)
+    out = []
+    for name, v in named.items():
+        if name in arrays:
+            a = v if xp.isdtype(v.dtype, "real floating") else xp.astype(v, xp.float64)
+        elif isinstance(v, (list, tuple)):
+            try:
+                a = xp.asarray(v, dtype=xp.float64)
+            except (TypeError, ValueError) as exc:
+                raise ArrayArgumentError(f"Argument {name!r} is a {type(v).__name__} that is not a regular "
+                                         f"array of numbers ({exc}).", field=name,
+                                         fix=f"pass {name} as a float array or a list of numbers") from exc
+        else:
+            a = xp.asarray(v, dtype=scalar_dtype)
         out.append(a)
+    shape: tuple[int, ...] = ()
+    for name, a in zip(named, out):
+        common = _broadcast_shape([shape, tuple(a.shape)])
+        if common is None:
+            listed = ", ".join(f"{k} {tuple(b.shape)}" for k, b in zip(named, out) if b.ndim)
+            raise ArrayArgumentError(
+                f"Argument {name!r} of shape {tuple(a.shape)} does not broadcast against the arguments before it "
+                f"(shape {shape}); shapes given: {listed}.", field=name,
+                fix=f"pass {name} with the same shape as the other arrays (e.g. all (rows, cols) rasters of one "
+                    f"frame), or as a scalar / an array that broadcasts against them")
+        shape = common
     return (xp, *out)
+
+
+def _dtype_kind(a) -> str:
+    """'bool', 'integral', 'real floating', 'complex' or 'other' for an array's dtype (any namespace)."""
+    xp = backend.namespace(a)
+    for kind in ("bool", "integral", "real floating", "complex floating"):
+        try:
+            if xp.isdtype(a.dtype, kind):
+                return "complex" if kind == "complex floating" else kind
+        except (TypeError, ValueError):  # e.g. a NumPy string dtype, which isdtype does not know
+            break
+    return "other"
 
 
 def _finite_any(xp, condition) -> bool:
@@ -91,7 +158,7 @@ def check_unit_vector(e, n, u, *, tolerance: float = NORM_TOLERANCE, file=None, 
     NaN pixels (no data) are ignored; an up component below zero (vector pointing into the ground) is also an
     error, since the LOS convention needs the ground→satellite direction.
     """
-    xp, e, n, u = _floats(e, n, u)
+    xp, e, n, u = _floats(e=e, n=n, u=u)
     norm = xp.sqrt(e * e + n * n + u * u)
     bad = xp.abs(norm - 1.0) > tolerance
     if _finite_any(xp, bad):
@@ -124,7 +191,7 @@ def unit_vector_from_incidence_azimuth(incidence_deg, azimuth_deg, *, file=None)
     ``azimuth_deg`` is the azimuth of the ground→satellite vector from north, anticlockwise positive (MintPy):
     ``e = -sin(inc) sin(az)``, ``n = sin(inc) cos(az)``, ``u = cos(inc)``.
     """
-    xp, inc, az = _floats(incidence_deg, azimuth_deg)
+    xp, inc, az = _floats(incidence_deg=incidence_deg, azimuth_deg=azimuth_deg)
     _check_incidence(xp, inc, field="incidenceAngle", file=file)
     si = xp.sin(inc * _DEG)
     return -si * xp.sin(az * _DEG), si * xp.cos(az * _DEG), xp.cos(inc * _DEG)
@@ -136,7 +203,7 @@ def unit_vector_from_incidence_heading(incidence_deg, heading_deg, *, file=None)
     ``heading_deg`` is the flight direction, clockwise from north (Sentinel-1 ascending ≈ -12° or 348°,
     descending ≈ -168° or 192°): ``e = -sin(inc) cos(hd)``, ``n = sin(inc) sin(hd)``, ``u = cos(inc)``.
     """
-    xp, inc, hd = _floats(incidence_deg, heading_deg)
+    xp, inc, hd = _floats(incidence_deg=incidence_deg, heading_deg=heading_deg)
     _check_incidence(xp, inc, field="incidence/heading", file=file)
     si = xp.sin(inc * _DEG)
     return -si * xp.cos(hd * _DEG), si * xp.sin(hd * _DEG), xp.cos(inc * _DEG)
@@ -148,7 +215,7 @@ def incidence_azimuth_from_unit_vector(e, n, u):
     Incidence = arccos(u) in [0, 90]; azimuth anticlockwise from north in (-180, 180]. The vector is normalised
     first, so float32 rounding in the stored components does not bias the angles.
     """
-    xp, e, n, u = _floats(e, n, u)
+    xp, e, n, u = _floats(e=e, n=n, u=u)
     norm = xp.sqrt(e * e + n * n + u * u)
     cos_inc = xp.clip(u / norm, -1.0, 1.0)
     return xp.acos(cos_inc) / _DEG, xp.atan2(-e, n) / _DEG
@@ -159,20 +226,20 @@ def heading_from_unit_vector(e, n, u=None):
 
     Only the horizontal components are needed: ``heading = atan2(n, -e)``. ``u`` is accepted for symmetry.
     """
-    xp, e, n = _floats(e, n)
+    xp, e, n = _floats(e=e, n=n)
     return xp.atan2(n, -e) / _DEG
 
 
 def azimuth_from_heading(heading_deg):
     """MintPy LOS azimuth (anticlockwise from north, ground→satellite) from a right-looking heading: 90° - hd,
     wrapped to (-180, 180]."""
-    xp, hd = _floats(heading_deg)
+    xp, hd = _floats(heading_deg=heading_deg)
     return _wrap180(xp, 90.0 - hd)
 
 
 def heading_from_azimuth(azimuth_deg):
     """Right-looking heading (clockwise from north) from a MintPy LOS azimuth: 90° - az, wrapped to (-180, 180]."""
-    xp, az = _floats(azimuth_deg)
+    xp, az = _floats(azimuth_deg=azimuth_deg)
     return _wrap180(xp, 90.0 - az)
 
 
@@ -187,14 +254,14 @@ def enu_to_los(ve, vn, vu, e, n, u):
     Any of ``ve``, ``vn``, ``vu`` may be arrays or scalars; they broadcast against the unit vector.
     Units follow the input (mm/yr in, mm/yr out).
     """
-    xp, ve, vn, vu, e, n, u = _floats(ve, vn, vu, e, n, u)
+    xp, ve, vn, vu, e, n, u = _floats(ve=ve, vn=vn, vu=vu, e=e, n=n, u=u)
     return e * ve + n * vn + u * vu
 
 
 def los_to_vertical(v_los, e, n, u, ve=0.0, vn=0.0):
     """Vertical velocity from a LOS velocity with the horizontal motion known (or assumed zero):
     ``vu = (v_los - e*ve - n*vn) / u``. Units follow the input."""
-    xp, v_los, e, n, u, ve, vn = _floats(v_los, e, n, u, ve, vn)
+    xp, v_los, e, n, u, ve, vn = _floats(v_los=v_los, e=e, n=n, u=u, ve=ve, vn=vn)
     return (v_los - e * ve - n * vn) / u
 
 
@@ -204,7 +271,8 @@ def enu_std_to_los_std(se, sn, su, e, n, u, *, cov_en=0.0, cov_eu=0.0, cov_nu=0.
     ``var_los = e²se² + n²sn² + u²su² + 2 e n cov_en + 2 e u cov_eu + 2 n u cov_nu``; sigmas in mm/yr,
     covariances in (mm/yr)². A NaN sigma gives NaN (an unknown component is never treated as exact).
     """
-    xp, se, sn, su, e, n, u, cen, ceu, cnu = _floats(se, sn, su, e, n, u, cov_en, cov_eu, cov_nu)
+    xp, se, sn, su, e, n, u, cen, ceu, cnu = _floats(se=se, sn=sn, su=su, e=e, n=n, u=u, cov_en=cov_en,
+                                                     cov_eu=cov_eu, cov_nu=cov_nu)
     var = (e * e * se * se + n * n * sn * sn + u * u * su * su
            + 2.0 * (e * n * cen + e * u * ceu + n * u * cnu))
     return xp.sqrt(xp.clip(var, 0.0, None))
@@ -213,7 +281,7 @@ def enu_std_to_los_std(se, sn, su, e, n, u, *, cov_en=0.0, cov_eu=0.0, cov_nu=0.
 def orbit_direction(e, n=None, u=None) -> str:
     """``"ascending"`` when the mean east component (NaN ignored) is negative (a right-looking SAR flying north
     looks east, so the ground→satellite vector points west), else ``"descending"``."""
-    xp, e = _floats(e)
+    xp, e = _floats(e=e)
     valid = ~xp.isnan(e)
     count = int(xp.sum(xp.astype(valid, xp.int64)))
     if count == 0:

@@ -30,7 +30,10 @@ pixel centres are ``X_FIRST + (i + 0.5) * X_STEP``), ``X_STEP``/``Y_STEP`` and `
 
 Every raster of one frame must share one grid (shape and transform); a mismatch is an error, never resampled
 silently. Files are read whole (frames are 2-D and small) and the Dataset is only built once every file has
-been read and checked, so a failure never leaves a half-read frame in use.
+been read and checked, so a failure never leaves a half-read frame in use. Before a raster or dataset is read,
+its declared size is compared with the memory available (:func:`check_fits_in_memory`), so a damaged or hostile
+header claiming huge dimensions (a sparse file can be tiny on disk) gives a :class:`FrameError`, not an
+exhausted machine.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ import numpy as np
 from ..errors import FrameError, GeometryError
 
 __all__ = ["open_frame", "list_frames", "is_frame_dir", "DEFAULT_INCIDENCE_DEG", "mintpy_grid",
-           "mintpy_crs"]
+           "mintpy_crs", "check_fits_in_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +223,41 @@ class _Grid:
                     "or remove it; all rasters of one frame must share one grid")
 
 
+def _available_memory() -> int | None:
+    """Bytes of memory available to this process now (psutil, else sysconf), or None if unknown."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - psutil missing or unsupported platform: fall back to sysconf
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(shape: tuple[int, ...], itemsize: int, *, file, field: str = "width/height",
+                         what: str = "raster", copies_float32: int = 1) -> None:
+    """Raise :class:`FrameError` if reading an array of ``shape`` (``itemsize`` bytes per value, plus
+    ``copies_float32`` float32 working copies) would not fit in the memory available now.
+
+    Cheap (header values only); called before every whole-array read so that a header declaring huge
+    dimensions — damaged, hostile, or a sparse file that is tiny on disk — is refused instead of allocated.
+    """
+    values = math.prod(int(s) for s in shape)
+    need = values * (int(itemsize) + 4 * int(copies_float32))
+    available = _available_memory()
+    if available is None or need <= available:
+        return
+    dims = " x ".join(str(int(s)) for s in shape)
+    raise FrameError(
+        f"The {what} declares {dims} pixels ({need / 2**30:.1f} GiB to read), more than the "
+        f"{available / 2**30:.1f} GiB of memory available.", file=file, field=field,
+        fix="crop or multilook the product to a smaller grid (e.g. gdal_translate -srcwin / -outsize, or MintPy "
+            "subset.py / multilook.py), or check the header: a damaged file can declare impossible dimensions")
+
+
 def read_geotiff(path: Path, *, field: str) -> tuple[np.ndarray, _Grid]:
     """Band 1 of a GeoTIFF as float32 (declared nodata → NaN) and its grid; requires a CRS and a transform."""
     import rasterio
@@ -236,6 +274,8 @@ def read_geotiff(path: Path, *, field: str) -> tuple[np.ndarray, _Grid]:
                     raise FrameError("GeoTIFF has no (or a rotated) geotransform.", file=path, field=field,
                                      fix=f"georeference it on a north-up grid, e.g. gdal_edit.py -a_ullr ... "
                                          f"{path.name}")
+                check_fits_in_memory((src.height, src.width), np.dtype(src.dtypes[0]).itemsize, file=path,
+                                     what=f"GeoTIFF ({field})")
                 data = src.read(1)
                 nodata = src.nodata
                 grid = _Grid(data.shape, src.transform, src.crs, path)
@@ -415,7 +455,15 @@ def _read_h5_2d(h5, name: str, shape, file) -> np.ndarray:
     if ds.shape != tuple(shape):
         raise FrameError(f"Dataset {name!r} has shape {ds.shape}, the velocity grid is {tuple(shape)}.", file=file,
                          field=name, fix="use the geometry file of the same (geocoded) grid as the velocity")
+    _check_h5_fits(ds, name, file)
     return np.asarray(ds[()], dtype=np.float32)
+
+
+def _check_h5_fits(ds, name: str, file) -> None:
+    """Size guard for an HDF5 dataset about to be read whole (chunked datasets can be declared huge yet hold
+    no data on disk)."""
+    itemsize = ds.dtype.itemsize if ds.dtype.kind in "biuf" else 8
+    check_fits_in_memory(ds.shape, itemsize, file=file, field="LENGTH/WIDTH", what=f"HDF5 dataset {name!r}")
 
 
 def _read_mintpy(folder: Path, vel_file: Path | None):
@@ -441,6 +489,9 @@ def _read_mintpy(folder: Path, vel_file: Path | None):
             raise FrameError(f"Unknown velocity unit {attrs.get('UNIT')!r}.", file=vel_path, field="UNIT",
                              fix="set the UNIT attribute to m/year (MintPy's default)")
         scale = np.float32(_VELOCITY_UNIT_TO_MM[unit])
+        _check_h5_fits(h5["velocity"], "velocity", vel_path)
+        if "velocityStd" in h5:
+            _check_h5_fits(h5["velocityStd"], "velocityStd", vel_path)
         vel = np.asarray(h5["velocity"][()], dtype=np.float32) * scale
         std = np.asarray(h5["velocityStd"][()], dtype=np.float32) * scale if "velocityStd" in h5 else None
         if std is not None and std.shape != shape:

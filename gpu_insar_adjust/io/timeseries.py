@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FrameError, TimeSeriesError
+from ..errors import BackendUnavailableError, FrameError, GiaError, TimeSeriesError
 
 __all__ = ["open_cube", "DEFAULT_CHUNK_BYTES", "auto_chunks", "parse_dates"]
 
@@ -53,8 +53,14 @@ class _H5Slab:
     def __getitem__(self, key):
         import h5py
 
-        with h5py.File(self.path, "r") as f:
-            block = f[self.dataset][key]
+        try:
+            with h5py.File(self.path, "r") as f:
+                block = f[self.dataset][key]
+        except (OSError, KeyError, RuntimeError) as exc:
+            # The file changed, was truncated after opening, or a chunk is damaged: say which and where.
+            raise TimeSeriesError(f"Cannot read a block of the cube: {exc}", file=self.path, field=self.dataset,
+                                  fix="check that the file is complete and was not modified while in use "
+                                      "(re-export or re-download it)") from exc
         block = np.asarray(block, dtype=np.float32)
         if self.scale != 1:
             block = block * self.scale
@@ -110,7 +116,31 @@ def _scalar(h5, name: str, file) -> float:
     if name not in h5:
         raise TimeSeriesError(f"Dataset {name!r} not found: the LiCSBAS cube is not georeferenced.", file=file,
                               field=name, fix="give a geocoded LiCSBAS cum.h5 (with corner_lat/lon, post_lat/lon)")
-    return float(np.asarray(h5[name][()]).ravel()[0])
+    values = np.asarray(h5[name][()]).ravel()
+    value = float(values[0]) if values.size else math.nan
+    if not math.isfinite(value):
+        raise TimeSeriesError(f"Dataset {name!r} holds no finite number.", file=file, field=name,
+                              fix="give a geocoded LiCSBAS cum.h5 with valid corner_lat/lon and post_lat/lon")
+    return value
+
+
+def _read_dates(h5, name: str, n_epochs: int, file) -> np.ndarray:
+    """Dates of the cube, after checking their count against the cube's first axis (before reading them, so a
+    header declaring billions of dates is never read)."""
+    from .frames import check_fits_in_memory
+
+    ds = h5[name]
+    if ds.ndim != 1 or ds.shape[0] != n_epochs:
+        raise TimeSeriesError(f"Dataset {name!r} has shape {ds.shape}: it does not match the {n_epochs} epochs "
+                              f"(layers) of the cube.",
+                              file=file, field=name,
+                              fix="re-export the time series; there must be one date per layer of the cube")
+    try:
+        # ~200 bytes a date once parsed (Python strings and timestamps), not the few bytes stored.
+        check_fits_in_memory(ds.shape, 200, file=file, field=name, what=f"date list {name!r}", copies_float32=0)
+    except FrameError as exc:
+        raise TimeSeriesError(exc.message, file=file, field=name, fix=exc.fix) from exc
+    return parse_dates(ds[()], file=file, field=name)
 
 
 def _normalise_chunks(chunks, shape, h5_chunks):
@@ -124,6 +154,60 @@ def _normalise_chunks(chunks, shape, h5_chunks):
             out.append(shape[i] if c in (-1, None) else int(c))
         return tuple(out)
     return chunks
+
+
+def _read_layout(h5, p: Path, attrs_out: dict[str, Any]):
+    """(source, dataset, scale to mm, dates, shape, HDF5 chunks, transform, CRS) of an open cube file."""
+    import pyproj
+    from affine import Affine
+
+    from .frames import mintpy_attrs, mintpy_grid
+
+    if "cum" in h5 and "imdates" in h5:
+        source, dataset, scale = "licsbas", "cum", 1.0
+        shape = h5["cum"].shape
+        h5_chunks = h5["cum"].chunks
+        if len(shape) != 3:
+            raise TimeSeriesError(f"Dataset 'cum' must be 3-D (time, y, x), has shape {shape}.", file=p,
+                                  field="cum", fix="give a LiCSBAS cum.h5 or cum_filt.h5")
+        dates = _read_dates(h5, "imdates", shape[0], p)
+        lat0, lon0 = _scalar(h5, "corner_lat", p), _scalar(h5, "corner_lon", p)
+        dlat, dlon = _scalar(h5, "post_lat", p), _scalar(h5, "post_lon", p)
+        if dlat == 0.0 or dlon == 0.0:
+            raise TimeSeriesError(f"Pixel spacing post_lat={dlat}, post_lon={dlon} is zero.", file=p,
+                                  field="post_lat" if dlat == 0.0 else "post_lon",
+                                  fix="give a geocoded LiCSBAS cum.h5 with its pixel spacing in degrees")
+        # corner_lat/lon are the centre of the first pixel (grid registration): shift by half a pixel.
+        transform = Affine(dlon, 0.0, lon0 - dlon / 2.0, 0.0, dlat, lat0 - dlat / 2.0)
+        crs = pyproj.CRS.from_epsg(4326)
+        attrs_out["reference_date"] = str(np.datetime_as_string(dates[0], unit="D"))
+    elif "timeseries" in h5 and "date" in h5:
+        source, dataset = "mintpy", "timeseries"
+        attrs = mintpy_attrs(h5)
+        unit = attrs.get("UNIT", "m").strip().lower()
+        scales = {"m": 1000.0, "cm": 10.0, "mm": 1.0}
+        if unit not in scales:
+            raise TimeSeriesError(f"Unknown displacement unit {attrs.get('UNIT')!r}.", file=p, field="UNIT",
+                                  fix="set the UNIT attribute to m (MintPy's default)")
+        scale = scales[unit]
+        shape = h5["timeseries"].shape
+        h5_chunks = h5["timeseries"].chunks
+        if len(shape) != 3:
+            raise TimeSeriesError(f"Dataset 'timeseries' must be 3-D, has shape {shape}.", file=p,
+                                  field="timeseries", fix="give a MintPy timeseries.h5")
+        dates = _read_dates(h5, "date", shape[0], p)
+        try:
+            transform, crs = mintpy_grid(attrs, shape, file=p)
+        except FrameError as exc:
+            raise TimeSeriesError(exc.message, file=p, field=exc.field, fix=exc.fix) from exc
+        if "REF_DATE" in attrs:
+            attrs_out["reference_date"] = attrs["REF_DATE"]
+    else:
+        raise TimeSeriesError(
+            f"Unrecognised time-series layout (datasets: {', '.join(sorted(h5.keys()))}).", file=p,
+            field="cum/timeseries",
+            fix="give a LiCSBAS cum.h5 (cum, imdates) or a MintPy timeseries.h5 (timeseries, date)")
+    return source, dataset, scale, dates, tuple(int(s) for s in shape), h5_chunks, transform, crs
 
 
 def open_cube(path: str | os.PathLike, *, chunks: Any = None) -> "xarray.DataArray":  # noqa: F821
@@ -147,70 +231,49 @@ def open_cube(path: str | os.PathLike, *, chunks: Any = None) -> "xarray.DataArr
     Raises
     ------
     TimeSeriesError
-        Unknown layout, inconsistent shapes, unparseable, duplicated or out-of-order dates, no georeferencing.
+        Unknown layout, inconsistent shapes, unparseable, duplicated or out-of-order dates, no georeferencing,
+        a damaged or truncated file.
+    BackendUnavailableError
+        Dask cannot be imported.
     """
-    import dask.array as da
+    p = Path(path)
+    try:
+        import dask.array as da
+        from dask.base import tokenize
+    except ImportError as exc:
+        raise BackendUnavailableError(f"Dask is needed to open a time-series cube lazily but cannot be imported "
+                                      f"({exc}).", file=p, field="dask",
+                                      fix="pip install 'gpu_insar_adjust[dask]'") from exc
     import h5py
-    import pyproj
     import rioxarray  # noqa: F401
     import xarray as xr
-    from affine import Affine
-    from dask.base import tokenize
 
-    from .frames import coord_attrs, mintpy_attrs, mintpy_grid, pixel_centres
+    from .frames import coord_attrs, pixel_centres
 
-    p = Path(path)
     if not p.is_file():
         raise TimeSeriesError("Time-series file not found.", file=p, field="path",
                               fix="give the path of a LiCSBAS cum.h5 or MintPy timeseries.h5")
     try:
         h5 = h5py.File(p, "r")
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise TimeSeriesError(f"Cannot open the HDF5 file: {exc}", file=p, field="path",
                               fix="check that the file is a complete HDF5 cube") from exc
     attrs_out: dict[str, Any] = {"units": "mm", "long_name": "LOS displacement, positive toward the satellite",
                                  "path": str(p)}
     with h5:
-        if "cum" in h5 and "imdates" in h5:
-            source, dataset, scale = "licsbas", "cum", 1.0
-            dates = parse_dates(h5["imdates"][()], file=p, field="imdates")
-            shape = h5["cum"].shape
-            h5_chunks = h5["cum"].chunks
-            lat0, lon0 = _scalar(h5, "corner_lat", p), _scalar(h5, "corner_lon", p)
-            dlat, dlon = _scalar(h5, "post_lat", p), _scalar(h5, "post_lon", p)
-            # corner_lat/lon are the centre of the first pixel (grid registration): shift by half a pixel.
-            transform = Affine(dlon, 0.0, lon0 - dlon / 2.0, 0.0, dlat, lat0 - dlat / 2.0)
-            crs = pyproj.CRS.from_epsg(4326)
-            attrs_out["reference_date"] = str(np.datetime_as_string(dates[0], unit="D"))
-        elif "timeseries" in h5 and "date" in h5:
-            source, dataset = "mintpy", "timeseries"
-            attrs = mintpy_attrs(h5)
-            unit = attrs.get("UNIT", "m").strip().lower()
-            scales = {"m": 1000.0, "cm": 10.0, "mm": 1.0}
-            if unit not in scales:
-                raise TimeSeriesError(f"Unknown displacement unit {attrs.get('UNIT')!r}.", file=p, field="UNIT",
-                                      fix="set the UNIT attribute to m (MintPy's default)")
-            scale = scales[unit]
-            dates = parse_dates(h5["date"][()], file=p, field="date")
-            shape = h5["timeseries"].shape
-            h5_chunks = h5["timeseries"].chunks
-            if len(shape) != 3:
-                raise TimeSeriesError(f"Dataset 'timeseries' must be 3-D, has shape {shape}.", file=p,
-                                      field="timeseries", fix="give a MintPy timeseries.h5")
-            try:
-                transform, crs = mintpy_grid(attrs, shape, file=p)
-            except FrameError as exc:
-                raise TimeSeriesError(exc.message, file=p, field=exc.field, fix=exc.fix) from exc
-            if "REF_DATE" in attrs:
-                attrs_out["reference_date"] = attrs["REF_DATE"]
-        else:
-            raise TimeSeriesError(
-                f"Unrecognised time-series layout (datasets: {', '.join(sorted(h5.keys()))}).", file=p,
-                field="cum/timeseries",
-                fix="give a LiCSBAS cum.h5 (cum, imdates) or a MintPy timeseries.h5 (timeseries, date)")
-    if len(shape) != 3 or shape[0] != dates.size:
-        raise TimeSeriesError(f"Cube shape {shape} does not match the {dates.size} epochs.", file=p, field=dataset,
-                              fix="re-export the time series; the first axis must have one layer per date")
+        try:
+            source, dataset, scale, dates, shape, h5_chunks, transform, crs = _read_layout(h5, p, attrs_out)
+        except GiaError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as exc:
+            # h5py reports a damaged or truncated file (and odd dtypes) with a variety of built-in errors.
+            raise TimeSeriesError(f"Cannot read the cube's metadata ({type(exc).__name__}: {exc}).", file=p,
+                                  field="path",
+                                  fix="check that the file is a complete, undamaged cum.h5 / timeseries.h5 "
+                                      "(re-export or re-download it)") from exc
+    if any(int(s) == 0 for s in shape):
+        raise TimeSeriesError(f"The cube {dataset!r} is empty (shape {shape}).", file=p, field=dataset,
+                              fix="give a time series with at least one epoch and one pixel")
 
     chunk_shape = _normalise_chunks(chunks, shape, h5_chunks)
     source_array = _H5Slab(p, dataset, shape, scale)

@@ -11,8 +11,10 @@ Rasters are written as float32 with NaN as nodata; the CRS travels as GeoTIFF ke
 Every raster product passes a finite-or-NaN guard before it reaches the file: NaN means "no data" and is
 fine, but +/-inf (or a dtype a product cannot have, such as complex) is the trace of an upstream numerical
 failure and raises :class:`~gpu_insar_adjust.errors.OutputError` naming the file and the variable. NumPy data
-are checked up front; Dask data are checked block by block *as they are written* (one pass, nothing computed
-twice), and the atomic temporary output is removed when a block fails.
+are checked up front, before anything is written; Dask data are checked block by block *as they are written*
+(one pass, nothing computed twice), and the atomic temporary output is removed when a block fails. Dask writes
+run on a thread pool owned by the writer and joined before the clean-up, so no worker thread can still be
+writing chunks into the temporary output (and re-create it) after the error has been raised.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -55,12 +58,19 @@ def _target(path, overwrite: bool) -> Path:
     return p
 
 
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
+def _remove(p: Path, *, attempts: int = 5) -> None:
+    """Delete a file or folder; retried briefly because a folder being emptied may still gain an entry (a
+    chunk finished by a scheduler whose workers this process cannot join, e.g. a distributed cluster)."""
+    for attempt in range(attempts):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        if not os.path.lexists(p):
+            return
+        time.sleep(0.05 * (attempt + 1))
+    log.warning("could not remove the temporary output %s; delete it by hand", p)
 
 
 @contextlib.contextmanager
@@ -243,6 +253,33 @@ def _require_crs(obj, path: Path, what: str):
                           field="crs", fix="set it first, e.g. obj = obj.rio.write_crs('EPSG:4326')")
 
 
+def _grid_transform(da):
+    """The affine transform to write for ``da``: the one it carries (e.g. from the file it was read from) when
+    that reproduces its x/y pixel centres to 1e-6 pixel, else the one rioxarray derives from the coordinates.
+
+    Deriving it from the coordinates (origin = x[0] - dx/2, dx from differences) rounds in the last bit, so a
+    raster read and written back would drift by one ulp per round trip; the carried transform is exact.
+    """
+    from affine import Affine
+
+    derived = da.rio.transform(recalc=True)
+    grid_mapping = da.rio.grid_mapping
+    text = da.coords[grid_mapping].attrs.get("GeoTransform") if grid_mapping in da.coords else None
+    try:
+        carried = Affine.from_gdal(*(float(v) for v in str(text).split())) if text else None
+    except (TypeError, ValueError):
+        carried = None
+    if carried is None or carried == derived or carried.b != 0 or carried.d != 0:
+        return derived
+    x, y = (np.asarray(da[da.rio.x_dim].values, float), np.asarray(da[da.rio.y_dim].values, float))
+    x_hat = carried.c + (np.arange(x.size) + 0.5) * carried.a
+    y_hat = carried.f + (np.arange(y.size) + 0.5) * carried.e
+    tol_x, tol_y = 1e-6 * abs(carried.a), 1e-6 * abs(carried.e)
+    if np.all(np.abs(x_hat - x) <= tol_x) and np.all(np.abs(y_hat - y) <= tol_y):
+        return carried
+    return derived  # stale (e.g. the array was sliced after reading): trust the coordinates
+
+
 def write_cog(dataarray, path: str | os.PathLike, *, blocksize: int = 512, compress: str = "DEFLATE",
               resampling: str | None = None, overwrite: bool = True) -> Path:
     """Write a 2-D (y, x) — or 3-D (band, y, x) — DataArray as a Cloud-Optimized GeoTIFF, atomically.
@@ -272,10 +309,11 @@ def write_cog(dataarray, path: str | os.PathLike, *, blocksize: int = 512, compr
         da = dataarray.astype(np.float32)
     note = "" if dataarray.dtype in (np.float32, bool) else f" after conversion from {dataarray.dtype} to float32"
     da = da.copy(data=_guard_array(da.data, final, variable, note=note))
+    da.attrs = {k: str(v) for k, v in dataarray.attrs.items()
+                if k in ("units", "long_name", "standard_name", "description", "frame_id")}
+    # Transform first, nodata last: both return new objects, and nodata must be the last word on the array.
+    da = da.rio.write_transform(_grid_transform(da))
     da = da.rio.write_nodata(np.nan, encoded=False)
-    attrs = {k: str(v) for k, v in dataarray.attrs.items()
-             if k in ("units", "long_name", "standard_name", "description", "frame_id")}
-    da.attrs = attrs
     if resampling is None:
         resampling = "NEAREST" if is_bool else "AVERAGE"
     options = dict(driver="COG", dtype="float32", BLOCKSIZE=int(blocksize), COMPRESS=compress,
@@ -283,7 +321,7 @@ def write_cog(dataarray, path: str | os.PathLike, *, blocksize: int = 512, compr
     if compress.upper() in ("DEFLATE", "LZW", "ZSTD"):
         options["PREDICTOR"] = "FLOATING_POINT"
     with atomic_output(final, overwrite=overwrite) as tmp:
-        da.rio.to_raster(tmp, **options)
+        da.rio.to_raster(tmp, recalc_transform=False, **options)
     log.info("wrote COG %s (%s) in %.2f s", final, "x".join(map(str, da.shape)), time.perf_counter() - t0)
     return final
 
@@ -335,6 +373,36 @@ def _as_dataset(obj, path: Path):
     return ds
 
 
+@contextlib.contextmanager
+def _joined_dask_threads(ds) -> Iterator[None]:
+    """Run the Dask computations of a write inside this block on a thread pool that is joined on exit.
+
+    Dask's threaded scheduler raises the first failing task (e.g. an inf block) at once while tasks already
+    handed to its pool keep running; with the shared default pool those stragglers write chunks after the
+    caller has deleted the temporary output, re-creating it. A private pool, shut down with ``wait=True``
+    (queued tasks cancelled) before this block exits, guarantees that every write has finished or never
+    started by the time :func:`atomic_output` cleans up. Data without Dask, and non-threaded schedulers (a
+    distributed client, processes), are left to their scheduler.
+    """
+    if not any(v.chunks for v in ds.variables.values()):
+        yield
+        return
+    import dask
+    import dask.threaded
+    from dask.base import get_scheduler
+
+    if get_scheduler(collections=[ds]) is not dask.threaded.get:
+        yield
+        return
+    workers = dask.config.get("num_workers", None) or os.cpu_count() or 1
+    pool = ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="gia-write")
+    try:
+        with dask.config.set(scheduler="threads", pool=pool):
+            yield
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _float_encoding(ds, extra: dict | None = None) -> dict:
     enc: dict[str, dict] = {}
     for name, var in ds.data_vars.items():
@@ -356,7 +424,7 @@ def write_netcdf(obj, path: str | os.PathLike, *, compress: bool = True, overwri
     ds = _guard_dataset(_as_dataset(obj, final), final)
     t0 = time.perf_counter()
     encoding = _float_encoding(ds, {"zlib": True, "complevel": 4} if compress else None)
-    with atomic_output(final, overwrite=overwrite) as tmp:
+    with atomic_output(final, overwrite=overwrite) as tmp, _joined_dask_threads(ds):
         ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding)
     log.info("wrote NetCDF %s in %.2f s", final, time.perf_counter() - t0)
     return final
@@ -372,7 +440,7 @@ def write_zarr(obj, path: str | os.PathLike, *, overwrite: bool = True, zarr_for
     ds = _guard_dataset(_as_dataset(obj, final), final)
     t0 = time.perf_counter()
     encoding = _float_encoding(ds)
-    with atomic_output(final, overwrite=overwrite) as tmp:
+    with atomic_output(final, overwrite=overwrite) as tmp, _joined_dask_threads(ds):
         ds.to_zarr(tmp, mode="w", encoding=encoding, consolidated=zarr_format == 2, zarr_format=zarr_format)
     log.info("wrote Zarr %s in %.2f s", final, time.perf_counter() - t0)
     return final

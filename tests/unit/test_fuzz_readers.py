@@ -299,7 +299,7 @@ _NEU_HEADER = "# 4-character ID: ABCD\n# NEU Reference position :    40.0  116.0
 @given(rows=st.lists(st.tuples(_FLOAT, st.integers(1000, 9999), st.integers(-5, 400), *([_FLOAT] * 6)),
                     min_size=1, max_size=14))
 def test_neu_random_numbers(reader, rows):
-    # Years keep four digits here: five-digit years are a known bug (test_known_bug_neu_five_digit_year).
+    # Years keep four digits here: five-digit years are tested on their own (test_neu_five_digit_year_is_a_gnss_error).
     body = _NEU_HEADER + "".join(" ".join(repr(v) for v in row) + "\n" for row in rows)
     _only_gia_errors(reader, _gnss_file(body.encode(), suffix=".neu"))
 
@@ -358,3 +358,129 @@ def test_neu_with_a_constant_component_and_a_far_epoch():
 
 def test_neu_five_digit_year_is_a_gnss_error():
     _raises_only_gia(read_position_series, _gnss_file(_neu_series(20000.0), suffix=".neu"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Headers declaring huge dimensions: refused from the header, never allocated
+# --------------------------------------------------------------------------------------------------------------
+HUGE = 200_000  # 200000 x 200000 float32 = 149 GiB to read; kept tiny on disk as a sparse file
+
+
+def _sparse_huge_tif(path: Path) -> None:
+    """A valid, georeferenced GeoTIFF header declaring HUGE x HUGE float32 pixels, with no tile written."""
+    with rasterio.open(path, "w", driver="GTiff", height=HUGE, width=HUGE, count=1, dtype="float32",
+                       crs="EPSG:4326", transform=from_origin(116.0, 39.0, 1e-5, 1e-5), tiled=True,
+                       blockxsize=4096, blockysize=4096, SPARSE_OK="TRUE"):
+        pass
+
+
+def test_geotiff_header_claiming_huge_dimensions_is_refused():
+    from gpu_insar_adjust.io import frames as frames_mod
+
+    d = _fresh_dir("001A_00001_000000")
+    for f in _VALID.iterdir():
+        shutil.copy(f, d / f.name)
+    _sparse_huge_tif(d / "vel.geo.tif")
+    assert (d / "vel.geo.tif").stat().st_size < 1_000_000  # the hostile file itself is tiny
+    available = frames_mod._available_memory()
+    if available is not None and available > 2 * 8 * HUGE**2:
+        pytest.skip("this machine could actually hold the declared raster")
+    result = _only_gia_errors(open_frame, d)
+    assert isinstance(result, GiaError) and type(result).__name__ == "FrameError"
+    assert Path(result.file).name == "vel.geo.tif" and result.field == "width/height"
+    assert f"{HUGE} x {HUGE}" in result.message and "GiB" in result.message
+    assert "crop or multilook" in result.fix and "header" in result.fix
+    assert f"{HUGE * HUGE * 8 / 2**30:.1f} GiB" in result.message  # float32 read + float32 copy
+
+
+def test_mintpy_dataset_declaring_huge_dimensions_is_refused():
+    d = _fresh_dir("mintpy")
+    with h5py.File(d / "velocity.h5", "w") as h5:
+        # chunked and never written: HDF5 stores no data, so the file is a few kB
+        h5.create_dataset("velocity", shape=(HUGE, HUGE), dtype="float32", chunks=(1024, 1024))
+        h5.attrs.update({**_MINTPY_ATTRS, "WIDTH": str(HUGE), "LENGTH": str(HUGE)})
+    assert (d / "velocity.h5").stat().st_size < 100_000
+    result = _only_gia_errors(open_frame, d)
+    assert isinstance(result, GiaError) and Path(result.file).name == "velocity.h5"
+    assert result.field == "LENGTH/WIDTH" and "'velocity'" in result.message and "multilook" in result.fix
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Time-series cubes (open_cube): random bytes, truncation, wrong dimensions
+# --------------------------------------------------------------------------------------------------------------
+NT = 4
+
+
+def _cum_h5(path: Path, *, cum=None, imdates=None, **scalars) -> Path:
+    with h5py.File(path, "w") as h5:
+        h5["cum"] = np.random.default_rng(0).normal(0, 5, (NT, *SHAPE)).astype(np.float32) if cum is None else cum
+        h5["imdates"] = np.array([20200101, 20200113, 20200125, 20200206], np.int32) if imdates is None \
+            else imdates
+        for name, value in {"corner_lat": 39.0, "corner_lon": 116.0, "post_lat": -0.01, "post_lon": 0.01,
+                            **scalars}.items():
+            if value is not None:
+                h5[name] = value
+    return path
+
+
+_VALID_CUM = _cum_h5(_fresh_dir("cube") / "cum.h5").read_bytes()
+
+
+def _open_and_read_cube(path: Path):
+    from gpu_insar_adjust.io.timeseries import open_cube
+
+    cube = open_cube(path)
+    return cube.values  # reading every block must obey the same contract
+
+
+def _cube_file(raw: bytes) -> Path:
+    p = _fresh_dir("cube") / "cum.h5"
+    p.write_bytes(raw)
+    return p
+
+
+def test_valid_tiny_cube_opens():
+    values = _open_and_read_cube(_cube_file(_VALID_CUM))
+    assert values.shape == (NT, *SHAPE) and values.dtype == np.float32 and np.isfinite(values).all()
+
+
+@FUZZ
+@given(data=st.binary(max_size=4096))
+def test_open_cube_random_bytes(data):
+    result = _only_gia_errors(_open_and_read_cube, _cube_file(data))
+    assert isinstance(result, GiaError) and Path(result.file).name == "cum.h5" and result.fix
+
+
+@FUZZ
+@given(cut=st.integers(min_value=0, max_value=len(_VALID_CUM) - 1))
+def test_open_cube_truncated_cum_h5(cut):
+    result = _only_gia_errors(_open_and_read_cube, _cube_file(_VALID_CUM[:cut]))
+    assert isinstance(result, GiaError), f"a cum.h5 cut to {cut} of {len(_VALID_CUM)} bytes opened"
+
+
+@FUZZ
+@given(flips=st.lists(st.tuples(st.integers(0, len(_VALID_CUM) - 1), st.integers(0, 255)), min_size=1,
+                      max_size=8))
+def test_open_cube_corrupted_bytes(flips):
+    data = bytearray(_VALID_CUM)
+    for pos, val in flips:
+        data[pos] = val
+    _only_gia_errors(_open_and_read_cube, _cube_file(bytes(data)))
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(cum=np.zeros(SHAPE, np.float32)), "cum"),                              # 2-D, no time axis
+    (dict(cum=np.zeros((NT, 2, *SHAPE), np.float32)), "cum"),                    # 4-D
+    (dict(cum=np.zeros((NT + 1, *SHAPE), np.float32)), "imdates"),               # one layer more than dates
+    (dict(imdates=np.array([[20200101, 20200113], [20200125, 20200206]])), "imdates"),  # 2-D dates
+    (dict(cum=np.zeros((NT, 0, 10), np.float32)), "cum"),                        # no pixel
+    (dict(post_lat=0.0), "post_lat"),                                            # degenerate grid
+    (dict(corner_lon=np.array([], np.float64)), "corner_lon"),                   # empty scalar
+    (dict(corner_lat=None), "corner_lat"),                                       # missing
+    (dict(imdates=np.array([b"2020-01-01", b"x", b"y", b"z"])), "imdates"),     # not YYYYMMDD
+])
+def test_open_cube_wrong_dims(kwargs, field):
+    path = _cum_h5(_fresh_dir("cube") / "cum.h5", **kwargs)
+    result = _only_gia_errors(_open_and_read_cube, path)
+    assert isinstance(result, GiaError) and type(result).__name__ == "TimeSeriesError"
+    assert result.field == field and Path(result.file).name == "cum.h5" and result.fix

@@ -260,3 +260,56 @@ def test_mintpy_not_geocoded(tmp_path):
     with pytest.raises(FrameError) as ei:
         open_frame(tmp_path / "mp")
     _assert_names(ei.value, "X_FIRST", "geocode")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Size guard: a raster larger than the memory available is refused before it is read
+# ---------------------------------------------------------------------------------------------------------------
+def test_size_guard_uses_available_memory(tmp_path, monkeypatch):
+    from gpu_insar_adjust.io import frames as frames_mod
+
+    _licsbas(tmp_path / "f")
+    # 20 x 30 float32 read + a float32 copy = 4800 bytes: 4799 available is refused, 4800 accepted
+    monkeypatch.setattr(frames_mod, "_available_memory", lambda: 4799)
+    with pytest.raises(FrameError) as ei:
+        open_frame(tmp_path / "f")
+    err = ei.value
+    assert err.field == "width/height" and err.file.endswith("vel.geo.tif") and "20 x 30" in err.message
+    assert "crop or multilook" in err.fix
+    monkeypatch.setattr(frames_mod, "_available_memory", lambda: 4800)
+    assert open_frame(tmp_path / "f")["los_velocity"].shape == SHAPE
+    # unknown available memory: no guard (nothing to compare with), the frame opens
+    monkeypatch.setattr(frames_mod, "_available_memory", lambda: None)
+    assert open_frame(tmp_path / "f")["los_velocity"].shape == SHAPE
+
+
+def test_size_guard_on_mintpy_datasets(tmp_path, monkeypatch):
+    from gpu_insar_adjust.io import frames as frames_mod
+
+    _mintpy(tmp_path / "mp")
+    monkeypatch.setattr(frames_mod, "_available_memory", lambda: 20 * 30 * 8 - 1)
+    with pytest.raises(FrameError) as ei:
+        open_frame(tmp_path / "mp")
+    assert ei.value.field == "LENGTH/WIDTH" and ei.value.file.endswith("velocity.h5")
+    assert "'velocity'" in ei.value.message
+
+
+def test_available_memory_falls_back_to_sysconf(monkeypatch):
+    import os
+    import sys
+
+    from gpu_insar_adjust.io import frames as frames_mod
+
+    psutil = pytest.importorskip("psutil")
+    with_psutil = frames_mod._available_memory()
+    assert abs(with_psutil - psutil.virtual_memory().available) < 2**30
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil now raises ImportError
+    try:
+        expected = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        expected = None
+    got = frames_mod._available_memory()
+    if expected is None:
+        assert got is None
+    else:
+        assert got is not None and abs(got - expected) < 2**30 and got > 0

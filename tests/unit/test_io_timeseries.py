@@ -132,3 +132,28 @@ def test_bad_dates_and_layouts(tmp_path):
         h["date"] = np.array([str(d).encode() for d in DATES])
     with pytest.raises(TimeSeriesError, match="not geocoded"):
         open_cube(tmp_path / "d.h5")
+
+
+def test_missing_dask_is_a_gia_error_with_the_install_fix(tmp_path, monkeypatch):
+    import sys
+
+    from gpu_insar_adjust.errors import BackendUnavailableError, GiaError
+
+    _licsbas(tmp_path / "cum.h5")
+    monkeypatch.setitem(sys.modules, "dask.array", None)  # import dask.array now raises ImportError
+    with pytest.raises(BackendUnavailableError) as ei:
+        open_cube(tmp_path / "cum.h5")
+    assert isinstance(ei.value, GiaError) and ei.value.field == "dask"
+    assert ei.value.fix == "pip install 'gpu_insar_adjust[dask]'" and ei.value.file.endswith("cum.h5")
+
+
+def test_damaged_block_read_is_a_time_series_error(tmp_path):
+    cube = _licsbas(tmp_path / "cum.h5")
+    da = open_cube(tmp_path / "cum.h5", chunks={"y": 8, "x": 12})
+    np.testing.assert_array_equal(da[:, :8, :12].values, cube[:, :8, :12])
+    # the file loses its cube after opening (replaced, truncated, deleted by another process)
+    with h5py.File(tmp_path / "cum.h5", "a") as h:
+        del h["cum"]
+    with pytest.raises(TimeSeriesError) as ei:
+        da.values  # noqa: B018 - reading is the point
+    assert ei.value.field == "cum" and ei.value.file.endswith("cum.h5") and "re-export" in ei.value.fix

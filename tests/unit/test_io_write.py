@@ -250,3 +250,54 @@ def test_cog_float32_overflow_and_dtype_surprises(tmp_path):
     write_netcdf(counts, tmp_path / "n.nc")
     with xr.open_dataset(tmp_path / "n.nc") as back:
         np.testing.assert_array_equal(back["n_frames"].values, counts.values)
+
+
+@pytest.mark.parametrize("kind", ["netcdf", "zarr"])
+def test_inf_block_leaves_no_straggler_writes(tmp_path, kind):
+    """Blocks still being computed when an inf block fails must not write into (re-create) the temporary
+    output after the error: the writer joins its threads before cleaning up."""
+    import time
+
+    import dask.array as dsa
+
+    writer, name, _, _ = _WRITERS[kind]
+
+    def source(block_info=None):
+        loc = block_info[None]["chunk-location"]
+        block = np.full(block_info[None]["chunk-shape"], 1.5, np.float32)
+        if loc == (0, 0, 0):
+            block[0, 0, 0] = np.inf  # fails at once...
+        else:
+            time.sleep(0.15)  # ...while the other blocks are still running and about to write
+        return block
+
+    data = dsa.map_blocks(source, chunks=((2, 2), (15, 15), (20, 20)), dtype=np.float32,
+                          meta=np.empty((0, 0, 0), np.float32))
+    with pytest.raises(OutputError, match="1 of 600 value"):
+        writer(_cube().copy(data=data), tmp_path / name)
+    time.sleep(0.6)  # any straggler would have written its chunk by now
+    assert os.listdir(tmp_path) == []
+
+
+def test_cog_keeps_the_carried_transform_exactly(tmp_path):
+    """The transform an array carries (from the file it was read from) is written bit for bit, not one
+    re-derived from its rounded pixel-centre coordinates; a stale carried transform (array sliced after
+    reading) is not used."""
+    from affine import Affine
+
+    exact = Affine(0.05, 0.0, 113.5, 0.0, -0.05, 39.0)
+    x = exact.c + (np.arange(70) + 0.5) * exact.a
+    y = exact.f + (np.arange(60) + 0.5) * exact.e
+    da = _frame_like(60, 70).assign_coords(x=x, y=y).rio.write_transform(exact)
+    assert da.rio.transform(recalc=True).a != exact.a  # re-deriving the pixel size rounds in the last bit
+    write_cog(da, tmp_path / "a.tif")
+    with rasterio.open(tmp_path / "a.tif") as a:
+        assert a.transform == exact  # every coefficient exact
+        np.testing.assert_array_equal(a.read(1), da.values)
+    sub = da.isel(x=slice(10, 30), y=slice(5, 25))  # the carried GeoTransform is now stale
+    write_cog(sub, tmp_path / "c.tif")
+    with rasterio.open(tmp_path / "c.tif") as c:
+        assert c.transform.c == pytest.approx(113.5 + 10 * 0.05, abs=1e-12)
+        assert c.transform.f == pytest.approx(39.0 - 5 * 0.05, abs=1e-12)
+        assert c.transform.a == pytest.approx(0.05, rel=1e-12)
+        np.testing.assert_array_equal(c.read(1), sub.values)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import assert_matches_reference
 
-from gpu_insar_adjust.errors import GeometryError, GiaError
+from gpu_insar_adjust.errors import ArrayArgumentError, GeometryError, GiaError
 from gpu_insar_adjust.geodesy import los
 
 
@@ -147,7 +147,71 @@ def test_against_mintpy():
     utils0 = pytest.importorskip("mintpy.utils.utils0")
     rng = np.random.default_rng(3)
     inc, az = rng.uniform(20, 50, 50), rng.uniform(-180, 180, 50)
-    ref = utils0.get_unit_vector4component_of_interest(inc, az, comp="enu")
+    ref = utils0.get_unit_vector4component_of_interest(inc, az, comp="enu2los")
     got = los.unit_vector_from_incidence_azimuth(inc, az)
     for g, r in zip(got, ref):
-        np.testing.assert_allclose(g, r, rtol=1e-12)
+        np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument validation: ArrayArgumentError naming the argument, never a bare NumPy error
+# ----------------------------------------------------------------------------------------------------------------
+def test_mismatched_shapes_name_the_argument(xp):
+    e, n, u = los.unit_vector_from_incidence_heading(xp.asarray([39.0, 40.0, 41.0]), -12.0)
+    with pytest.raises(ArrayArgumentError) as err:
+        los.enu_to_los(xp.asarray([1.0, 2.0]), 0.0, 0.0, e, n, u)
+    assert err.value.field == "e" and "(3,)" in str(err.value) and "(2,)" in str(err.value)
+    assert "same shape" in err.value.fix and isinstance(err.value, GiaError)
+    with pytest.raises(ArrayArgumentError) as err:
+        los.enu_std_to_los_std(1.0, 1.0, 1.0, e, n, u, cov_en=xp.zeros((4,)))
+    assert err.value.field == "cov_en"
+    with pytest.raises(ArrayArgumentError) as err:
+        los.unit_vector_from_incidence_heading(xp.zeros((2, 3)) + 30.0, xp.zeros((2, 2)))
+    assert err.value.field == "heading_deg"
+    with pytest.raises(ArrayArgumentError) as err:
+        los.check_unit_vector(e, n, u[:2])
+    assert err.value.field == "u"
+    # shapes that broadcast are fine: a (rows, 1) column against a (1, cols) row gives (rows, cols)
+    v = los.enu_to_los(xp.ones((2, 1)), 0.0, 0.0, xp.ones((1, 3)), 0.0, 0.0)
+    assert tuple(v.shape) == (2, 3)
+    assert_matches_reference(v, np.ones((2, 3)))
+
+
+@pytest.mark.parametrize("bad, what", [("39.0", "str"), (None, "NoneType"), (b"x", "bytes"), ({}, "dict")])
+def test_non_numeric_arguments_rejected(bad, what):
+    with pytest.raises(ArrayArgumentError) as err:
+        los.unit_vector_from_incidence_heading(bad, -12.0)
+    assert err.value.field == "incidence_deg" and what in str(err.value) and "float array" in err.value.fix
+    with pytest.raises(ArrayArgumentError) as err:
+        los.enu_to_los(1.0, 2.0, 3.0, 0.6, 0.1, bad)
+    assert err.value.field == "u"
+
+
+def test_bool_complex_and_text_arrays_rejected(xp):
+    with pytest.raises(ArrayArgumentError, match="boolean") as err:
+        los.los_to_vertical(xp.asarray([True, False]), 0.0, 0.0, 0.78)
+    assert err.value.field == "v_los"
+    with pytest.raises(ArrayArgumentError, match="boolean"):
+        los.azimuth_from_heading(True)
+    with pytest.raises(ArrayArgumentError, match="complex") as err:
+        los.enu_to_los(1.0, 1.0, 1j, 0.6, 0.1, 0.78)
+    assert err.value.field == "vu"
+    with pytest.raises(ArrayArgumentError, match="dtype") as err:
+        los.heading_from_unit_vector(np.array(["0.6"]), np.array([0.1]))
+    assert err.value.field == "e"
+    with pytest.raises(ArrayArgumentError, match="not a regular array") as err:
+        los.orbit_direction([[0.6, 0.5], [0.4]])
+    assert err.value.field == "e"
+
+
+def test_integers_are_converted_to_float(xp):
+    # integer degrees are a valid input and give exactly the float result (not integer arithmetic)
+    e, n, u = los.unit_vector_from_incidence_heading(xp.asarray([39, 40]), xp.asarray([-12, -12]))
+    ref = _ref_heading(np.array([39.0, 40.0]), -12.0)
+    assert e.dtype == xp.float64
+    for got, r in zip((e, n, u), ref):
+        assert_matches_reference(got, r, rtol=1e-15)
+    assert_matches_reference(los.enu_to_los(30, -10, -20, e, n, u), 30 * ref[0] - 10 * ref[1] - 20 * ref[2],
+                             rtol=1e-14)
+    # a list of numbers works like the array
+    assert_matches_reference(los.azimuth_from_heading([-12, 12.5]), [102.0, 77.5])
