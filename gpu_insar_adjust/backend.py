@@ -191,8 +191,46 @@ def asarray(x: Any, xp=None, dtype=None):
     if name == "cupy":
         import cupy
 
-        return cupy.asarray(x, dtype=dtype)
+        if not isinstance(x, cupy.ndarray):  # a host → device copy: refuse one that cannot fit
+            nbytes = int(getattr(x, "nbytes", 0)) or int(np.asarray(x).nbytes)
+            if dtype is not None:
+                nbytes = nbytes // max(1, np.asarray(x).dtype.itemsize) * np.dtype(dtype).itemsize
+            check_device_memory(nbytes)
+        try:
+            return cupy.asarray(x, dtype=dtype)
+        except cupy.cuda.memory.OutOfMemoryError as exc:
+            raise _device_memory_error(int(getattr(x, "nbytes", 0)), None) from exc
     return xp.asarray(x, dtype=dtype)
+
+
+def _device_free_bytes() -> int | None:
+    """Free memory of the current GPU (bytes), counting what CuPy's pool holds but does not use; None if unknown."""
+    try:
+        import cupy
+
+        free, _total = cupy.cuda.runtime.memGetInfo()
+        pool = cupy.get_default_memory_pool()
+        return int(free + pool.free_bytes())
+    except Exception:
+        return None
+
+
+def _device_memory_error(nbytes: int, free: int | None, *, field: str = "chunk size"):
+    from .errors import DeviceMemoryError
+
+    have = "unknown" if free is None else f"{free / 2**30:.2f} GiB"
+    return DeviceMemoryError(
+        f"A block of {nbytes / 2**30:.2f} GiB does not fit in the GPU's free memory ({have}).", field=field,
+        fix="lower the block sizes (timeseries.chunk_pixels, mosaic.tile_size) in the configuration, free the "
+            "GPU of other work, or run on the CPU with --backend numpy")
+
+
+def check_device_memory(nbytes: int, *, field: str = "chunk size", headroom: float = 0.9) -> None:
+    """Raise :class:`~gpu_insar_adjust.errors.DeviceMemoryError` when ``nbytes`` exceed ``headroom`` × the GPU's
+    free memory (no-op when that cannot be measured, e.g. without a GPU)."""
+    free = _device_free_bytes()
+    if free is not None and nbytes > headroom * free:
+        raise _device_memory_error(nbytes, free, field=field)
 
 
 def _is_array(x: Any) -> bool:

@@ -90,6 +90,10 @@ class BackendUnavailableError(GiaError, RuntimeError):
     """The requested array backend (e.g. the GPU) is not available on this machine."""
 
 
+class DeviceMemoryError(GiaError, MemoryError):
+    """A block of work does not fit in the GPU's free memory (lower the chunk or tile size)."""
+
+
 class UnsupportedBackendError(GiaError, TypeError):
     """An operation has no implementation for the array backend it was given."""
 

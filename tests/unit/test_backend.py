@@ -89,3 +89,24 @@ def test_errors_are_picklable_and_formatted():
     assert type(e2) is errors.FrameError and str(e2) == str(e)
     assert "file:  /tmp/f" in str(e) and "field: vel.geo.tif" in str(e) and "fix:   add it" in str(e)
     assert isinstance(e, ValueError) and isinstance(e, errors.GiaError)
+
+
+def test_block_larger_than_free_gpu_memory_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(backend, "_device_free_bytes", lambda: 1 << 30)  # a GPU with 1 GiB free
+    backend.check_device_memory(512 << 20)  # half a GiB fits
+    with pytest.raises(errors.DeviceMemoryError) as exc:
+        backend.check_device_memory(2 << 30, field="timeseries.chunk_pixels")
+    assert isinstance(exc.value, errors.GiaError) and isinstance(exc.value, MemoryError)
+    assert exc.value.field == "timeseries.chunk_pixels"
+    assert "2.00 GiB" in str(exc.value) and "1.00 GiB" in str(exc.value)
+    assert "chunk_pixels" in exc.value.fix and "--backend numpy" in exc.value.fix
+    monkeypatch.setattr(backend, "_device_free_bytes", lambda: None)  # unknown (no GPU): no check
+    backend.check_device_memory(1 << 60)
+
+
+def test_host_to_gpu_copy_checks_free_memory(gpu_xp, monkeypatch):
+    monkeypatch.setattr(backend, "_device_free_bytes", lambda: 4096)
+    with pytest.raises(errors.DeviceMemoryError):
+        backend.asarray(np.zeros(100_000, np.float32), xp=backend._backend_namespace("cupy"))
+    monkeypatch.setattr(backend, "_device_free_bytes", lambda: 1 << 30)
+    assert backend.asarray(np.zeros(100_000, np.float32), xp=backend._backend_namespace("cupy")).shape == (100_000,)
