@@ -22,7 +22,7 @@ from .. import backend
 from ..errors import ArrayArgumentError
 from .reference import KERNELS, n_poly_terms
 
-__all__ = ["fit_epoch_ramps", "subtract_epoch_ramps", "shared_design_fit", "SharedFit",
+__all__ = ["fit_epoch_ramps", "subtract_epoch_ramps", "remove_epoch_ramps", "shared_design_fit", "SharedFit",
            "eval_polynomial_surface", "eval_kernel_surface", "cpu_engine", "n_poly_terms", "KERNELS"]
 
 
@@ -77,6 +77,15 @@ def _check_coords(x, y, n, spatial):
                 field=name, fix=f"pass one {name} coordinate per pixel, shape {spatial} or ({n},)")
 
 
+def _check_mask(xp, mask, T, n):
+    if mask is None:
+        return None
+    if _dtype_name(mask) != "bool" or int(np.prod(mask.shape)) not in (n, T * n):
+        raise ArrayArgumentError(f"`mask` must be boolean per pixel or per observation; got {mask.dtype} "
+                                 f"{mask.shape}.", field="mask", fix="pass mask as a bool array, True = use")
+    return xp.reshape(mask, (n,) if int(np.prod(mask.shape)) == n else (T, n))
+
+
 def _check_weights(xp, weights, T, n, name="weights", epoch_only_ok=False):
     if weights is None:
         return None
@@ -124,11 +133,7 @@ def fit_epoch_ramps(cube, x, y, *, order: int = 1, weights=None, mask=None):
     _check_order(order)
     _check_coords(x, y, n, tuple(cube.shape[1:]))
     weights = _check_weights(xp, weights, T, n)
-    if mask is not None:
-        if _dtype_name(mask) != "bool" or int(np.prod(mask.shape)) not in (n, T * n):
-            raise ArrayArgumentError(f"`mask` must be boolean per pixel or per observation; got {mask.dtype} "
-                                     f"{mask.shape}.", field="mask", fix="pass mask as a bool array, True = use")
-        mask = xp.reshape(mask, (n,) if int(np.prod(mask.shape)) == n else (T, n))
+    mask = _check_mask(xp, mask, T, n)
     impl = backend.dispatch("kernels.fit_epoch_ramps", xp)
     return impl(xp.reshape(cube, (T, n)), xp.reshape(x, (n,)), xp.reshape(y, (n,)), order=order,
                 weights=weights, mask=mask)
@@ -166,6 +171,53 @@ def subtract_epoch_ramps(cube, coeffs, x, y, order: int, *, in_place: bool = Fal
     out2 = None if out is None else xp.reshape(out, (T, n))
     res = impl(xp.reshape(cube, (T, n)), coeffs, xp.reshape(x, (n,)), xp.reshape(y, (n,)), order, out=out2)
     return xp.reshape(res, tuple(cube.shape)) if out is None else out
+
+
+def remove_epoch_ramps(cube, x, y, *, order: int = 1, weights=None, mask=None, in_place: bool = False,
+                       group_bytes: int = 64 << 20):
+    """Fit and remove one polynomial ramp per epoch; returns ``(corrected cube, coeffs (T, n_terms) float64)``.
+
+    Bit for bit the result of :func:`fit_epoch_ramps` followed by :func:`subtract_epoch_ramps` (NumPy arrays;
+    the kernels sum in a fixed order), but done a group of epochs at a time (about ``group_bytes`` of cube per
+    group): the subtraction re-reads a group the fit has just read, while it is still in the CPU's cache, so
+    the cube crosses the memory bus once for reading and once for writing instead of twice for reading. On
+    CuPy arrays the whole cube is one group.
+
+    Epochs whose ramp cannot be determined (fewer usable pixels than terms; a NaN row in ``coeffs``, as in
+    :func:`fit_epoch_ramps`) are left unchanged; the NaN row says so. Other arguments as in
+    :func:`fit_epoch_ramps`; ``in_place=True`` overwrites ``cube`` (C-contiguous) instead of copying it.
+    """
+    xp = backend.namespace(cube, x, y, weights, mask)
+    T, n = _check_cube(cube)
+    if in_place and not (hasattr(cube, "flags") and cube.flags.c_contiguous):
+        raise ArrayArgumentError("in_place=True needs a C-contiguous cube.", field="cube",
+                                 fix="pass a contiguous array or use in_place=False")
+    name = backend.backend_name(xp)
+    if name == "numpy":
+        _check_order(order)
+        spatial = tuple(cube.shape[1:])
+        _check_coords(x, y, n, spatial)
+        weights = _check_weights(xp, weights, T, n)
+        mask = _check_mask(xp, mask, T, n)
+        from . import cpu
+
+        flat = np.reshape(cube, (T, n))
+        out, coeffs = cpu.remove_epoch_ramps(flat, np.reshape(x, (n,)), np.reshape(y, (n,)), order=order,
+                                             weights=weights, mask=mask, out=flat if in_place else None,
+                                             group_bytes=group_bytes)
+        return (cube if in_place else np.reshape(out, cube.shape)), coeffs
+    if name != "cupy":
+        # other array-API namespaces: the plain two-pass composition (no in-place writes through views)
+        c = fit_epoch_ramps(cube, x, y, order=order, weights=weights, mask=mask)
+        ok = xp.all(xp.isfinite(c), axis=1)
+        return subtract_epoch_ramps(cube, xp.where(ok[:, None], c, xp.zeros_like(c)), x, y, order), c
+    # CuPy: the device has no cache to keep a group in; one fit over the cube, then the subtraction
+    out = cube if in_place else xp.asarray(cube, copy=True)
+    c = fit_epoch_ramps(out, x, y, order=order, weights=weights, mask=mask)
+    ok = xp.all(xp.isfinite(c), axis=1)
+    # undetermined epochs: subtract a zero ramp (unchanged) and report NaN coefficients
+    subtract_epoch_ramps(out, xp.where(ok[:, None], c, xp.zeros_like(c)), x, y, order, out=out)
+    return out, c
 
 
 def eval_polynomial_surface(coeffs, x, y, order: int, *, dtype: str = "float32"):

@@ -4,6 +4,17 @@ Inputs arrive validated and flattened from :mod:`gpu_insar_adjust.kernels` (cube
 ``(N,)``). Both engines stream the float32 cube once in cache-sized pixel blocks and accumulate in float64;
 neither builds a per-pixel design matrix.
 
+Ramps on a grid (pixels flattened row-major from a ``meshgrid``: x constant down a column, y along a row; found
+by one look at the coordinates) take the numba engine's per-row path: ``Σ_cols d u^a`` (a ≤ 2) per row, then
+times ``v^b`` per row, i.e. three multiply-adds per pixel; the normal-matrix moments of a row are precomputed
+and only rows with gaps subtract the moments of their missing pixels. Every sum is reduced in a fixed order, so
+:func:`remove_epoch_ramps` (fit and subtract a group of epochs while it is in cache) is bit for bit
+:func:`fit_epoch_ramps` followed by :func:`subtract_epoch_ramps`.
+
+Shared-design fits read the cube once per pixel block, four epochs at a time, each float64 slab row feeding the
+multiply-adds of three unknowns (register reuse instead of a BLAS call per block); float32 in, float64 sums
+and solves: results equal a float64 ``lstsq`` per pixel to ~1e-13 relative.
+
 numba is optional (extra ``fast``). :func:`cpu_engine` says which engine runs; the environment variable
 ``GIA_CPU_KERNELS=numpy`` forces the NumPy engine (``numba`` forces numba and fails without it).
 
@@ -61,10 +72,10 @@ def _n_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def _block_pixels(T: int, itemsize: int = 4, budget: int = 1 << 20) -> int:
+def _block_pixels(T: int, itemsize: int = 4, budget: int = 1 << 20, most: int = 8192) -> int:
     """Pixels per block so that a (T, block) slab of the cube stays in a ~1 MiB share of L2."""
     b = budget // max(1, T * itemsize)
-    return int(min(8192, max(64, (b // 64) * 64)))
+    return int(min(most, max(64, (b // 64) * 64)))
 
 
 # the 21 entries (j <= k) of f fᵀ, f = [1, u, v, u², uv, v²], as indices into the 15 moments u^a v^b ordered
@@ -227,7 +238,7 @@ def _nb():
         return mom, rhs, cnt
 
     @jit(parallel=True)
-    def ramp_subtract(cube, coef, u, v, out, block):
+    def ramp_subtract(cube, coef, u, v, out, block, in_place):
         """out[t, i] = cube[t, i] - ramp_t(u_i, v_i); coef (T, 6) in centred coordinates (zero padded)."""
         T, N = cube.shape
         nblk = (N + block - 1) // block
@@ -242,13 +253,19 @@ def _nb():
                 c4 = coef[t, 4]
                 c5 = coef[t, 5]
                 ri = cube[t, i0:i1]
-                ro = out[t, i0:i1]
                 ub = u[i0:i1]
                 vb = v[i0:i1]
-                for i in range(ri.size):
-                    uu = ub[i]
-                    vv = vb[i]
-                    ro[i] = ri[i] - (c0 + uu * (c1 + c3 * uu + c4 * vv) + vv * (c2 + c5 * vv))
+                if in_place:  # one array: LLVM's runtime overlap check would fall back to scalar code
+                    for i in range(ri.size):
+                        uu = ub[i]
+                        vv = vb[i]
+                        ri[i] = ri[i] - (c0 + uu * (c1 + c3 * uu + c4 * vv) + vv * (c2 + c5 * vv))
+                else:
+                    ro = out[t, i0:i1]
+                    for i in range(ri.size):
+                        uu = ub[i]
+                        vv = vb[i]
+                        ro[i] = ri[i] - (c0 + uu * (c1 + c3 * uu + c4 * vv) + vv * (c2 + c5 * vv))
 
     @jit(parallel=True)
     def poly_eval(coef, u, v, out):
@@ -259,70 +276,95 @@ def _nb():
             vv = v[i]
             out[i] = c0 + uu * (c1 + c3 * uu + c4 * vv) + vv * (c2 + c5 * vv)
 
+    @jit(inline="always")
+    def slab4(Y, wt, has_wt, epoch_ok, t0, i0, yb, cnt, values):
+        """Rows t0..t0+3 of a pixel block as float64: the (weighted) values with gaps as 0 when ``values``,
+        else the weights of the usable observations (1 without weights); counts usable observations."""
+        T = Y.shape[0]
+        nb_ = yb.shape[1]
+        for j in range(4):
+            t = t0 + j
+            yj = yb[j]
+            if t >= T or not epoch_ok[t]:
+                for i in range(nb_):
+                    yj[i] = 0.0
+                continue
+            row = Y[t, i0:i0 + nb_]
+            if has_wt:
+                wrow = wt[t, i0:i0 + nb_]
+                for i in range(nb_):
+                    y = row[i]
+                    wi = wrow[i]
+                    ok = (y == y) & (wi > 0.0)
+                    if values:
+                        yj[i] = np.float64(y) * wi if ok else 0.0
+                        cnt[i] += 1.0 if ok else 0.0
+                    else:
+                        yj[i] = wi if ok else 0.0
+            else:
+                for i in range(nb_):
+                    y = row[i]
+                    ok = y == y
+                    if values:
+                        yj[i] = np.float64(y) if ok else 0.0
+                        cnt[i] += 1.0 if ok else 0.0
+                    else:
+                        yj[i] = 1.0 if ok else 0.0
+
+    @jit(inline="always")
+    def accumulate4(C, t0, yb, out):
+        """out[k] += sum_j C[t0 + j, k] yb[j] for the four slab rows: three output rows at a time, so that
+        each slab load feeds three multiply-adds and each output load/store four (C zero padded)."""
+        y0 = yb[0]
+        y1 = yb[1]
+        y2 = yb[2]
+        y3 = yb[3]
+        for k in range(0, out.shape[0], 3):
+            a0, a1, a2, a3 = C[t0, k], C[t0 + 1, k], C[t0 + 2, k], C[t0 + 3, k]
+            b0, b1, b2, b3 = C[t0, k + 1], C[t0 + 1, k + 1], C[t0 + 2, k + 1], C[t0 + 3, k + 1]
+            c0, c1, c2, c3 = C[t0, k + 2], C[t0 + 1, k + 2], C[t0 + 2, k + 2], C[t0 + 3, k + 2]
+            ra = out[k]  # 1-D views keep the inner loop vectorisable
+            rb = out[k + 1]
+            rc = out[k + 2]
+            for i in range(ra.size):
+                v0 = y0[i]
+                v1 = y1[i]
+                v2 = y2[i]
+                v3 = y3[i]
+                ra[i] += (a0 * v0 + a1 * v1) + (a2 * v2 + a3 * v3)
+                rb[i] += (b0 * v0 + b1 * v1) + (b2 * v2 + b3 * v3)
+                rc[i] += (c0 * v0 + c1 * v1) + (c2 * v2 + c3 * v3)
+
     @jit(parallel=True)
-    def shared_fit(A, Aw, G, Ninv, epoch_ok, n_epochs, Y, wt, colscale, want_rms, block, out_x, out_n, out_rms):
-        """Per-pixel least squares with one design A (T, n) (columns scaled); see cpu.shared_design_fit."""
+    def shared_fit(A, Awp, Gp, Ninv, epoch_ok, n_epochs, Y, wt, colscale, want_rms, block, out_x, out_n, out_rms):
+        """Per-pixel least squares with one design A (T, n) (columns scaled); see cpu.shared_design_fit.
+
+        Awp, Gp: A W and the packed per-epoch products, zero padded to (T + 4, multiple of 3) columns.
+        """
         T, N = Y.shape
         n = A.shape[1]
-        npair = G.shape[1]
         has_wt = wt.shape[0] > 0
         nblk = (N + block - 1) // block
         for b in prange(nblk):
             i0 = b * block
             nb_ = min(N, i0 + block) - i0
-            rhs = np.zeros((n, nb_))
+            rhs = np.zeros((Awp.shape[1], nb_))
             cnt = np.zeros(nb_)
-            y0 = np.empty(nb_)
-            # pass 1 (streams the cube from memory): right-hand sides and valid counts
-            for t in range(T):
-                if not epoch_ok[t]:
-                    continue
-                row = Y[t, i0:i0 + nb_]
-                if has_wt:
-                    wrow = wt[t, i0:i0 + nb_]
-                    for i in range(nb_):
-                        y = row[i]
-                        wi = wrow[i]
-                        ok = (y == y) & (wi > 0.0)
-                        y0[i] = np.float64(y) * wi if ok else 0.0
-                        cnt[i] += 1.0 if ok else 0.0
-                else:
-                    for i in range(nb_):
-                        y = row[i]
-                        ok = y == y
-                        y0[i] = np.float64(y) if ok else 0.0
-                        cnt[i] += 1.0 if ok else 0.0
-                for k in range(n):
-                    a = Aw[t, k]
-                    rk = rhs[k]  # 1-D views keep the inner loops vectorisable
-                    for i in range(rk.size):
-                        rk[i] += a * y0[i]
+            yb = np.empty((4, nb_))
+            # pass 1 (streams the cube from memory): right-hand sides and usable counts, four epochs at a time
+            for t0 in range(0, T, 4):
+                slab4(Y, wt, has_wt, epoch_ok, t0, i0, yb, cnt, True)
+                accumulate4(Awp, t0, yb, rhs)
             gaps = has_wt
             for i in range(nb_):
                 if cnt[i] != n_epochs:
                     gaps = True
-            nrm = np.zeros((npair, nb_ if gaps else 1))
+            nrm = np.zeros((Gp.shape[1], nb_ if gaps else 1))
             if gaps:
-                # pass 2 (block still in cache): per-pixel normal matrices of the pixels' own valid epochs
-                for t in range(T):
-                    if not epoch_ok[t]:
-                        continue
-                    row = Y[t, i0:i0 + nb_]
-                    if has_wt:
-                        wrow = wt[t, i0:i0 + nb_]
-                        for i in range(row.size):
-                            y = row[i]
-                            wi = wrow[i]
-                            y0[i] = wi if (y == y) & (wi > 0.0) else 0.0
-                    else:
-                        for i in range(row.size):
-                            y = row[i]
-                            y0[i] = 1.0 if y == y else 0.0
-                    for q in range(npair):
-                        g = G[t, q]
-                        nq = nrm[q]
-                        for i in range(nq.size):
-                            nq[i] += g * y0[i]
+                # pass 2 (block still in cache): per-pixel normal matrices of the pixels' own usable epochs
+                for t0 in range(0, T, 4):
+                    slab4(Y, wt, has_wt, epoch_ok, t0, i0, yb, cnt, False)
+                    accumulate4(Gp, t0, yb, nrm)
             # solve pixel by pixel: precomputed inverse for complete pixels, in-register Cholesky otherwise
             L = np.empty((n, n))
             z = np.empty(n)
@@ -402,8 +444,208 @@ def _nb():
                 for i in range(nb_):
                     out_rms[i0 + i] = np.sqrt(ss[i] / cnt[i]) if cnt[i] >= n and xs[0, i] == xs[0, i] else np.nan
 
+    # ---- grids: u depends on the column only, v on the row only ------------------------------------------
+    @jit(parallel=True)
+    def grid_partials(cube, t0, t1, cols, upow, wgrid, mrow, npos, part):
+        """Row partial sums of epochs t0..t1-1 into part[t - t0, r] = [s0, s1, s2, n, m0..m4].
+
+        s_a = sum over the row's usable pixels of w d u^a (a <= 2), n their count, m_a = sum w u^a (a <= 4);
+        upow (5, cols) holds u^0..u^4. Since v is constant along a row, every moment and right-hand side of the
+        quadratic surface is a sum over rows of v^b times these: three multiply-adds per pixel. The moments
+        of a row with gaps are its precomputed full-row moments minus those of its few unusable pixels.
+        """
+        rows = part.shape[1]
+        has_w = wgrid.shape[0] > 0
+        u1 = upow[1]
+        u2 = upow[2]
+        u3 = upow[3]
+        u4 = upow[4]
+        nk = (t1 - t0) * rows
+        for k in prange(nk):
+            t = t0 + k // rows
+            r = k % rows
+            row = cube[t, r * cols:(r + 1) * cols]
+            n = 0.0
+            s0 = s1 = s2 = 0.0
+            if has_w:
+                wr = wgrid[r]
+                for i in range(row.size):
+                    d = row[i]
+                    wi = wr[i]
+                    ok = (d == d) & (wi > 0.0)
+                    dd = np.float64(d) * wi if ok else 0.0
+                    n += 1.0 if ok else 0.0
+                    s0 += dd
+                    s1 += dd * u1[i]
+                    s2 += dd * u2[i]
+            else:
+                for i in range(row.size):
+                    d = row[i]
+                    ok = d == d
+                    dd = np.float64(d) if ok else 0.0
+                    n += 1.0 if ok else 0.0
+                    s0 += dd
+                    s1 += dd * u1[i]
+                    s2 += dd * u2[i]
+            p = part[t - t0, r]
+            p[0] = s0
+            p[1] = s1
+            p[2] = s2
+            p[3] = n
+            if n == npos[r]:
+                for a in range(5):
+                    p[4 + a] = mrow[r, a]
+                continue
+            # moments of the pixels with a weight but no value (branch-free: vectorised)
+            g0 = g1 = g2 = g3 = g4 = 0.0
+            if has_w:
+                wr = wgrid[r]
+                for i in range(row.size):
+                    d = row[i]
+                    wi = wr[i]
+                    b = wi if (d != d) & (wi > 0.0) else 0.0
+                    g0 += b
+                    g1 += b * u1[i]
+                    g2 += b * u2[i]
+                    g3 += b * u3[i]
+                    g4 += b * u4[i]
+            else:
+                for i in range(row.size):
+                    d = row[i]
+                    bad = d != d
+                    g0 += 1.0 if bad else 0.0
+                    g1 += u1[i] if bad else 0.0
+                    g2 += u2[i] if bad else 0.0
+                    g3 += u3[i] if bad else 0.0
+                    g4 += u4[i] if bad else 0.0
+            p[4] = mrow[r, 0] - g0
+            p[5] = mrow[r, 1] - g1
+            p[6] = mrow[r, 2] - g2
+            p[7] = mrow[r, 3] - g3
+            p[8] = mrow[r, 4] - g4
+
+    @jit
+    def grid_reduce(part, vr, t0, t1, nrm, rhs, cnt, pair_to_moment):
+        """Sum the row partials of epochs t0..t1-1 in row order (deterministic): packed normals, rhs, counts
+
+        (rows t - t0 of nrm, rhs, cnt)."""
+        rows = part.shape[1]
+        mom = np.empty(15)
+        for t in range(t0, t1):
+            for q in range(15):
+                mom[q] = 0.0
+            r0 = r1 = r2 = r3 = r4 = r5 = 0.0
+            c = 0.0
+            for r in range(rows):
+                p = part[t - t0, r]
+                v1 = vr[r]
+                v2 = v1 * v1
+                v3 = v2 * v1
+                s0, s1, s2 = p[0], p[1], p[2]
+                m0, m1, m2, m3, m4 = p[4], p[5], p[6], p[7], p[8]
+                r0 += s0
+                r1 += s1
+                r2 += v1 * s0
+                r3 += s2
+                r4 += v1 * s1
+                r5 += v2 * s0
+                c += p[3]
+                mom[0] += m0
+                mom[1] += m1
+                mom[2] += v1 * m0
+                mom[3] += m2
+                mom[4] += v1 * m1
+                mom[5] += v2 * m0
+                mom[6] += m3
+                mom[7] += v1 * m2
+                mom[8] += v2 * m1
+                mom[9] += v3 * m0
+                mom[10] += m4
+                mom[11] += v1 * m3
+                mom[12] += v2 * m2
+                mom[13] += v3 * m1
+                mom[14] += v2 * v2 * m0
+            rhs[t - t0, 0] = r0
+            rhs[t - t0, 1] = r1
+            rhs[t - t0, 2] = r2
+            rhs[t - t0, 3] = r3
+            rhs[t - t0, 4] = r4
+            rhs[t - t0, 5] = r5
+            cnt[t - t0] = c
+            for q in range(21):
+                nrm[t - t0, q] = mom[pair_to_moment[q]]
+
+    @jit(parallel=True)
+    def grid_subtract(cube, out, t0, t1, cols, coef, uc, vr, in_place):
+        """out[t] = cube[t] - ramp(coef[t - t0]) for epochs t0..t1-1; per row the ramp is a + u (b + c3 u)."""
+        rows = vr.size
+        nk = (t1 - t0) * rows
+        for k in prange(nk):
+            t = t0 + k // rows
+            r = k % rows
+            vv = vr[r]
+            c = coef[t - t0]
+            a = c[0] + vv * (c[2] + c[5] * vv)
+            b = c[1] + c[4] * vv
+            c3 = c[3]
+            ri = cube[t, r * cols:(r + 1) * cols]
+            if in_place:  # one array: LLVM's runtime overlap check would fall back to scalar code
+                for i in range(ri.size):
+                    uu = uc[i]
+                    ri[i] = ri[i] - (a + uu * (b + c3 * uu))
+            else:
+                ro = out[t, r * cols:(r + 1) * cols]
+                for i in range(ri.size):
+                    uu = uc[i]
+                    ro[i] = ri[i] - (a + uu * (b + c3 * uu))
+
+    @nb.njit(cache=True)
+    def solve_spd(nrm, rhs, cnt, n_terms, t0, t1, out):
+        """Per-epoch Cholesky solves of the packed 6×6 normals truncated to n_terms; NaN where undetermined."""
+        L = np.empty((6, 6))
+        z = np.empty(6)
+        for t in range(t0, t1):
+            for j in range(6):
+                out[t, j] = np.nan if j < n_terms else 0.0
+            if cnt[t] < n_terms:
+                continue
+            q = 0
+            for j in range(6):
+                for k in range(j, 6):
+                    L[k, j] = nrm[t, q]
+                    q += 1
+            good = True
+            for j in range(n_terms):
+                njj = L[j, j]
+                d = njj
+                for k in range(j):
+                    d -= L[j, k] * L[j, k]
+                if not (d > 1e-13 * njj) or not (d > 0.0):
+                    good = False
+                    break
+                d = np.sqrt(d)
+                L[j, j] = d
+                for r in range(j + 1, n_terms):
+                    acc = L[r, j]
+                    for k in range(j):
+                        acc -= L[r, k] * L[j, k]
+                    L[r, j] = acc / d
+            if not good:
+                continue
+            for j in range(n_terms):
+                acc = rhs[t, j]
+                for k in range(j):
+                    acc -= L[j, k] * z[k]
+                z[j] = acc / L[j, j]
+            for j in range(n_terms - 1, -1, -1):
+                acc = z[j]
+                for k in range(j + 1, n_terms):
+                    acc -= L[k, j] * out[t, k]
+                out[t, j] = acc / L[j, j]
+
     return {"chunk_moments": chunk_moments, "ramp_normals": ramp_normals, "ramp_subtract": ramp_subtract,
-            "poly_eval": poly_eval, "shared_fit": shared_fit}
+            "poly_eval": poly_eval, "shared_fit": shared_fit, "grid_partials": grid_partials,
+            "grid_reduce": grid_reduce, "grid_subtract": grid_subtract, "solve_spd": solve_spd}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -453,6 +695,14 @@ def _from_centred_coeffs(c6: np.ndarray, x0: float, y0: float, s: float, order: 
     return ref.poly_change_of_variables(padded, -x0 / s, -y0 / s, 1.0 / s, 2)[..., :n]
 
 
+def _pad3(C: np.ndarray) -> np.ndarray:
+    """(T, m) → (T + 4, m rounded up to a multiple of 3), zero padded: the shapes the unrolled kernel reads."""
+    T, m = C.shape
+    out = np.zeros((T + 4, -(-m // 3) * 3))
+    out[:T, :m] = C
+    return out
+
+
 def _pool_map(func, items):
     nt = _n_threads()
     if nt == 1 or len(items) < 2:
@@ -464,33 +714,155 @@ def _pool_map(func, items):
 # --------------------------------------------------------------------------------------------------------------
 # 1. per-epoch ramps
 # --------------------------------------------------------------------------------------------------------------
-def fit_epoch_ramps(cube, x, y, *, order=1, weights=None, mask=None, engine=None) -> np.ndarray:
-    """Per-epoch polynomial ramps of a ``(T, N)`` cube; see :func:`gpu_insar_adjust.kernels.fit_epoch_ramps`."""
-    T, N = cube.shape
-    u, v, (x0, y0, s) = _centred(x, y)
-    w = np.ones(N) if weights is None or weights.ndim == 2 else np.asarray(weights, np.float64)
-    wt = np.asarray(weights, np.float64) if weights is not None and weights.ndim == 2 else None
-    m2 = None
-    if mask is not None:
-        if mask.ndim == 1:
-            w = np.where(mask, w, 0.0)
+class _RampSetup:
+    """Everything about the pixels a ramp fit needs once per cube: centred coordinates, weights, grid layout.
+
+    On a grid only the axes are centred (the full-size ``u``, ``v`` are made on demand): the same numbers, since
+    the centring is element-wise and the extremes of a grid are those of its axes.
+    """
+
+    def __init__(self, cube, x, y, weights, mask, engine):
+        T, N = cube.shape
+        self.engine = cpu_engine(engine)
+        self._x, self._y = x, y
+        axes = _grid_axes(x, y) if self.engine == "numba" else None
+        if axes is None:
+            self._uv = _centred(x, y)
+            _, _, (self.x0, self.y0, self.s) = self._uv
         else:
-            m2 = np.ascontiguousarray(mask).view(np.uint8)
-    eng = cpu_engine(engine)
-    log.debug("fit_epoch_ramps: %s engine, cube %s", eng, cube.shape)
-    if eng == "numba":
+            xc, yr = axes
+            self.x0, self.y0, self.s = ref.centre_scale(xc, yr)
+            self._uv = None
+        has_pixel_w = (weights is not None and weights.ndim == 1) or (mask is not None and mask.ndim == 1)
+        self.wt = np.asarray(weights, np.float64) if weights is not None and weights.ndim == 2 else None
+        self.m2 = None
+        w = None
+        if has_pixel_w or self.wt is not None or mask is not None:
+            w = np.ones(N) if weights is None or weights.ndim == 2 else np.asarray(weights, np.float64)
+            if mask is not None:
+                if mask.ndim == 1:
+                    w = np.where(mask, w, 0.0)
+                else:
+                    self.m2 = np.ascontiguousarray(mask).view(np.uint8)
+        self._w = w
+        self._psi = None
+        # the subtraction runs on the grid whenever the pixels form one; the fit when no per-observation
+        # weight or mask breaks the per-row sums
+        self.layout = None
+        if axes is not None:
+            uc = (np.asarray(xc, np.float64) - self.x0) / self.s
+            vr = (np.asarray(yr, np.float64) - self.y0) / self.s
+            self.layout = _GridPlan(yr.size, xc.size, uc, vr, w.reshape(yr.size, xc.size) if has_pixel_w else None)
+        self.grid = self.layout if self.wt is None and self.m2 is None else None
+
+    @property
+    def u(self):
+        if self._uv is None:
+            self._uv = _centred(self._x, self._y)
+        return self._uv[0]
+
+    @property
+    def v(self):
+        if self._uv is None:
+            self._uv = _centred(self._x, self._y)
+        return self._uv[1]
+
+    @property
+    def w(self):
+        if self._w is None:
+            self._w = np.ones(self.u.size)
+        return self._w
+
+    @property
+    def psi(self):
+        if self._psi is None:
+            self._psi = _nb()["chunk_moments"](self.u, self.v, self.w)
+        return self._psi
+
+    def to_caller(self, c6, order):
+        return _from_centred_coeffs(c6, self.x0, self.y0, self.s, order)
+
+    def to_centred(self, coeffs, order):
+        return _to_centred_coeffs(np.asarray(coeffs, np.float64), self.x0, self.y0, self.s, order)
+
+
+class _GridPlan:
+    """A regular grid: u depends on the column only and v on the row only (row-major, as from meshgrid)."""
+
+    def __init__(self, rows, cols, uc, vr, wgrid):
+        self.rows, self.cols, self.uc, self.vr = rows, cols, uc, vr
+        self.upow = np.stack([np.ones_like(uc), uc, uc * uc, uc * uc * uc, (uc * uc) * (uc * uc)])
+        if wgrid is None:
+            self.wgrid = np.zeros((0, 0))
+            m = np.sum(self.upow, axis=1)
+            self.mrow = np.ascontiguousarray(np.broadcast_to(m, (rows, 5)))
+            self.npos = np.full(rows, float(cols))
+        else:
+            self.wgrid = np.ascontiguousarray(wgrid)
+            self.mrow = np.stack([self.wgrid @ self.upow[a] for a in range(5)], axis=1)
+            self.npos = np.sum(self.wgrid > 0, axis=1).astype(np.float64)
+
+
+def _grid_axes(x, y):
+    """``(x axis (cols,), y axis (rows,))`` when the flattened pixels form a row-major grid (x constant down a
+    column, y along a row, as from ``numpy.meshgrid``), else None. One look at the coordinates."""
+    x = np.asarray(x)
+    y = np.asarray(y)
+    N = x.size
+    if N == 0 or y.size != N:
+        return None
+    cols = int(np.argmax(y != y[0])) or N  # the first change of y starts the second row
+    if N % cols:
+        return None
+    rows = N // cols
+    X, Y = x.reshape(rows, cols), y.reshape(rows, cols)
+    if not (np.array_equal(X, np.broadcast_to(X[:1], X.shape)) and np.array_equal(Y, np.broadcast_to(Y[:, :1],
+                                                                                                     Y.shape))):
+        return None
+    return X[0].copy(), Y[:, 0].copy()
+
+
+def _fit_centred(cube, st: _RampSetup, n_terms: int, t0: int = 0, t1: int | None = None, part=None):
+    """Centred coefficients (t1 - t0, 6) of epochs t0..t1-1 (zero padded; NaN rows where undetermined)."""
+    t1 = cube.shape[0] if t1 is None else t1
+    nt = t1 - t0
+    g = st.grid
+    if g is not None:
         k = _nb()
-        psi = k["chunk_moments"](u, v, w)
+        part = np.empty((nt, g.rows, 9)) if part is None else part
+        nrm, rhs, cnt, c6 = np.empty((nt, 21)), np.empty((nt, 6)), np.empty(nt), np.empty((nt, 6))
+        k["grid_partials"](cube, t0, t1, g.cols, g.upow, g.wgrid, g.mrow, g.npos, part)
+        k["grid_reduce"](part, g.vr, t0, t1, nrm, rhs, cnt, _PAIR_TO_MOMENT)
+        k["solve_spd"](nrm, rhs, cnt, n_terms, 0, nt, c6)
+        return c6
+    sub_cube = cube[t0:t1]
+    wt = None if st.wt is None else st.wt[t0:t1]
+    m2 = None if st.m2 is None else st.m2[t0:t1]
+    if st.engine == "numba":
+        k = _nb()
+        N = cube.shape[1]
         n_super = int(min(64, max(1, -(-N // 65536))))
         sub = max(1, 4096 // CHUNK)
-        mask_arg = m2 if m2 is not None else np.zeros((0, N), np.uint8)
-        wt_arg = wt if wt is not None else np.zeros((0, N))
-        mom, rhs, cnt = k["ramp_normals"](cube, u, v, w, mask_arg, wt_arg, psi, n_super, sub)
+        mom, rhs, cnt = k["ramp_normals"](sub_cube, st.u, st.v, st.w,
+                                          m2 if m2 is not None else np.zeros((0, N), np.uint8),
+                                          wt if wt is not None else np.zeros((0, N)), st.psi, n_super, sub)
         nrm, rhs, cnt = mom.sum(0)[:, _PAIR_TO_MOMENT], rhs.sum(0), cnt.sum(0)
-    else:
-        nrm, rhs, cnt = _ramp_normals_numpy(cube, u, v, w, m2, wt)
-    c6 = _solve_small_spd(nrm, rhs, cnt, ref.n_poly_terms(order))
-    return _from_centred_coeffs(c6, x0, y0, s, order)
+        c6 = np.empty((nt, 6))
+        k["solve_spd"](np.ascontiguousarray(nrm), np.ascontiguousarray(rhs), cnt, n_terms, 0, nt, c6)
+        return c6
+    nrm, rhs, cnt = _ramp_normals_numpy(sub_cube, st.u, st.v, st.w, m2, wt)
+    return _solve_small_spd(nrm, rhs, cnt, n_terms)
+
+
+def fit_epoch_ramps(cube, x, y, *, order=1, weights=None, mask=None, engine=None) -> np.ndarray:
+    """Per-epoch polynomial ramps of a ``(T, N)`` cube; see :func:`gpu_insar_adjust.kernels.fit_epoch_ramps`.
+
+    On a row-major grid (``x`` constant down a column, ``y`` along a row, as from ``numpy.meshgrid``) the numba
+    engine sums per row (``Σ d u^a`` then times ``v^b``): three multiply-adds per pixel, both cores busy.
+    """
+    st = _RampSetup(cube, x, y, weights, mask, engine)
+    log.debug("fit_epoch_ramps: %s engine%s, cube %s", st.engine, " (grid)" if st.grid else "", cube.shape)
+    return st.to_caller(_fit_centred(cube, st, ref.n_poly_terms(order)), order)
 
 
 def _ramp_normals_numpy(cube, u, v, w, m2, wt):
@@ -515,25 +887,67 @@ def _ramp_normals_numpy(cube, u, v, w, m2, wt):
     return (sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts).astype(np.float64))
 
 
-def subtract_epoch_ramps(cube, coeffs, x, y, order, *, out=None, engine=None):
-    """``cube - ramp`` per epoch into ``out`` (may be ``cube`` itself); returns ``out``."""
-    T, N = cube.shape
-    u, v, (x0, y0, s) = _centred(x, y)
-    c6 = _to_centred_coeffs(np.asarray(coeffs, np.float64), x0, y0, s, order)
-    if out is None:
-        out = np.empty_like(cube)
-    if cpu_engine(engine) == "numba":
-        _nb()["ramp_subtract"](cube, c6, u, v, out, 4096)
-        return out
+def _subtract_centred(cube, c6, st: _RampSetup, out, t0: int = 0, t1: int | None = None):
+    """out[t0:t1] = cube[t0:t1] - ramps with centred coefficients c6 (t1 - t0, 6)."""
+    t1 = cube.shape[0] if t1 is None else t1
+    g = st.layout
+    in_place = out is cube or (out.__array_interface__["data"][0] == cube.__array_interface__["data"][0]
+                               and out.strides == cube.strides)
+    if g is not None:
+        _nb()["grid_subtract"](cube, out, t0, t1, g.cols, c6, g.uc, g.vr, in_place)
+        return
+    if st.engine == "numba":
+        _nb()["ramp_subtract"](cube[t0:t1], c6, st.u, st.v, out[t0:t1], 4096, in_place)
+        return
+    N = cube.shape[1]
     B = 4096
 
     def work(b0):
         b1 = min(N, b0 + B)
-        F = ref.polynomial_terms(u[b0:b1], v[b0:b1], 2)
-        out[:, b0:b1] = cube[:, b0:b1] - c6 @ F.T
+        F = ref.polynomial_terms(st.u[b0:b1], st.v[b0:b1], 2)
+        out[t0:t1, b0:b1] = cube[t0:t1, b0:b1] - c6 @ F.T
 
     _pool_map(work, list(range(0, N, B)))
+
+
+def subtract_epoch_ramps(cube, coeffs, x, y, order, *, out=None, engine=None):
+    """``cube - ramp`` per epoch into ``out`` (may be ``cube`` itself); returns ``out``."""
+    st = _RampSetup(cube, x, y, None, None, engine)
+    if out is None:
+        out = np.empty_like(cube)
+    _subtract_centred(cube, st.to_centred(coeffs, order), st, out)
     return out
+
+
+def remove_epoch_ramps(cube, x, y, *, order=1, weights=None, mask=None, out=None, group_bytes=64 << 20,
+                       engine=None):
+    """Fit and subtract per-epoch ramps a group of epochs at a time; returns ``(out, coeffs (T, n_terms))``.
+
+    Bit for bit :func:`fit_epoch_ramps` then :func:`subtract_epoch_ramps` (same kernels, same summation
+    order), except that undetermined epochs (NaN coefficient rows) are left unchanged. Each group (about
+    ``group_bytes`` of cube) is subtracted right after it is fitted, while it is still in cache, so the cube is
+    read from memory once instead of twice. ``out`` may be ``cube`` (in place) or None (a new array).
+    """
+    T, N = cube.shape
+    n_terms = ref.n_poly_terms(order)
+    st = _RampSetup(cube, x, y, weights, mask, engine)
+    out = np.empty_like(cube) if out is None else out
+    step = int(max(1, min(T, group_bytes // max(1, N * cube.itemsize))))
+    if st.engine == "numpy":
+        step = T  # BLAS products of other shapes may round differently: one group keeps the identity
+    coeffs = np.empty((T, n_terms))
+    part = None if st.grid is None else np.empty((step, st.grid.rows, 9))
+    log.debug("remove_epoch_ramps: %s engine%s, cube %s, %d epochs a group", st.engine,
+              " (grid)" if st.grid else "", cube.shape, step)
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        c = st.to_caller(_fit_centred(cube, st, n_terms, t0, t1, part), order)
+        coeffs[t0:t1] = c
+        # the round trip through the caller's coefficients keeps the result identical to fit + subtract;
+        # undetermined epochs subtract a zero ramp (unchanged), their NaN row says so
+        c = np.where(np.all(np.isfinite(c), axis=1, keepdims=True), c, 0.0)
+        _subtract_centred(cube, st.to_centred(c, order), st, out, t0, t1)
+    return out, coeffs
 
 
 def eval_polynomial_surface(coeffs, x, y, order, *, dtype=np.float32, engine=None):
@@ -585,9 +999,9 @@ def shared_design_fit(A, Y, weights=None, *, residual_rms=False, engine=None):
     eng = cpu_engine(engine)
     log.debug("shared_design_fit: %s engine, design %s, cube %s", eng, A.shape, Y.shape)
     if eng == "numba":
-        _nb()["shared_fit"](As, Aw, G, Ninv, epoch_ok, n_epochs, Y,
+        _nb()["shared_fit"](As, _pad3(Aw), _pad3(G), Ninv, epoch_ok, n_epochs, Y,
                             wt if wt is not None else np.zeros((0, N)), colscale, bool(residual_rms),
-                            _block_pixels(T, Y.itemsize), x, n_valid, rms)
+                            _block_pixels(T, Y.itemsize, most=512), x, n_valid, rms)
     else:
         _shared_fit_numpy(As, Aw, G, Ninv, epoch_ok, n_epochs, Y, wt, colscale, residual_rms, x, n_valid, rms)
     return x, n_valid, (rms if residual_rms else None)

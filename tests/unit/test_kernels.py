@@ -282,3 +282,99 @@ def test_cuda_shared_fit_and_surfaces_match_reference(gpu_xp):
         X, Yg = np.meshgrid(xs, ys)
         want = ref.eval_kernel_surface(centres, w, X, Yg, kernel=kernel, length_scale=1e4)
         assert_matches_reference(got, want, dtype="float32")
+
+
+# ---------------------------------------------------------------- grid fast paths -----------------------------
+def _grid_ramp_data(T=7, rows=37, cols=53, seed=3):
+    """A (T, rows, cols) float32 cube on a UTM meshgrid: quadratic ramps, noise, per-epoch NaN blobs, and
+    scattered NaN; one epoch entirely missing (undetermined) and one row missing in every epoch."""
+    rng = np.random.default_rng(seed)
+    x, y = np.meshgrid(4.3e5 + 90.0 * np.arange(cols), 4.1e6 - 90.0 * np.arange(rows))
+    truth = rng.normal(0, 1, (T, 6)) * np.array([5, 1e-3, 1e-3, 1e-7, 1e-7, 1e-7])
+    cube = np.stack([ref.eval_polynomial_surface(c, x, y, 2) for c in truth]).astype(np.float32)
+    cube += rng.normal(0, 0.5, cube.shape).astype(np.float32)
+    for t in range(T):
+        r0, c0 = rng.integers(0, rows - 8), rng.integers(0, cols - 10)
+        cube[t, r0:r0 + 8, c0:c0 + 10] = np.nan
+    cube[rng.random(cube.shape) < 0.03] = np.nan
+    cube[:, 5] = np.nan
+    cube[3] = np.nan
+    return rng, cube, x, y
+
+
+@pytest.mark.skipif(not cpu.numba_available(), reason="the grid path is part of the numba engine")
+@pytest.mark.parametrize("order", [0, 1, 2])
+@pytest.mark.parametrize("variant", ["plain", "pixel_weights", "pixel_mask", "obs_mask"])
+def test_grid_fit_matches_reference(order, variant):
+    rng, cube, x, y = _grid_ramp_data()
+    T, rows, cols = cube.shape
+    assert cpu._grid_axes(x.ravel(), y.ravel()) is not None  # the grid path runs
+    kw = {"plain": {}, "pixel_weights": {"weights": np.where(rng.random((rows, cols)) < 0.1, 0.0,
+                                                                 rng.uniform(0.2, 3.0, (rows, cols)))},
+          "pixel_mask": {"mask": rng.random((rows, cols)) > 0.2},
+          "obs_mask": {"mask": rng.random(cube.shape) > 0.1}}[variant]
+    got = kernels.fit_epoch_ramps(cube, x, y, order=order, **kw)
+    want = ref.fit_epoch_ramps(cube, x, y, order=order, **{k: v.reshape(-1) if v.ndim == 2 else v.reshape(T, -1)
+                                                           for k, v in kw.items()})
+    assert np.all(np.isnan(got[3])) and np.all(np.isfinite(np.delete(got, 3, axis=0)))
+    # float64 sums in a different order than lstsq: the fitted surfaces agree to 1e-9 of their size
+    assert_matches_reference(ref.eval_polynomial_surface(got, x, y, order),
+                             ref.eval_polynomial_surface(want, x, y, order), rtol=1e-9)
+
+
+def test_grid_subtract_and_remove_are_identical_to_fit_then_subtract():
+    _, cube, x, y = _grid_ramp_data(T=9)
+    cube[3] = cube[2]  # every epoch determined: fit + subtract is defined for the whole cube
+    coeffs = kernels.fit_epoch_ramps(cube, x, y, order=2)
+    two_pass = kernels.subtract_epoch_ramps(cube, coeffs, x, y, 2)
+    # the float32 result equals the float64 reference to float32 rounding
+    assert_matches_reference(two_pass, ref.subtract_epoch_ramps(cube, coeffs, x, y, 2), dtype="float32",
+                             atol=2e-6)
+    for group_bytes in (1, 3 * cube[0].nbytes, 1 << 30):  # one epoch, three epochs, all at once
+        fused, c2 = kernels.remove_epoch_ramps(cube, x, y, order=2, group_bytes=group_bytes)
+        assert np.array_equal(c2, coeffs)
+        assert np.array_equal(fused, two_pass, equal_nan=True)  # bit for bit
+    inplace = cube.copy()
+    res, _ = kernels.remove_epoch_ramps(inplace, x, y, order=2, in_place=True, group_bytes=1)
+    assert res is inplace and np.array_equal(inplace, two_pass, equal_nan=True)
+
+
+@pytest.mark.parametrize("grid", [True, False])
+def test_remove_epoch_ramps_leaves_undetermined_epochs_unchanged(grid):
+    _, cube, x, y = _grid_ramp_data(T=5)
+    if not grid:  # the same pixels shuffled: no grid, the chunked kernels
+        perm = np.random.default_rng(0).permutation(x.size)
+        cube, x, y = cube.reshape(5, -1)[:, perm], x.ravel()[perm], y.ravel()[perm]
+    assert (cpu._grid_axes(x.ravel(), y.ravel()) is not None) == grid
+    mask = np.ones(cube.shape[1:], bool)
+    out, coeffs = kernels.remove_epoch_ramps(cube, x, y, order=1, mask=mask, group_bytes=2 * cube[0].nbytes)
+    assert np.all(np.isnan(coeffs[3])) and np.all(np.isnan(out[3]))
+    want = ref.fit_epoch_ramps(cube, x, y, order=1)
+    assert_matches_reference(ref.eval_polynomial_surface(coeffs, x, y, 1),
+                             ref.eval_polynomial_surface(want, x, y, 1), rtol=1e-9)
+    ok = [0, 1, 2, 4]
+    assert_matches_reference(out[ok], ref.subtract_epoch_ramps(cube[ok], want[ok], x, y, 1), dtype="float32",
+                             atol=2e-6)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_shared_design_fit_blocks_and_epoch_tails(engine):
+    # T not a multiple of the 4-epoch unrolling, N over several 512-pixel blocks with a tail, zero-weight epochs
+    rng = np.random.default_rng(21)
+    A = _annual_design(41)
+    T, n = A.shape
+    N = 1300
+    Y = (A @ rng.normal(0, 10, (n, N)) + rng.normal(0, 1, (T, N))).astype(np.float32)
+    Y[:, 600:][rng.random((T, N - 600)) < 0.05] = np.nan  # first block gap-free: the shared inverse
+    w = rng.uniform(0.5, 2.0, T)
+    w[[0, 17, 40]] = 0.0
+    for W in (None, w):
+        fit = kernels.shared_design_fit(A, Y, W, residual_rms=True) if engine == cpu.cpu_engine() else None
+        x, n_valid, rms = cpu.shared_design_fit(A, Y, W, residual_rms=True, engine=engine)
+        xr, nr, rr = ref.shared_design_fit(A, Y, W)
+        # float32 data, float64 sums and solves: 1e-9 of the largest parameter
+        assert_matches_reference(x, xr, rtol=1e-9)
+        assert_matches_reference(rms, rr, rtol=1e-8)
+        assert np.array_equal(n_valid, nr)
+        if fit is not None:
+            assert np.array_equal(np.asarray(fit.x), x, equal_nan=True)
