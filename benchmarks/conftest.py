@@ -1,4 +1,4 @@
-"""Benchmark suites B1-B3 (pytest-benchmark). Not collected by the default test run (testpaths = tests).
+"""Benchmark suites B1-B4 (pytest-benchmark). Not collected by the default test run (testpaths = tests).
 
     pytest benchmarks                          # small size: seconds
     GIA_BENCH_SIZE=full pytest benchmarks      # the issue's sizes (B2 needs ~16 GB RAM)

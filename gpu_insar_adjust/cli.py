@@ -193,7 +193,9 @@ def _build_app():
     @app.command("bench")
     def bench_cmd(
         size: str = typer.Option("small", "--size", help="small (seconds) or full (the issue sizes)."),
-        case: list[str] = typer.Option(["B1", "B2", "B3"], "--case", help="Cases to run (repeatable)."),
+        case: list[str] = typer.Option(["B1", "B2", "B3"], "--case",
+                                       help="Cases to run (repeatable): B1 ramps, B2 annual velocities, B3 GP "
+                                            "surface, B4 `gia run` end to end (minutes)."),
         backend: str = typer.Option("auto", "--backend", help="auto | numpy | cupy"),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write every figure as JSON."),
     ) -> None:
