@@ -694,7 +694,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
     cube_paths = [_find_cube(f) for f in folders]
     if cfg.timeseries.enabled and any(p is not None for p in cube_paths):
         with stage("time series", log):
-            ts = timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg, vertical=vertical)
+            ts = timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg, vertical=vertical,
+                                  work_dir=out / "work")
     with stage("analysis", log):
         summary: dict[str, Any] = subsidence_summary(v_da, threshold_mm_yr=cfg.analysis.subsidence_threshold_mm_yr,
                                                      stations=stations)
@@ -768,8 +769,16 @@ def _find_cube(folder: Path) -> Path | None:
     return None
 
 
+#: Bytes of float32 displacement in one block of the stored vertical cube (all epochs of a tile of pixels). The
+#: per-pixel temporal fits hold a few float64 copies of one block per thread, so this bounds their memory, and
+#: the tile shrinks as the epochs grow: the time-series stage's peak memory does not depend on the epoch count.
+_TS_BLOCK_BYTES = 8 * 2**20
+#: Bytes of one frame's cube read per call while streaming its epochs (a few epochs at a time).
+_READ_AHEAD_BYTES = 8 * 2**20
+
+
 def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: GiaConfig, *,
-                     vertical=None) -> dict:
+                     vertical=None, work_dir=None) -> dict:
     """Adjust every frame's displacement cube, mosaic it per epoch in vertical, and derive the time-series figures.
 
     Per frame: pixels the velocity masks (processor mask, unwrapping errors) are blanked in the cube too; the LOS
@@ -784,22 +793,29 @@ def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: 
     of the merged cube is replaced by it, so that the cube, its annual rates and cumulative displacement agree
     with the vertical velocity map (up+east decomposed where look directions cross, where the vertical-equivalent
     cube still holds the east motion); only the departure from linear motion comes from the cube itself.
+
+    The work streams: frames' cubes are read one epoch at a time, each merged epoch is written to the Zarr store
+    ``work_dir/vertical_displacement.zarr`` (a temporary folder when ``work_dir`` is None) while the sums of the
+    per-pixel trend are accumulated, and the returned ``cube`` is that store opened lazily (Dask; blocks of all
+    epochs × a tile of pixels of about ``_TS_BLOCK_BYTES``) with the trend correction added lazily. Host memory
+    is a few (y, x) maps per frame and per grid, whatever the number of epochs.
     """
-    import xarray as xr
+    import tempfile
 
     from .analysis.groundwater import groundwater_loss
     from .analysis.subsidence import annual_subsidence
     from .errors import TimeSeriesError
     from .io.timeseries import open_cube
     from .mosaic import merge_frames
-    from .timeseries import (apply_velocity_correction, cumulative_displacement, fit_annual_velocities,
-                             remove_epoch_ramps)
+    from .timeseries import cumulative_displacement, fit_annual_velocities
 
+    readers = []
     cubes = {}
     for k, p in enumerate(cube_paths):
         if p is None:
             continue
-        cube = open_cube(p)
+        # one epoch per Dask chunk: the epoch loop below reads exactly one slab of the file at a time
+        cube = open_cube(p, chunks={"time": 1, "y": -1, "x": -1})
         fr = frames[k]
         if cube.sizes["y"] != fr.sizes["y"] or cube.sizes["x"] != fr.sizes["x"] or not (
                 np.allclose(cube["x"].values, fr["x"].values, atol=1e-6) and
@@ -814,56 +830,54 @@ def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: 
                               fix="give cubes covering a common period")
     first = cubes[min(cubes)]
     times = first["time"].values[(first["time"].values >= starts) & (first["time"].values <= ends)]
-    vert_cubes = []
     for k, cube in cubes.items():
         fr = frames[k]
-        yx = {"y": cube["y"], "x": cube["x"]}
-        corr = xr.DataArray(np.asarray(final_corr[k], np.float32), dims=("y", "x"), coords=yx)
         # adjusted LOS velocity; NaN where the frame's mask blanked it (unwrapping errors, decorrelation): the
         # cube carries the same errors there (tens of mm/yr), so those pixels are blanked in the cube as well
         los_adj = np.asarray(backend.to_numpy(fr["los_velocity"].data), np.float64) - np.asarray(final_corr[k])
         usable = np.isfinite(los_adj)
-        c = apply_velocity_correction(cube, corr).where(xr.DataArray(usable, dims=("y", "x"), coords=yx))
+        far = None
         if cfg.timeseries.epoch_ramps:
             far = usable & np.isfinite(verts[k]) & (np.abs(verts[k]) < cfg.timeseries.far_field_max_rate_mm_yr)
-            if far.sum() >= 50:
-                # fit the planes to the departure from the adjusted linear model: fitted to the cube itself they
-                # would also take out the far field's LOS trend (horizontal plate motion in ITRF, residual
-                # vertical), i.e. change the GNSS-tied velocity and remove the horizontal motion twice
-                t_c = (c["time"].values - c["time"].values[0]) / np.timedelta64(1, "D") / 365.25
-                lin = (xr.DataArray(los_adj, dims=("y", "x"), coords=yx) *
-                       xr.DataArray(t_c, dims="time", coords={"time": c["time"]})).astype(c.dtype)
-                c = remove_epoch_ramps(c - lin, far, order=1) + lin
-        e, n, u = (np.asarray(fr[v].values, np.float64) for v in ("los_e", "los_n", "los_u"))
-        h_rate = e * hfields[k]["ve"].values + n * hfields[k]["vn"].values  # mm/yr, LOS of horizontal motion
-        c = c.interp(time=times) if not np.array_equal(c["time"].values, times) else c
-        t_yr = (times - cube["time"].values[0]) / np.timedelta64(1, "D") / 365.25
-        data = np.asarray(c.values, np.float64)
-        vert = (data - h_rate[None] * t_yr[:, None, None]) / u[None]
-        vert = vert - vert[:1]  # referenced to the first common epoch
-        vert_cubes.append((k, vert))
-    # mosaic epoch by epoch (host memory: one epoch of every frame at a time)
-    merged = np.full((times.size, *grid.shape), np.nan, np.float32)
-    for t in range(times.size):
-        das = [_frame_da(frames[k], v[t], "d") for k, v in vert_cubes]
-        stds = [_frame_da(frames[k], np.where(np.isfinite(v[t]), 1.0, np.nan), "d_std") for k, v in vert_cubes]
-        m = merge_frames(das, stds, grid, feather_km=cfg.mosaic.feather_km, tile_size=cfg.mosaic.tile_size)
-        merged[t] = np.asarray(m.value, np.float32)
-    if vertical is not None:
-        merged = _anchor_trend(merged, times, np.asarray(vertical, np.float64))
+            far = far if far.sum() >= 50 else None
+        readers.append(_FrameEpochs(k, fr, cube, final_corr[k], los_adj, hfields[k], far, times))
+
+    work = Path(tempfile.mkdtemp(prefix="gia-timeseries-")) if work_dir is None else Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    store = work / "vertical_displacement.zarr"
     ys, xs = grid.coords()
-    cube_v = xr.DataArray(merged, dims=("time", "y", "x"), coords={"time": times, "y": ys, "x": xs},
-                          name="vertical_displacement", attrs={"units": "mm", "positive": "up"})
-    cube_v = cube_v.rio.write_crs(grid.crs)
-    annual = fit_annual_velocities(cube_v, chunk_pixels=cfg.timeseries.chunk_pixels)
+    tile = _ts_tile(times.size, grid.shape, cfg.timeseries.chunk_pixels)
+    epochs_out = _create_epoch_store(store, times, ys, xs, tile)
+    t_yr = (times - times[0]) / np.timedelta64(1, "D") / 365.25
+    sums = _TrendSums(grid.shape)
+    # mosaic epoch by epoch (host memory: one epoch of every frame at a time)
+    for i in range(times.size):
+        das, stds = [], []
+        for r in readers:
+            v = r.vertical(i)
+            das.append(r.da(v, "d"))
+            stds.append(r.da(np.where(np.isfinite(v), 1.0, np.nan), "d_std"))
+        m = merge_frames(das, stds, grid, feather_km=cfg.mosaic.feather_km, tile_size=cfg.mosaic.tile_size)
+        epoch = np.asarray(backend.to_numpy(m.value), np.float32)
+        epochs_out[i] = epoch
+        if vertical is not None:
+            sums.add(t_yr[i], epoch)
+    log.info("time series: %d epochs of %d frame(s) merged into %s (tiles of %d x %d pixels)", times.size,
+             len(readers), store, *tile)
+    fix = sums.correction(np.asarray(vertical, np.float64)) if vertical is not None else None
+    # the same cube twice, lazily: all epochs per block for the per-pixel fits and the products, one epoch per
+    # block for the figures that need only a few epochs (cumulative displacement, groundwater periods)
+    cube_v = _open_epoch_store(store, times, ys, xs, {"time": -1, "y": tile[0], "x": tile[1]}, fix, t_yr, grid)
+    cube_t = _open_epoch_store(store, times, ys, xs, {"time": 1, "y": -1, "x": -1}, fix, t_yr, grid)
+    annual = fit_annual_velocities(cube_v, chunk_pixels=cfg.timeseries.chunk_pixels).compute()
     annual_da = annual["annual_velocity"].rio.write_crs(grid.crs)
     # partial first/last years (under half a year of data) are too noisy for the annual statistics
     ann = annual_subsidence(annual_da, threshold_mm_yr=cfg.analysis.subsidence_threshold_mm_yr,
                             min_year_fraction=0.5)
-    cum = cumulative_displacement(cube_v, times[0], times[-1])
+    cum = cumulative_displacement(cube_t, times[0], times[-1]).compute()
     cum = cum.rio.write_crs(grid.crs) if hasattr(cum, "rio") else cum
-    gw = groundwater_loss(cube_v, split_dates=(str(cfg.analysis.groundwater_split_date),),
-                          inelastic_fraction=cfg.analysis.inelastic_fraction)
+    gw = groundwater_loss(cube_t, split_dates=(str(cfg.analysis.groundwater_split_date),),
+                          inelastic_fraction=cfg.analysis.inelastic_fraction, fit=annual)
     summary = {"annual_mean_subsidence_rate_mm_yr": ann.get("annual_mean_subsidence_rate_mm_yr"),
                "peak_year": ann.get("peak_year"), "annual": ann,
                "max_cumulative_subsidence_mm": float(-np.nanmin(np.asarray(cum.values, np.float64))),
@@ -873,25 +887,189 @@ def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: 
     return {"summary": summary, "cube": cube_v, "annual": annual, "cumulative": cum.rename("cumulative")}
 
 
+class _FrameEpochs:
+    """One frame's adjusted displacement cube, read one epoch at a time and brought to the common time axis.
+
+    ``vertical(i)`` is the vertical-equivalent displacement (mm, float64 (y, x)) at common epoch ``i``,
+    referenced to the first common epoch. Host memory: a few (y, x) maps of the frame (the epochs bracketing the
+    current one are cached, so interpolation reads each frame epoch once).
+    """
+
+    def __init__(self, k, frame, cube, correction, los_adj, hfield, far, times):
+        self.k = k
+        self.data = cube.data  # Dask, one epoch per chunk
+        self.t_frame = cube["time"].values
+        days = (self.t_frame - self.t_frame[0]) / np.timedelta64(1, "D")
+        # the velocity correction in time, as apply_velocity_correction measures it (years from the first epoch)
+        self.dt_corr = (self.t_frame - self.t_frame[0]).astype("timedelta64[ns]").astype(np.float64) / (
+            86_400e9 * 365.25)
+        self.t_c = days / 365.25
+        self.corr = np.asarray(np.asarray(correction, np.float32), np.float64)
+        self.los_adj = np.asarray(los_adj, np.float64)
+        self.usable = np.isfinite(self.los_adj)
+        self.far = far
+        self.x, self.y = np.asarray(cube["x"].values, float), np.asarray(cube["y"].values, float)
+        e, n, u = (np.asarray(frame[v].values, np.float64) for v in ("los_e", "los_n", "los_u"))
+        self.h_rate = e * hfield["ve"].values + n * hfield["vn"].values  # mm/yr, LOS of horizontal motion
+        self.u = u
+        self.t_yr = (times - self.t_frame[0]) / np.timedelta64(1, "D") / 365.25
+        self.same = np.array_equal(self.t_frame, times)
+        # linear interpolation in time (as xarray's interp: float nanoseconds from the frame's first epoch);
+        # a common epoch on a frame epoch takes that epoch as it is
+        xf = (self.t_frame - self.t_frame.min()).astype("timedelta64[ns]").astype(np.float64)
+        xn = (times - self.t_frame.min()).astype("timedelta64[ns]").astype(np.float64)
+        hi = np.clip(np.searchsorted(xf, xn), 1, xf.size - 1)
+        self.lo, self.hi = hi - 1, hi
+        self.x_lo, self.dx, self.xn = xf[hi - 1], xf[hi] - xf[hi - 1], xn
+        self.exact = {i: int(j) for i, j in enumerate(np.searchsorted(xf, xn)) if j < xf.size and xf[j] == xn[i]}
+        self.cache: dict[int, np.ndarray] = {}
+        self.raw: dict[int, np.ndarray] = {}
+        self.ref = None
+        self.template = _frame_da(frame, np.zeros(self.usable.shape, np.float32), "d")
+
+    def _adjusted(self, j: int) -> np.ndarray:
+        """Frame epoch ``j`` (float32 (y, x), mm LOS): corrected, masked, optionally deramped."""
+        if j in self.cache:
+            return self.cache[j]
+        from .timeseries import _ramps_block
+
+        raw = self._raw(j)
+        c = raw - (self.corr * self.dt_corr[j]).astype(np.float32)
+        c = np.where(self.usable, c, np.float32(np.nan)).astype(np.float32)
+        if self.far is not None:
+            # the plane is fitted to the departure from the adjusted linear model (see timeseries_stage)
+            lin = (self.los_adj * self.t_c[j]).astype(np.float32)
+            dep, _ = _ramps_block((c - lin)[None], self.far, None, x=self.x, y=self.y, order=1,
+                                  epochs=self.t_frame[j:j + 1])
+            c = (dep[0] + lin).astype(np.float32)
+        for old in [key for key in self.cache if key < j - 1]:
+            del self.cache[old]
+        self.cache[j] = c
+        return c
+
+    def _raw(self, j: int) -> np.ndarray:
+        """Frame epoch ``j`` as stored (float32); epochs are read a few at a time (one Dask call per
+        ``_READ_AHEAD_BYTES``), and only epochs at or after ``j`` are kept."""
+        if j not in self.raw:
+            n_ahead = max(1, min(16, _READ_AHEAD_BYTES // max(4 * self.usable.size, 1)))
+            stop = min(j + n_ahead, self.t_frame.size)
+            block = np.asarray(self.data[j:stop].compute(scheduler="synchronous"), np.float32)
+            self.raw = {j + m: block[m] for m in range(stop - j)}
+        return self.raw[j]
+
+    def da(self, values, name: str):
+        """``values`` (y, x) as a float32 DataArray on the frame grid (as ``_frame_da``, without re-deriving
+        the CRS coordinate every epoch)."""
+        return self.template.copy(data=np.asarray(values, np.float32)).rename(name)
+
+    def _at(self, i: int) -> np.ndarray:
+        """Adjusted LOS displacement at common epoch ``i`` (float64 (y, x))."""
+        if self.same:
+            return np.asarray(self._adjusted(i), np.float64)
+        if i in self.exact:
+            return np.asarray(self._adjusted(self.exact[i]), np.float64)
+        y_lo, y_hi = self._adjusted(int(self.lo[i])), self._adjusted(int(self.hi[i]))
+        slope = (y_hi - y_lo) / self.dx[i]
+        return slope * (self.xn[i] - self.x_lo[i]) + y_lo
+
+    def _vertical_raw(self, i: int) -> np.ndarray:
+        return (self._at(i) - self.h_rate * self.t_yr[i]) / self.u
+
+    def vertical(self, i: int) -> np.ndarray:
+        if self.ref is None:
+            self.ref = self._vertical_raw(0)
+        return self._vertical_raw(i) - self.ref  # referenced to the first common epoch
+
+
+def _ts_tile(n_epochs: int, shape: tuple[int, int], chunk_pixels: int) -> tuple[int, int]:
+    """(rows, cols) of the pixel tiles of the stored vertical cube: all epochs of a tile hold about
+    ``_TS_BLOCK_BYTES`` of float32 (at most ``chunk_pixels`` pixels, at least 32 × 32)."""
+    import math
+
+    pixels = max(min(int(chunk_pixels), _TS_BLOCK_BYTES // (4 * max(int(n_epochs), 1))), 32 * 32)
+    rows = min(int(shape[0]), max(int(math.sqrt(pixels)), 1))
+    cols = min(int(shape[1]), max(pixels // rows, 1))
+    return rows, cols
+
+
+def _create_epoch_store(path: Path, times, ys, xs, tile):
+    """An empty (NaN) Zarr store (time, y, x) float32 with one epoch × ``tile`` per chunk; returns the Zarr array
+    to write epoch by epoch."""
+    import shutil
+
+    import dask.array as da
+    import xarray as xr
+    import zarr
+
+    shutil.rmtree(path, ignore_errors=True)
+    shape = (times.size, ys.size, xs.size)
+    chunks = (1, *tile)
+    # one Dask chunk: nothing is computed (compute=False), and the graph stays one task whatever the epochs
+    template = xr.Dataset(
+        {"vertical_displacement": (("time", "y", "x"), da.full(shape, np.nan, dtype=np.float32, chunks=shape),
+                                   {"units": "mm", "positive": "up"})},
+        coords={"time": times, "y": ys, "x": xs})
+    # metadata and coordinates only: chunks never written read as the NaN fill value
+    template.to_zarr(path, mode="w", compute=False, zarr_format=2, consolidated=True,
+                     encoding={"vertical_displacement": {"chunks": chunks, "_FillValue": np.float32(np.nan)}})
+    return zarr.open_group(str(path), mode="r+", zarr_format=2)["vertical_displacement"]
+
+
+def _open_epoch_store(path: Path, times, ys, xs, chunks, fix, t_yr, grid):
+    """The stored vertical cube, lazily (Dask ``chunks``), plus the lazy trend correction ``fix × t`` (mm)."""
+    import xarray as xr
+
+    ds = xr.open_zarr(path, chunks=chunks, consolidated=True)
+    cube = ds["vertical_displacement"].assign_coords(time=times, y=ys, x=xs)
+    if fix is not None:
+        import dask.array as da
+
+        # Dask on both sides, so that fix × t is formed block by block too, never as a whole (time, y, x) array
+        lazy_fix = xr.DataArray(da.from_array(fix, chunks=cube.data.chunks[1:]), dims=("y", "x"),
+                                coords={"y": ys, "x": xs})
+        lazy_t = xr.DataArray(da.from_array(np.asarray(t_yr, np.float64), chunks=cube.data.chunks[:1]),
+                              dims="time", coords={"time": times})
+        cube = (cube + lazy_fix * lazy_t).astype(np.float32)
+        cube = cube.transpose("time", "y", "x")
+    cube.name = "vertical_displacement"
+    cube.attrs = {"units": "mm", "positive": "up"}
+    return cube.rio.write_crs(grid.crs)
+
+
+class _TrendSums:
+    """Per-pixel sums (n, Σt, Σt², Σd, Σt·d; float64 (y, x)) of a displacement cube fed one epoch at a time, for
+    its least-squares linear trend."""
+
+    def __init__(self, shape):
+        self.n, self.st, self.stt, self.sd, self.std_ = (np.zeros(shape) for _ in range(5))
+
+    def add(self, tk: float, epoch) -> None:
+        d = np.asarray(epoch, np.float64)
+        ok = np.isfinite(d)
+        self.n += ok
+        self.st += np.where(ok, tk, 0.0)
+        self.stt += np.where(ok, tk * tk, 0.0)
+        self.sd += np.where(ok, d, 0.0)
+        self.std_ += np.where(ok, tk * d, 0.0)
+
+    def correction(self, velocity: np.ndarray) -> np.ndarray:
+        """``velocity − trend`` (mm/yr) where both are defined (3+ epochs), else 0."""
+        n, st = self.n, self.st
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sxx = self.stt - st * st / n
+            slope = (self.std_ - st * self.sd / n) / sxx
+        return np.where((n >= 3) & (sxx > 0) & np.isfinite(slope) & np.isfinite(velocity), velocity - slope, 0.0)
+
+
 def _anchor_trend(merged: np.ndarray, times: np.ndarray, velocity: np.ndarray) -> np.ndarray:
     """Replace the per-pixel least-squares linear trend of a (time, y, x) displacement cube (mm) by ``velocity``
     (mm/yr, (y, x)) where both are defined (3+ epochs); the first epoch stays the reference. In place, epoch by
     epoch (host memory: a few (y, x) float64 sums)."""
     t = (times - times[0]) / np.timedelta64(1, "D") / 365.25
-    n = np.zeros(merged.shape[1:])
-    st, stt, sd, std_ = (np.zeros(merged.shape[1:]) for _ in range(4))
+    sums = _TrendSums(merged.shape[1:])
     for k, tk in enumerate(t):
-        d = np.asarray(merged[k], np.float64)
-        ok = np.isfinite(d)
-        n += ok
-        st += np.where(ok, tk, 0.0)
-        stt += np.where(ok, tk * tk, 0.0)
-        sd += np.where(ok, d, 0.0)
-        std_ += np.where(ok, tk * d, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sxx = stt - st * st / n
-        slope = (std_ - st * sd / n) / sxx
-    fix = np.where((n >= 3) & (sxx > 0) & np.isfinite(slope) & np.isfinite(velocity), velocity - slope, 0.0)
+        sums.add(tk, merged[k])
+    fix = sums.correction(velocity)
     for k, tk in enumerate(t):
         merged[k] = (merged[k] + fix * tk).astype(merged.dtype)
     return merged

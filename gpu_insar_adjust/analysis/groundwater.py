@@ -144,7 +144,7 @@ def _volume_std(sigma_m: np.ndarray, area: np.ndarray, ok: np.ndarray, y, x, crs
 def groundwater_loss(cumulative, *, periods: Sequence[tuple[Any, Any]] | None = None,
                      split_dates: Sequence[Any] | None = DEFAULT_SPLIT_DATES, inelastic_fraction: float = 1.0,
                      skeletal_storage=None, aquifer_mask=None, displacement_std_mm=None,
-                     correlation_length_m: float | None = 10_000.0, crs=None) -> dict:
+                     correlation_length_m: float | None = 10_000.0, crs=None, fit=None) -> dict:
     """Groundwater storage loss (m³) from compaction, per period and in total.
 
     Parameters
@@ -169,6 +169,9 @@ def groundwater_loss(cumulative, *, periods: Sequence[tuple[Any, Any]] | None = 
         Spatial correlation length of the displacement errors (None = fully correlated everywhere).
     crs
         Grid CRS; default the cube's rioxarray CRS, else EPSG:4326.
+    fit
+        The result of :func:`~gpu_insar_adjust.timeseries.fit_annual_velocities` on this cube, when already
+        computed: its ``residual_rms`` serves as the default uncertainty instead of fitting the cube again.
 
     Returns
     -------
@@ -202,7 +205,8 @@ def groundwater_loss(cumulative, *, periods: Sequence[tuple[Any, Any]] | None = 
     else:
         mask = np.ones(area.shape, dtype=bool)
     if displacement_std_mm is None:
-        fit = fit_annual_velocities(cube) if t.size >= 3 else None
+        if fit is None:
+            fit = fit_annual_velocities(cube) if t.size >= 3 else None
         sigma_source = "residual RMS of the piecewise annual-rate fit (per pixel)"
         sig_epoch = (np.full(area.shape, np.nan) if fit is None
                      else np.asarray(to_numpy(fit["residual_rms"].transpose("y", "x").values), float))
