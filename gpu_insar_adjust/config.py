@@ -63,6 +63,10 @@ class MosaicConfig(_Section):
     decompose_up_east: bool = Field(True, description="Where ascending and descending overlap, solve up and east "
                                                       "per pixel (north from GNSS) instead of removing the GNSS "
                                                       "horizontal field from each look direction.")
+    east_prior: bool = Field(True, description="In the up/east decomposition, use the GNSS east velocity as one "
+                                               "more observation (sigma: the field's own sigma and its leave-one-"
+                                               "out RMSE in quadrature), so that one poorly corrected look "
+                                               "direction cannot put its error into up and east unchecked.")
     resolution: float | None = Field(None, gt=0, description="Target pixel spacing in target-CRS units (default: "
                                                              "the finest input spacing).")
     crs: str = Field("EPSG:4326", description="Target CRS of the mosaic.")

@@ -797,7 +797,7 @@ class UpEastResult:
 
 
 def decompose_up_east(los_stack, std_stack, e_stack, n_stack, u_stack, vn, sn=None, *, ve=None, se=None,
-                      max_condition: float = 100.0) -> UpEastResult:
+                      max_condition: float = 100.0, east_prior: bool = False) -> UpEastResult:
     """Up and east velocity from two or more look directions; north from the GNSS field.
 
     Stacks are ``(k, ...)``: k look geometries (e.g. ascending and descending mosaics) over the same pixels;
@@ -816,6 +816,13 @@ def decompose_up_east(los_stack, std_stack, e_stack, n_stack, u_stack, vn, sn=No
     Fall-back: pixels with one valid geometry, or ill-conditioned, get the vertical-only estimate (all valid
     geometries, ``ve`` and ``vn`` removed, ``se``/``sn`` propagated) *only if* ``ve`` is given; otherwise up and
     east are NaN there and ``n_geometries`` says why.
+
+    East prior (``east_prior=True``, needs ``ve`` and ``se``): the GNSS east velocity enters as one more
+    observation of east with sigma ``se``. Two geometries then no longer fit exactly: a frame whose LOS error is
+    large (its ``std`` says so) is outweighed by the other geometry and the GNSS field instead of going straight
+    into up and east, and east departs from the GNSS field only where both geometries agree that it does (e.g.
+    inward motion around a subsidence bowl, when ``se`` allows it). Pixels with two or more geometries are then
+    solved whatever their look-direction condition (method 2); one geometry keeps the vertical-only estimate.
 
     Assumes: all geometries are in the reference frame of the GNSS field, LOS errors independent between
     geometries; a horizontal-only GNSS input (no ``vu``) is what makes this possible — that choice is upstream.
@@ -860,6 +867,15 @@ def decompose_up_east(los_stack, std_stack, e_stack, n_stack, u_stack, vn, sn=No
     # weighted normal matrix and right-hand side, order (east, up)
     a11, a12, a22 = xp.sum(W * E0 * E0, axis=0), xp.sum(W * E0 * U0, axis=0), xp.sum(W * U0 * U0, axis=0)
     b1, b2 = xp.sum(W * E0 * Y, axis=0), xp.sum(W * U0 * Y, axis=0)
+    if east_prior:
+        if ve is None or se is None:
+            raise ArrayArgumentError("east_prior=True needs the GNSS east velocity and its sigma.", field="ve/se",
+                                     fix="pass ve= and se= (mm/yr) or east_prior=False")
+        VEp, SEp = per_pixel(ve, "ve"), per_pixel(se, "se")
+        okp = xp.isfinite(VEp) & xp.isfinite(SEp) & (SEp > 0)
+        wp = xp.where(okp, 1.0 / xp.where(okp, SEp * SEp, xp.ones_like(SEp)), xp.zeros_like(SEp))
+        a11 = a11 + wp
+        b1 = b1 + wp * xp.where(okp, VEp, xp.zeros_like(VEp))
     det = a11 * a22 - a12 * a12
     # geometry-only (unweighted) conditioning: noise levels should not decide whether east is resolvable
     okf = xp.astype(ok, f64)
@@ -870,7 +886,7 @@ def decompose_up_east(los_stack, std_stack, e_stack, n_stack, u_stack, vn, sn=No
     two = k >= 2
     cond = xp.where(two, xp.where(lmin > 1e-12 * lmax, lmax / xp.where(lmin > 0, lmin, xp.ones_like(lmin)),
                                   xp.full(pix, xp.inf, dtype=f64)), xp.full(pix, xp.nan, dtype=f64))
-    solve = two & (cond <= max_condition) & (det > 0)
+    solve = two & ((cond <= max_condition) | east_prior) & (det > 0)
     ill = two & ~solve
     dets = xp.where(solve, det, xp.ones_like(det))
     i11, i12, i22 = a22 / dets, -a12 / dets, a11 / dets

@@ -413,6 +413,17 @@ def _load_adjustment(work: Path, fid: str, key: str):
     return _CachedAdjustment(ds["correction"], ds["correction_std"], ds["los_adjusted"], meta["report"], residuals)
 
 
+def _cv_rmse(adj) -> float:
+    """The chosen model's cross-validated RMSE (LOS, mm/yr): how well the frame's correction predicts stations
+    it was not fitted to. It is the frame's empirical error where a model cannot follow the error surface (an
+    ionosphere finer than the station spacing), which the formal correction sigma does not see; 0 if unknown."""
+    if adj is None:
+        return 0.0
+    cands = adj.report.get("candidates") or {}
+    cv = (cands.get(adj.report.get("chosen")) or {}).get("rmse")
+    return float(cv) if cv is not None and np.isfinite(cv) else 0.0
+
+
 def _adjust_one(folder, *, stations, config, holdout):
     """One frame's adjustment from its folder (runs in-process or as a Dask task); None when it has no station."""
     from .adjust.frame import adjust_frame
@@ -477,7 +488,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         else:
             fld = hz.HorizontalVelocityField(plate=cfg.gnss.plate, model=cfg.gnss.plate_model).fit(stations_itrf)
             hfields = [fld.predict_grid(fr) for fr in frames]
-            field_info = {"source": "gnss", "loo_rmse_mm_yr": getattr(fld, "loo_rmse_", None)}
+            field_info = {"source": "gnss", "loo_rmse_mm_yr": getattr(fld, "loo_rmse_", None),
+                          "loo_rmse_e_mm_yr": getattr(fld, "loo_rmse_e_", None)}
 
     # 3. per-frame adjustment ---------------------------------------------------------------------------------
     adj_cfg = AdjustConfig(use_horizontal_only=horizontal_only)
@@ -515,7 +527,7 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             log.info("resumed: %d of %d frame adjustments reused from %s", n_cached, len(frames), work)
 
     # vertical-equivalent velocity of every adjusted frame
-    verts, vstds, los_adj, corr_std = [], [], [], []
+    verts, vstds, vstds_noise, los_adj, corr_std = [], [], [], [], []
     for fr, adj, hf in zip(frames, adjustments, hfields):
         if adj is None:
             la = np.asarray(backend.to_numpy(fr["los_velocity"].data), np.float64)
@@ -526,10 +538,13 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         ls = (np.asarray(backend.to_numpy(fr["los_std"].data), np.float64) if "los_std" in fr
               else np.full(la.shape, 2.0))
         # a product sigma of 0 (or missing) is not credible: floor it at 0.1 mm/yr
-        std = np.sqrt(np.square(np.where(np.isfinite(ls) & (ls > 0.1), ls, np.where(np.isfinite(ls), 0.1, 2.0)))
-                      + np.square(np.nan_to_num(cs)))
-        v, s = frame_vertical_equivalent(fr, la, std, hf)
-        verts.append(v), vstds.append(s), los_adj.append(la), corr_std.append(cs)
+        noise = np.square(np.where(np.isfinite(ls) & (ls > 0.1), ls, np.where(np.isfinite(ls), 0.1, 2.0)))
+        # overlaps see pixel noise and the correction's formal sigma; the long-wavelength error the chosen model
+        # left (its CV RMSE) is what the network estimates, so it weighs only the merge of the frames
+        v, s_noise = frame_vertical_equivalent(fr, la, np.sqrt(noise + np.square(np.nan_to_num(cs))), hf)
+        _, s = frame_vertical_equivalent(fr, la, np.sqrt(noise + np.square(np.nan_to_num(cs))
+                                                         + np.square(_cv_rmse(adj))), hf)
+        verts.append(v), vstds.append(s), vstds_noise.append(s_noise), los_adj.append(la), corr_std.append(cs)
 
     # 4. network adjustment over overlaps + GNSS ties ---------------------------------------------------------
     with stage("network adjustment", log):
@@ -537,7 +552,7 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         on_grid = [resample_to_grid(_frame_da(fr, v, "vertical"), grid, resampling="bilinear")
                    for fr, v in zip(frames, verts)]
         std_on_grid = [resample_to_grid(_frame_da(fr, s, "vertical_std"), grid, resampling="bilinear", kind="std")
-                       for fr, s in zip(frames, vstds)]
+                       for fr, s in zip(frames, vstds_noise)]
         pairs = overlap_pairs([o.values for o in on_grid], grid, min_pixels=cfg.network.min_overlap_pixels)
         overlaps = []
         rng = np.random.default_rng(0)
@@ -652,18 +667,24 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                                       tile_size=cfg.mosaic.tile_size)
                     stacks[comp].append(np.asarray(backend.to_numpy(cm.value), np.float64))
             # north from the GNSS horizontal field, on the grid
-            vn_grid = np.full(grid.shape, np.nan)
-            sn_grid = np.full(grid.shape, np.nan)
+            hgrid = {c: np.full(grid.shape, np.nan) for c in ("ve", "vn", "se", "sn")}
             for k, fr in enumerate(frames):
-                vn_k = resample_to_grid(_frame_da(fr, hfields[k]["vn"].values, "vn"), grid).values
-                sn_k = resample_to_grid(_frame_da(fr, hfields[k]["sn"].values, "sn"), grid, kind="std").values
-                fill = ~np.isfinite(vn_grid) & np.isfinite(vn_k)
-                vn_grid[fill], sn_grid[fill] = vn_k[fill], sn_k[fill]
+                on = {c: resample_to_grid(_frame_da(fr, hfields[k][c].values, c), grid,
+                                          kind="std" if c.startswith("s") else "value").values
+                      for c in ("ve", "vn", "se", "sn")}
+                fill = ~np.isfinite(hgrid["vn"]) & np.isfinite(on["vn"])
+                for c in hgrid:
+                    hgrid[c][fill] = on[c][fill]
+            # the field's sigma is its formal GP sigma; where it is smooth between stations it misses local
+            # motion (inward motion at bowls) that its leave-one-out RMSE does see
+            loo_e = float(field_info.get("loo_rmse_e_mm_yr") or field_info.get("loo_rmse_mm_yr") or 1.0)
+            se_prior = np.sqrt(np.square(np.nan_to_num(hgrid["se"], nan=1.0)) + loo_e ** 2)
             ue = decompose_up_east(np.stack(stacks["los"]), np.stack(stacks["std"]), np.stack(stacks["e"]),
-                                   np.stack(stacks["n"]), np.stack(stacks["u"]), np.nan_to_num(vn_grid),
-                                   np.nan_to_num(sn_grid))
+                                   np.stack(stacks["n"]), np.stack(stacks["u"]), np.nan_to_num(hgrid["vn"]),
+                                   np.nan_to_num(hgrid["sn"]), ve=np.nan_to_num(hgrid["ve"]), se=se_prior,
+                                   east_prior=cfg.mosaic.east_prior)
             up = np.asarray(backend.to_numpy(ue.up), np.float64)
-            use = np.asarray(backend.to_numpy(ue.method)) == 2
+            use = np.asarray(backend.to_numpy(ue.method)) == 2  # two or more geometries solved (not the fall-back)
             vertical = np.where(use, up, vertical)
             vertical_std = np.where(use, np.asarray(backend.to_numpy(ue.up_std), np.float64), vertical_std)
             east = np.where(use, np.asarray(backend.to_numpy(ue.east), np.float64), np.nan)

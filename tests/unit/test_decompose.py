@@ -202,3 +202,33 @@ def test_decompose_bad_inputs(xp):
         M.decompose_vertical(xp.asarray(ones[0]), None, xp.asarray(E[0]), xp.asarray(N[0]), xp.asarray(U[0] * 0),
                              xp.asarray(np.zeros(shape)), xp.asarray(np.zeros(shape)))
     assert ei.value.field == "u"
+
+
+def test_east_prior_outweighs_a_poorly_corrected_geometry(cpu_xp):
+    """The descending LOS carries a 10 mm/yr error that its sigma (8 mm/yr, its frame's CV RMSE) admits; the
+    ascending LOS is good (1 mm/yr) and the GNSS east is known to 1.5 mm/yr. Without the prior the error goes
+    straight into up and east (two equations, two unknowns); with it, up stays near the truth."""
+    vu, ve, vn, geoms = _scene()
+    (ea, na, ua), (ed, nd, ud) = geoms
+    los_a = ea * ve + na * vn + ua * vu
+    los_d = ed * ve + nd * vn + ud * vu + 10.0
+    std = np.stack([np.full(vu.shape, 1.0), np.full(vu.shape, 8.0)])
+    args = [cpu_xp.asarray(a) for a in (np.stack([los_a, los_d]), std, np.stack([ea, ed]), np.stack([na, nd]),
+                                        np.stack([ua, ud]), vn)]
+    plain = M.decompose_up_east(*args)
+    prior = M.decompose_up_east(*args, ve=cpu_xp.asarray(ve), se=cpu_xp.asarray(np.full(vu.shape, 1.5)),
+                                east_prior=True)
+    err_plain = np.abs(to_numpy(plain.up) - vu)
+    err_prior = np.abs(to_numpy(prior.up) - vu)
+    # exact two-geometry solution: the 10 mm/yr LOS error becomes ~5 mm/yr of up error
+    assert np.median(err_plain) > 4.0
+    # with the prior: the bad geometry is outweighed (weight 1/64 against 1 and 1/2.25)
+    assert np.median(err_prior) < 1.0
+    assert np.all(to_numpy(prior.method) == 2)
+    east_err = np.abs(to_numpy(prior.east) - ve)
+    assert np.median(east_err) < 1.0
+    # the posterior sigma of up is below that of the plain solution (the prior adds information)
+    assert np.all(to_numpy(prior.up_std) < to_numpy(plain.up_std))
+    with pytest.raises(Exception) as exc:
+        M.decompose_up_east(*args, east_prior=True)
+    assert "ve" in str(exc.value)
