@@ -93,14 +93,14 @@ def test_plate_fixed_and_grid_prediction(synthetic):
     lon, lat = np.meshgrid(x, y)
     ref = field.predict(lon, lat)
     for k, r in zip(("ve", "vn", "se", "sn"), ref):
-        # the GP through its checked coarse grid (0.02) plus the rotation through its own (0.01)
-        np.testing.assert_allclose(grid[k].values, r, atol=0.031)
+        # the GP through its checked coarse grid (0.05) plus the rotation through its own (0.01)
+        np.testing.assert_allclose(grid[k].values, r, atol=0.061)
     fixed = field.predict_grid(frame, plate_fixed=True)
     assert fixed.attrs["reference_frame"] == "EURA-fixed"
 
 
 def test_grid_prediction_on_a_fine_frame_goes_through_a_checked_coarse_grid(synthetic):
-    """A 0.005° frame (~500 m pixels, 60 000 pixels): the coarse-grid evaluation stays within its 0.02 mm/yr
+    """A 0.005° frame (~500 m pixels, 60 000 pixels): the coarse-grid evaluation stays within its 0.05 mm/yr
     tolerance of the GP evaluated at every pixel, and evaluates the GP at far fewer points."""
     df, field = synthetic
     y = np.round(np.arange(38.6, 37.4, -0.005), 6)
@@ -122,7 +122,7 @@ def test_grid_prediction_on_a_fine_frame_goes_through_a_checked_coarse_grid(synt
     lon, lat = np.meshgrid(x, y)
     ref = field.predict(lon, lat, plate_fixed=True)
     for k, r in zip(("ve", "vn", "se", "sn"), ref):
-        np.testing.assert_allclose(grid[k].values, r, atol=0.02 + 1e-5)
+        np.testing.assert_allclose(grid[k].values, r, atol=0.05 + 1e-5)
     assert sum(calls) < lon.size / 10
 
 
