@@ -13,6 +13,8 @@ Velocities and sigmas are mm/yr; coordinates degrees. Host-only (scikit-learn, p
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 import time
@@ -198,18 +200,20 @@ class HorizontalVelocityField:
 
             raise NotFittedError("HorizontalVelocityField is not fitted yet; call fit(stations) first.")
 
-    def _predict_comp(self, comp, X):
+    def _predict_comp(self, comp, X, return_std: bool = True):
         from scipy.linalg import solve_triangular
 
         gp, mean, scale = self._fits[comp]
         signal = gp.kernel_.k1  # ConstantKernel * Matern: the field itself, without the white noise
-        ks = signal(X, gp.X_train_)
+        ks = _signal_cross_kernel(signal, X, gp.X_train_)
         mu = ks @ gp.alpha_
+        if not return_std:
+            return mu * scale + mean, None
         v = solve_triangular(gp.L_, ks.T, lower=True)
         var = np.clip(signal.diag(X) - np.sum(v * v, axis=0), 0.0, None)
         return mu * scale + mean, np.sqrt(var) * scale
 
-    def predict(self, lon, lat, *, plate_fixed: bool = False, chunk: int = 100_000):
+    def predict(self, lon, lat, *, plate_fixed: bool = False, chunk: int = 100_000, return_std: bool = True):
         """(ve, vn, se, sn) mm/yr at points (degrees), in ``reference_frame_`` (or plate-fixed when
         ``plate_fixed``). ``se``/``sn`` are the 1-sigma of the interpolated field (the rotation is taken exact)."""
         self._check_fitted()
@@ -222,8 +226,10 @@ class HorizontalVelocityField:
         out = [np.empty(lon_f.size) for _ in range(4)]
         for i in range(0, lon_f.size, chunk):
             X = self._project(lon_f[i:i + chunk], lat_f[i:i + chunk])
-            out[0][i:i + chunk], out[2][i:i + chunk] = self._predict_comp("e", X)
-            out[1][i:i + chunk], out[3][i:i + chunk] = self._predict_comp("n", X)
+            for k, comp in enumerate(("e", "n")):
+                mu, sd = self._predict_comp(comp, X, return_std)
+                out[k][i:i + chunk] = mu
+                out[k + 2][i:i + chunk] = sd if sd is not None else np.nan
         if self._add_rotation and not plate_fixed:
             pe, pn, _ = plates.plate_velocity_enu(lon_f, lat_f, plate=self.plate, model=self.model)
             out[0] += pe
@@ -233,11 +239,10 @@ class HorizontalVelocityField:
     def predict_grid(self, frame, *, plate_fixed: bool = False, tolerance: float = 0.05):
         """The field on every pixel of a Frame Dataset: Dataset ``ve, vn, se, sn`` (y, x) float32, mm/yr.
 
-        The GP is evaluated on a coarse pixel grid (a quarter of its shortest fitted correlation length) and
+        The means are evaluated at every pixel (stations × pixels). The sigmas, which cost stations² per point,
+        are evaluated on a coarse pixel grid (a quarter of the shortest fitted correlation length) and
         interpolated bilinearly; the interpolation error is checked at the coarse cells' centres and the step
-        halved until every component is within ``tolerance`` mm/yr; below a 4-pixel step the check would cost
-        more than it saves and every pixel is evaluated (the GP's predictive sigma costs stations² per point,
-        so evaluating it at every 100 m pixel of a 250 km frame would take minutes).
+        halved until it is within ``tolerance`` mm/yr.
         """
         import xarray as xr
 
@@ -255,25 +260,33 @@ class HorizontalVelocityField:
         return ds
 
     def _predict_coarse(self, frame, ny: int, nx: int, tolerance: float):
-        """(ve, vn, se, sn) of the GP part (plate-fixed) at every pixel, through a checked coarse grid."""
+        """(ve, vn, se, sn) of the GP part (plate-fixed) at every pixel: the means (stations × pixels) at every
+        pixel, the sigmas (stations² × pixels) through a checked coarse grid."""
+        rows, cols = np.arange(ny), np.arange(nx)
+        ve, vn, _, _ = self.predict(*plates._frame_lonlat(frame, rows, cols), plate_fixed=True, return_std=False)
+        se, sn = self._sigma_coarse(frame, ny, nx, tolerance)
+        return ve, vn, se, sn
+
+    def _sigma_coarse(self, frame, ny: int, nx: int, tolerance: float):
+        """(se, sn) at every pixel through a coarse grid checked at its cells' centres (``tolerance`` mm/yr)."""
         lon_s, lat_s = plates._frame_lonlat(frame, np.array([0, ny // 2, ny - 1]), np.array([0, nx // 2, nx - 1]))
         mid_lat = float(np.nanmean(lat_s))
         dlon = np.max(np.abs(np.diff(lon_s, axis=1))) / max((nx - 1) / 2, 1)
         dlat = np.max(np.abs(np.diff(lat_s, axis=0))) / max((ny - 1) / 2, 1)
         pixel_km = 111.2 * max(dlat, dlon * np.cos(np.radians(mid_lat)), 1e-9)
         step = max(int(min(self.length_scale_km_) / 4.0 / pixel_km), 1)
-        while step >= 4:
+        while step >= 2:
             rows_c, cols_c = plates._coarse_index(ny, step), plates._coarse_index(nx, step)
-            coarse = self.predict(*plates._frame_lonlat(frame, rows_c, cols_c), plate_fixed=True)
+            coarse = self.predict(*plates._frame_lonlat(frame, rows_c, cols_c), plate_fixed=True)[2:]
             rm = (rows_c[:-1] + rows_c[1:]) // 2 if rows_c.size > 1 else rows_c
             cm = (cols_c[:-1] + cols_c[1:]) // 2 if cols_c.size > 1 else cols_c
-            exact = self.predict(*plates._frame_lonlat(frame, rm, cm), plate_fixed=True)
+            exact = self.predict(*plates._frame_lonlat(frame, rm, cm), plate_fixed=True)[2:]
             wy, wx = plates._linear_weights(ny, rows_c), plates._linear_weights(nx, cols_c)
             err = max(float(np.max(np.abs(wy[rm] @ c @ wx[cm].T - m))) for c, m in zip(coarse, exact))
             if err <= tolerance:
                 return tuple(wy @ c @ wx.T for c in coarse)
             step //= 2
-        return self.predict(*plates._frame_lonlat(frame, np.arange(ny), np.arange(nx)), plate_fixed=True)
+        return self.predict(*plates._frame_lonlat(frame, np.arange(ny), np.arange(nx)), plate_fixed=True)[2:]
 
     def score(self, stations, y=None) -> float:
         """Coefficient of determination (R²) of the east and north velocities of ``stations`` together (given in
@@ -284,6 +297,49 @@ class HorizontalVelocityField:
         pred = np.r_[ve, vn]
         ok = np.isfinite(obs)
         return float(1.0 - np.sum((obs[ok] - pred[ok]) ** 2) / np.sum((obs[ok] - np.mean(obs[ok])) ** 2))
+
+
+@functools.lru_cache(maxsize=1)
+def _matern_numba():
+    """A two-core numba kernel for ConstantKernel × Matern cross covariances, or None without numba."""
+    try:
+        import numba as nb
+    except Exception:
+        return None
+
+    @nb.njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+    def kernel(X, Xs, ls, amp, nu2):  # nu2 = 2ν: 1, 3 or 5
+        m, n = X.shape[0], Xs.shape[0]
+        out = np.empty((m, n))
+        for i in nb.prange(m):
+            for j in range(n):
+                d = np.sqrt((X[i, 0] - Xs[j, 0]) ** 2 + (X[i, 1] - Xs[j, 1]) ** 2) / ls
+                if nu2 == 1:
+                    out[i, j] = amp * np.exp(-d)
+                elif nu2 == 3:
+                    d *= 1.7320508075688772
+                    out[i, j] = amp * (1.0 + d) * np.exp(-d)
+                else:
+                    d *= 2.23606797749979
+                    out[i, j] = amp * (1.0 + d + d * d / 3.0) * np.exp(-d)
+        return out
+
+    return kernel
+
+
+def _signal_cross_kernel(signal, X, Xs):
+    """``signal(X, Xs)`` for the fitted ConstantKernel × Matern (ν = 0.5, 1.5, 2.5) in closed form, on both
+    cores with numba where installed (scikit-learn's path makes several full-size temporaries); any other kernel
+    goes through scikit-learn."""
+    from sklearn.gaussian_process.kernels import ConstantKernel, Matern
+
+    c, m = getattr(signal, "k1", None), getattr(signal, "k2", None)
+    fast = _matern_numba()
+    if fast is None or not (isinstance(c, ConstantKernel) and isinstance(m, Matern) and m.nu in (0.5, 1.5, 2.5)
+                            and np.ndim(m.length_scale) == 0):
+        return signal(X, Xs)
+    return fast(np.ascontiguousarray(X, np.float64), np.ascontiguousarray(Xs, np.float64),
+                float(m.length_scale), float(c.constant_value), int(round(2 * m.nu)))
 
 
 # --------------------------------------------------------------------------------------------------------------
