@@ -192,10 +192,8 @@ def asarray(x: Any, xp=None, dtype=None):
         import cupy
 
         if not isinstance(x, cupy.ndarray):  # a host → device copy: refuse one that cannot fit
-            nbytes = int(getattr(x, "nbytes", 0)) or int(np.asarray(x).nbytes)
-            if dtype is not None:
-                nbytes = nbytes // max(1, np.asarray(x).dtype.itemsize) * np.dtype(dtype).itemsize
-            check_device_memory(nbytes)
+            host = np.asarray(x)
+            check_device_memory(host.size * (np.dtype(dtype).itemsize if dtype is not None else host.itemsize))
         try:
             return cupy.asarray(x, dtype=dtype)
         except cupy.cuda.memory.OutOfMemoryError as exc:

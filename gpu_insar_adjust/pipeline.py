@@ -542,8 +542,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         # overlaps see pixel noise and the correction's formal sigma; the long-wavelength error the chosen model
         # left (its CV RMSE) is what the network estimates, so it weighs only the merge of the frames
         v, s_noise = frame_vertical_equivalent(fr, la, np.sqrt(noise + np.square(np.nan_to_num(cs))), hf)
-        _, s = frame_vertical_equivalent(fr, la, np.sqrt(noise + np.square(np.nan_to_num(cs))
-                                                         + np.square(_cv_rmse(adj))), hf)
+        u = np.asarray(backend.to_numpy(fr["los_u"].data), np.float64)
+        s = np.sqrt(np.square(s_noise) + np.square(_cv_rmse(adj) / u))  # a LOS variance term divides by u²
         verts.append(v), vstds.append(s), vstds_noise.append(s_noise), los_adj.append(la), corr_std.append(cs)
 
     # 4. network adjustment over overlaps + GNSS ties ---------------------------------------------------------
@@ -597,13 +597,10 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         prior = np.full(len(frames), nc.prior_sigma_mm_yr)
         if nc.prior_from_cv:
             for k, adj in enumerate(adjustments):
-                if adj is None:
-                    continue
-                cands = adj.report.get("candidates") or {}
-                cv = (cands.get(adj.report.get("chosen")) or {}).get("rmse")
-                if cv is not None and np.isfinite(cv):
+                cv = _cv_rmse(adj)
+                if cv > 0:
                     # the frame's correction is uncertain to about its CV RMSE, in vertical (÷ u ≈ 0.78)
-                    prior[k] = max(float(cv) / 0.78, 0.5)
+                    prior[k] = max(cv / 0.78, 0.5)
         if not nc.enabled:
             net = NetworkSolution.zeros(len(frames), nc.order)
         else:

@@ -275,18 +275,15 @@ class HorizontalVelocityField:
         dlat = np.max(np.abs(np.diff(lat_s, axis=0))) / max((ny - 1) / 2, 1)
         pixel_km = 111.2 * max(dlat, dlon * np.cos(np.radians(mid_lat)), 1e-9)
         step = max(int(min(self.length_scale_km_) / 4.0 / pixel_km), 1)
-        while step >= 2:
-            rows_c, cols_c = plates._coarse_index(ny, step), plates._coarse_index(nx, step)
-            coarse = self.predict(*plates._frame_lonlat(frame, rows_c, cols_c), plate_fixed=True)[2:]
-            rm = (rows_c[:-1] + rows_c[1:]) // 2 if rows_c.size > 1 else rows_c
-            cm = (cols_c[:-1] + cols_c[1:]) // 2 if cols_c.size > 1 else cols_c
-            exact = self.predict(*plates._frame_lonlat(frame, rm, cm), plate_fixed=True)[2:]
-            wy, wx = plates._linear_weights(ny, rows_c), plates._linear_weights(nx, cols_c)
-            err = max(float(np.max(np.abs(wy[rm] @ c @ wx[cm].T - m))) for c, m in zip(coarse, exact))
-            if err <= tolerance:
-                return tuple(wy @ c @ wx.T for c in coarse)
-            step //= 2
-        return self.predict(*plates._frame_lonlat(frame, np.arange(ny), np.arange(nx)), plate_fixed=True)[2:]
+
+        def sigmas(lon, lat):
+            return self.predict(lon, lat, plate_fixed=True)[2:]
+
+        found = plates.checked_coarse_grid(frame, sigmas, step, tolerance)
+        if found is None:
+            return sigmas(*plates._frame_lonlat(frame, np.arange(ny), np.arange(nx)))
+        coarse, wy, wx, _ = found
+        return tuple(wy @ c @ wx.T for c in coarse)
 
     def score(self, stations, y=None) -> float:
         """Coefficient of determination (R²) of the east and north velocities of ``stations`` together (given in

@@ -445,20 +445,37 @@ def _coarse_plate_velocity(frame, plate, model, coarse_step, tolerance):
     dlon = np.max(np.abs(np.diff(lon_s, axis=1))) / max((nx - 1) / 2, 1)
     dlat = np.max(np.abs(np.diff(lat_s, axis=0))) / max((ny - 1) / 2, 1)
     step = max(int(coarse_step / max(dlon, dlat, 1e-12)), 1)
+
+    def evaluate(lon, lat):
+        return plate_velocity_enu(lon, lat, plate=plate, model=model)
+
+    found = checked_coarse_grid(frame, evaluate, step, tolerance)
+    if found is not None:
+        return found
+    return evaluate(*_frame_lonlat(frame, np.arange(ny), np.arange(nx))), None, None, 1
+
+
+def checked_coarse_grid(frame, evaluate, step: int, tolerance: float):
+    """A smooth field on a coarse pixel grid whose bilinear interpolation is within ``tolerance`` everywhere.
+
+    ``evaluate(lon, lat)`` returns a tuple of 2-D arrays (one per component). Starting from ``step`` pixels, the
+    interpolation is checked at the coarse cells' centres (where bilinear interpolation errs most) and the step
+    halved until every component is within ``tolerance``. Returns ``(coarse, wy, wx, step)`` with the full
+    field of each component ``wy @ c @ wx.T``, or None when no step of 2 pixels or more is accurate enough.
+    """
+    ny, nx = frame.sizes["y"], frame.sizes["x"]
     while step > 1:
         rows_c, cols_c = _coarse_index(ny, step), _coarse_index(nx, step)
-        coarse = plate_velocity_enu(*_frame_lonlat(frame, rows_c, cols_c), plate=plate, model=model)
-        # Check the interpolation at the coarse cells' centres, where bilinear interpolation errs most.
+        coarse = evaluate(*_frame_lonlat(frame, rows_c, cols_c))
         rm = (rows_c[:-1] + rows_c[1:]) // 2 if rows_c.size > 1 else rows_c
         cm = (cols_c[:-1] + cols_c[1:]) // 2 if cols_c.size > 1 else cols_c
-        exact = plate_velocity_enu(*_frame_lonlat(frame, rm, cm), plate=plate, model=model)
+        exact = evaluate(*_frame_lonlat(frame, rm, cm))
         wy, wx = _linear_weights(ny, rows_c), _linear_weights(nx, cols_c)
         err = max(float(np.max(np.abs(wy[rm] @ c @ wx[cm].T - m))) for c, m in zip(coarse, exact))
         if err <= tolerance:
             return coarse, wy, wx, step
         step //= 2
-    dense = plate_velocity_enu(*_frame_lonlat(frame, np.arange(ny), np.arange(nx)), plate=plate, model=model)
-    return dense, None, None, 1
+    return None
 
 
 def plate_velocity_grid(frame, plate: str = "EURA", model: str = "ITRF2014", *, coarse_step: float = 0.5,

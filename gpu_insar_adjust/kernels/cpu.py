@@ -335,6 +335,36 @@ def _nb():
                 rb[i] += (b0 * v0 + b1 * v1) + (b2 * v2 + b3 * v3)
                 rc[i] += (c0 * v0 + c1 * v1) + (c2 * v2 + c3 * v3)
 
+    @jit(inline="always")
+    def cholesky_solve(L, n, b, z, x):
+        """Solve N x = b in place for a small SPD N held in the lower triangle of ``L`` (first n rows/columns);
+        ``z`` is scratch. Returns False, leaving ``x`` untouched, when N is not numerically positive definite."""
+        for j in range(n):
+            njj = L[j, j]
+            d = njj
+            for k in range(j):
+                d -= L[j, k] * L[j, k]
+            if not (d > 1e-13 * njj) or not (d > 0.0):
+                return False
+            d = np.sqrt(d)
+            L[j, j] = d
+            for r in range(j + 1, n):
+                acc = L[r, j]
+                for k in range(j):
+                    acc -= L[r, k] * L[j, k]
+                L[r, j] = acc / d
+        for j in range(n):
+            acc = b[j]
+            for k in range(j):
+                acc -= L[j, k] * z[k]
+            z[j] = acc / L[j, j]
+        for j in range(n - 1, -1, -1):
+            acc = z[j]
+            for k in range(j + 1, n):
+                acc -= L[k, j] * x[k]
+            x[j] = acc / L[j, j]
+        return True
+
     @jit(parallel=True)
     def shared_fit(A, Awp, Gp, Ninv, epoch_ok, n_epochs, Y, wt, colscale, want_rms, block, out_x, out_n, out_rms):
         """Per-pixel least squares with one design A (T, n) (columns scaled); see cpu.shared_design_fit.
@@ -387,35 +417,9 @@ def _nb():
                     for k in range(j, n):
                         L[k, j] = nrm[q, i]  # lower triangle holds N
                         q += 1
-                good = True
-                for j in range(n):
-                    d = L[j, j]
-                    for k in range(j):
-                        d -= L[j, k] * L[j, k]
-                    if not d > 1e-13 * L[j, j] or not d > 0.0:
-                        good = False
-                        break
-                    d = np.sqrt(d)
-                    L[j, j] = d
-                    for r in range(j + 1, n):
-                        acc = L[r, j]
-                        for k in range(j):
-                            acc -= L[r, k] * L[j, k]
-                        L[r, j] = acc / d
-                if not good:
+                if not cholesky_solve(L, n, rhs[:, i], z, xs[:, i]):
                     for k in range(n):
                         xs[k, i] = np.nan
-                    continue
-                for j in range(n):
-                    acc = rhs[j, i]
-                    for k in range(j):
-                        acc -= L[j, k] * z[k]
-                    z[j] = acc / L[j, j]
-                for j in range(n - 1, -1, -1):
-                    acc = z[j]
-                    for k in range(j + 1, n):
-                        acc -= L[k, j] * xs[k, i]
-                    xs[j, i] = acc / L[j, j]
             for k in range(n):
                 for i in range(nb_):
                     out_x[k, i0 + i] = xs[k, i] / colscale[k]
@@ -614,34 +618,7 @@ def _nb():
                 for k in range(j, 6):
                     L[k, j] = nrm[t, q]
                     q += 1
-            good = True
-            for j in range(n_terms):
-                njj = L[j, j]
-                d = njj
-                for k in range(j):
-                    d -= L[j, k] * L[j, k]
-                if not (d > 1e-13 * njj) or not (d > 0.0):
-                    good = False
-                    break
-                d = np.sqrt(d)
-                L[j, j] = d
-                for r in range(j + 1, n_terms):
-                    acc = L[r, j]
-                    for k in range(j):
-                        acc -= L[r, k] * L[j, k]
-                    L[r, j] = acc / d
-            if not good:
-                continue
-            for j in range(n_terms):
-                acc = rhs[t, j]
-                for k in range(j):
-                    acc -= L[j, k] * z[k]
-                z[j] = acc / L[j, j]
-            for j in range(n_terms - 1, -1, -1):
-                acc = z[j]
-                for k in range(j + 1, n_terms):
-                    acc -= L[k, j] * out[t, k]
-                out[t, j] = acc / L[j, j]
+            cholesky_solve(L, n_terms, rhs[t], z, out[t])  # out[t] stays NaN where undetermined
 
     return {"chunk_moments": chunk_moments, "ramp_normals": ramp_normals, "ramp_subtract": ramp_subtract,
             "poly_eval": poly_eval, "shared_fit": shared_fit, "grid_partials": grid_partials,
