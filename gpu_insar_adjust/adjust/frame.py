@@ -55,8 +55,8 @@ class AdjustConfig(BaseModel):
     outlier_threshold: float = Field(3.5, gt=0, description="flag stations beyond this many robust (MAD) sigmas of "
                                                             "their leave-one-out residual")
     outlier_max_fraction: float = Field(0.2, ge=0, le=0.5, description="flag at most this fraction of stations")
-    one_se_rule: bool = Field(True, description="choose the simplest candidate within one standard error of the "
-                                                "best CV score")
+    one_se_rule: bool = Field(False, description="choose the simplest candidate within one standard error of the "
+                                                 "best CV score (False: the lowest CV score)")
     paired_se: bool = Field(True, description="one-SE rule on the paired per-station differences of the CV errors "
                                               "(False: the unpaired SE of the best score)")
     max_overshoot: float = Field(1.0, gt=0, description="reject a candidate whose surface (its x/y part for models "

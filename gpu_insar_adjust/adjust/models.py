@@ -48,7 +48,7 @@ from ..errors import AdjustmentError
 __all__ = [
     "FEATURES", "SurfaceModel", "PolynomialSurface", "GaussianProcessSurface", "ThinPlateSplineSurface",
     "LowPassSurface", "TreeEnsembleSurface", "make_candidate", "candidate_names", "candidate_complexity",
-    "candidate_min_stations", "candidate_features", "feature_columns", "DEFAULT_CANDIDATES",
+    "candidate_min_stations", "candidate_features", "candidate_is_smooth", "feature_columns", "DEFAULT_CANDIDATES",
 ]
 
 #: Canonical order of feature columns when ``X`` is a plain array.
@@ -654,3 +654,12 @@ def candidate_min_stations(name: str) -> int:
 def candidate_features(name: str) -> tuple[str, ...]:
     """Feature columns ``name`` needs."""
     return make_candidate(name).required_features
+
+
+def candidate_is_smooth(name: str) -> bool:
+    """False for the tree ensembles (piecewise-constant surfaces), True for every other candidate."""
+    if _parse_poly(name) is not None:
+        return True
+    if name in _NONPARAMETRIC:
+        return name not in ("gbr", "rf")
+    raise _unknown(name)

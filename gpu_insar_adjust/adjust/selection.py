@@ -7,9 +7,10 @@
   ``loo_below`` stations, else :class:`BlockKFold`.
 * :func:`cross_validate_candidates` — out-of-fold predictions of every candidate; score = weighted RMSE
   sqrt(Σw r²/Σw) with a standard error (delta method, over stations for LOO and over folds for block K-fold).
-* :func:`select_model` — lowest CV RMSE, then the simplest candidate not worse than it by more than one
-  standard error of the paired per-station differences of the CV errors (complexity order:
-  :func:`gpu_insar_adjust.adjust.models.candidate_complexity`).
+* :func:`select_model` — lowest CV RMSE (a non-smooth tree ensemble only when it beats the best smooth surface
+  by more than one paired standard error); optionally the one-standard-error rule: the simplest candidate not
+  worse than the best by more than one standard error of the paired per-station differences of the CV errors
+  (complexity order: :func:`gpu_insar_adjust.adjust.models.candidate_complexity`).
 * :func:`flag_outliers` — iterative MAD-scaled screening of stations that disagree with the surface of their
   neighbours (standardised leave-one-out residuals of a Gaussian-process surface, or of a plane for small
   sets).
@@ -232,36 +233,59 @@ def _paired_se(a: CandidateScore, b: CandidateScore, w: np.ndarray | None) -> tu
     return float(np.mean(d)), float(np.std(d, ddof=1) / math.sqrt(d.size))
 
 
-def select_model(scores: dict[str, CandidateScore], *, one_se_rule: bool = True, sample_weight=None,
+def _paired_or_unpaired_within(s: CandidateScore, best: CandidateScore, w, paired: bool):
+    """(within one SE of ``best``?, paired test (mean, SE) or None) for candidate ``s``."""
+    t = _paired_se(s, best, w) if (paired and s is not best) else None
+    if t is not None:
+        return t[0] <= t[1], t
+    se = best.se if np.isfinite(best.se) else 0.0
+    return (s is best or s.rmse <= best.rmse + se), None
+
+
+def select_model(scores: dict[str, CandidateScore], *, one_se_rule: bool = False, sample_weight=None,
                  paired: bool = True) -> tuple[str, str]:
     """Name of the chosen candidate and why.
 
-    The candidate with the lowest CV RMSE is the best. With ``one_se_rule`` the simplest candidate that is not
-    worse than the best by more than one standard error is chosen instead (it predicts as well, within the
-    noise of the CV estimate, and extrapolates more safely). With ``paired`` (default) and the out-of-fold
-    residuals at hand, "worse" is judged on the per-station differences of the weighted squared CV errors
-    (mean difference ≤ its SE; the stations are shared, so their common noise cancels): the unpaired SE of the
-    best score alone is dominated by that common noise and, with 10-30 stations, keeps a plane even when a
-    richer model is better at nearly every station. Without residuals the unpaired rule (RMSE ≤ best RMSE +
-    best SE) is used. Raises :class:`AdjustmentError` when nothing was scored.
+    Default: the candidate with the lowest CV RMSE (the estimate of prediction error at unseen stations), except
+    that a surface which is not smooth (a tree ensemble: piecewise constant, its steps between stations are
+    never tested by the CV) is replaced by the best smooth candidate when that one is not worse by more than one
+    standard error.
+
+    With ``one_se_rule`` the simplest candidate (complexity order:
+    :func:`gpu_insar_adjust.adjust.models.candidate_complexity`) that is not worse than the best by more than one
+    standard error is chosen instead. With ``paired`` (default) and the out-of-fold residuals at hand, "worse" is
+    judged on the per-station differences of the weighted squared CV errors (mean difference ≤ its SE; the
+    stations are shared, so their common noise cancels). Without residuals the unpaired rule (RMSE ≤ best RMSE +
+    best SE) is used. With 10-30 stations the rule is costly: the SE of the CV difference is then wide enough to
+    keep an offset or a plane whose CV error is 15-30 % above that of a curved surface (docs/adjustment.md).
+    Raises :class:`AdjustmentError` when nothing was scored.
     """
     scored = [s for s in scores.values() if s.skipped is None and np.isfinite(s.rmse)]
     if not scored:
         raise AdjustmentError("No candidate could be cross-validated.", field="adjust.candidates",
                               fix="add stations, or include poly0/poly1 among the candidates")
     best = min(scored, key=lambda s: (s.rmse, s.complexity))
-    if not one_se_rule:
-        return best.name, f"lowest CV RMSE {best.rmse:.2f} mm/yr"
     se = best.se if np.isfinite(best.se) else 0.0
     w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if not one_se_rule:
+        if not _models.candidate_is_smooth(best.name):
+            smooth = [s for s in scored if _models.candidate_is_smooth(s.name)]
+            if smooth:
+                alt = min(smooth, key=lambda s: (s.rmse, s.complexity))
+                ok, t = _paired_or_unpaired_within(alt, best, w, paired)
+                if ok:
+                    how = (f"mean squared difference {t[0]:.2f} ± {t[1]:.2f} (mm/yr)²" if t is not None
+                           else f"within {best.rmse:.2f} + {se:.2f} mm/yr")
+                    return alt.name, (f"lowest CV RMSE among smooth surfaces ({alt.rmse:.2f} mm/yr); the "
+                                      f"non-smooth {best.name} ({best.rmse:.2f} mm/yr) is not better by more than "
+                                      f"one SE ({how})")
+        return best.name, f"lowest CV RMSE {best.rmse:.2f} ± {se:.2f} mm/yr"
     within, tests = [], {}
     for s in scored:
-        t = _paired_se(s, best, w) if (paired and s is not best) else None
+        ok, t = _paired_or_unpaired_within(s, best, w, paired)
         if t is not None:
             tests[s.name] = t
-            if t[0] <= t[1]:
-                within.append(s)
-        elif s is best or s.rmse <= best.rmse + se:
+        if ok:
             within.append(s)
     chosen = min(within, key=lambda s: (s.complexity, s.rmse))
     if chosen.name == best.name:

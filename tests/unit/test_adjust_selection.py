@@ -85,11 +85,17 @@ def test_one_standard_error_rule():
          for n, r, e, c in [("poly1", 2.0, 0.1, 3), ("poly3", 1.25, 0.1, 10), ("gp", 1.2, 0.1, 22),
                             ("rf", 1.0, 0.3, 31)]}
     s["tps"] = CandidateScore("tps", skipped="7 stations < 8 needed", complexity=21)
-    name, why = selection.select_model(s)
+    name, why = selection.select_model(s, one_se_rule=True)
     assert name == "poly3" and "within one SE of the best (rf" in why  # 1.25 <= 1.0 + 0.3
-    assert selection.select_model(s, one_se_rule=False)[0] == "rf"
+    # default: lowest CV score, but the non-smooth rf only when it beats the best smooth surface (gp) by > 1 SE
+    name, why = selection.select_model(s)
+    assert name == "gp" and "non-smooth rf" in why  # 1.2 <= 1.0 + 0.3
     s["rf"].se = 0.1
-    assert selection.select_model(s)[0] == "rf"
+    assert selection.select_model(s, one_se_rule=True)[0] == "rf"
+    assert selection.select_model(s)[0] == "rf"  # 1.2 > 1.0 + 0.1
+    del s["rf"]
+    assert selection.select_model(s)[0] == "gp"  # lowest CV score
+    assert selection.select_model(s, one_se_rule=True)[0] == "poly3"  # 1.25 <= 1.2 + 0.1
 
 
 @pytest.mark.parametrize("kind, family, seed", [("ramp", {"poly0", "poly1"}, 0),
