@@ -239,51 +239,84 @@ class HorizontalVelocityField:
     def predict_grid(self, frame, *, plate_fixed: bool = False, tolerance: float = 0.05):
         """The field on every pixel of a Frame Dataset: Dataset ``ve, vn, se, sn`` (y, x) float32, mm/yr.
 
-        The means are evaluated at every pixel (stations × pixels). The sigmas, which cost stations² per point,
-        are evaluated on a coarse pixel grid (a quarter of the shortest fitted correlation length) and
-        interpolated bilinearly; the interpolation error is checked at the coarse cells' centres and the step
-        halved until it is within ``tolerance`` mm/yr.
+        The GP part (means and sigmas) is evaluated on a coarse lattice and interpolated with cubic splines,
+        checked to stay within ``tolerance`` mm/yr of the GP at every pixel (:meth:`_gp_frame`); the rotation
+        is added through the checked grid of :func:`.plates.plate_velocity_grid` (within 0.01 mm/yr).
         """
+        return self.predict_grids([frame], plate_fixed=plate_fixed, tolerance=tolerance)[0]
+
+    def predict_grids(self, frames, *, plate_fixed: bool = False, tolerance: float = 0.05) -> list:
+        """:meth:`predict_grid` for several frames (a list of Datasets, one per frame), evaluating the GP only
+        once where frames overlap: frames in one CRS share the lattices of :meth:`_gp_frame`."""
         import xarray as xr
 
         self._check_fitted()
-        ny, nx = frame.sizes["y"], frame.sizes["x"]
-        ve, vn, se, sn = self._predict_coarse(frame, ny, nx, tolerance)
-        if self._add_rotation and not plate_fixed:
-            pe, pn, _, _ = plates.plate_velocity_grid(frame, self.plate, self.model)
-            ve, vn = ve + pe, vn + pn
-        frame_name = f"{str(self.plate).upper()}-fixed" if (plate_fixed and self.plate) else self.reference_frame_
-        coords = {"y": frame["y"], "x": frame["x"]}
-        ds = xr.Dataset({k: (("y", "x"), v.astype(np.float32), {"units": "mm/yr"})
-                         for k, v in (("ve", ve), ("vn", vn), ("se", se), ("sn", sn))}, coords=coords,
-                        attrs={"reference_frame": frame_name})
-        return ds
+        frames = list(frames)
+        t0 = time.perf_counter()
+        lattices: dict = {}
+        out = []
+        for frame in frames:
+            crs = plates.frame_crs(frame)
+            key = None if crs is None else crs.to_wkt()
+            if key not in lattices:
+                lattices[key] = _SharedLattice(self, crs)
+            ve, vn, se, sn = self._gp_frame(frame, lattices[key], tolerance)
+            if self._add_rotation and not plate_fixed:
+                pe, pn = _plate_velocity_en(frame, self.plate, self.model)
+                ve, vn = ve + pe, vn + pn
+            frame_name = (f"{str(self.plate).upper()}-fixed" if (plate_fixed and self.plate)
+                          else self.reference_frame_)
+            out.append(xr.Dataset({k: (("y", "x"), v.astype(np.float32), {"units": "mm/yr"})
+                                   for k, v in (("ve", ve), ("vn", vn), ("se", se), ("sn", sn))},
+                                  coords={"y": frame["y"], "x": frame["x"]}, attrs={"reference_frame": frame_name}))
+        n_pixels = sum(f.sizes["y"] * f.sizes["x"] for f in frames)
+        log.info("horizontal field on %d frames (%d pixels): GP evaluated at %d points, %.2f s", len(frames),
+                 n_pixels, sum(lat.n_evaluated for lat in lattices.values()), time.perf_counter() - t0)
+        return out
 
-    def _predict_coarse(self, frame, ny: int, nx: int, tolerance: float):
-        """(ve, vn, se, sn) of the GP part (plate-fixed) at every pixel: the means (stations × pixels) at every
-        pixel, the sigmas (stations² × pixels) through a checked coarse grid."""
-        rows, cols = np.arange(ny), np.arange(nx)
-        ve, vn, _, _ = self.predict(*plates._frame_lonlat(frame, rows, cols), plate_fixed=True, return_std=False)
-        se, sn = self._sigma_coarse(frame, ny, nx, tolerance)
-        return ve, vn, se, sn
+    def _gp_frame(self, frame, lattice: "_SharedLattice", tolerance: float):
+        """(ve, vn, se, sn) of the GP part (plate-fixed) at every pixel of a frame, through a checked lattice.
 
-    def _sigma_coarse(self, frame, ny: int, nx: int, tolerance: float):
-        """(se, sn) at every pixel through a coarse grid checked at its cells' centres (``tolerance`` mm/yr)."""
-        lon_s, lat_s = plates._frame_lonlat(frame, np.array([0, ny // 2, ny - 1]), np.array([0, nx // 2, nx - 1]))
-        mid_lat = float(np.nanmean(lat_s))
-        dlon = np.max(np.abs(np.diff(lon_s, axis=1))) / max((nx - 1) / 2, 1)
-        dlat = np.max(np.abs(np.diff(lat_s, axis=0))) / max((ny - 1) / 2, 1)
-        pixel_km = 111.2 * max(dlat, dlon * np.cos(np.radians(mid_lat)), 1e-9)
-        step = max(int(min(self.length_scale_km_) / 4.0 / pixel_km), 1)
-
-        def sigmas(lon, lat):
-            return self.predict(lon, lat, plate_fixed=True)[2:]
-
-        found = plates.checked_coarse_grid(frame, sigmas, step, tolerance)
-        if found is None:
-            return sigmas(*plates._frame_lonlat(frame, np.arange(ny), np.arange(nx)))
-        coarse, wy, wx, _ = found
-        return tuple(wy @ c @ wx.T for c in coarse)
+        Means and variances (stations and stations² per point) are evaluated at the nodes of a square lattice
+        anchored at the CRS origin (spacing ``h``, starting at half the shortest fitted correlation length) and
+        interpolated to the pixels by tensor-product cubic splines, the sigmas as the square root of the
+        interpolated variance (smoother than the sigma itself where it dips at a station). The interpolation is
+        checked against the GP at the lattice cells' centres, where it errs most, to half of ``tolerance``: the
+        factor 2 covers a cell whose largest error lies off its centre (a station near its edge). A Matérn-ν
+        mean is C^(2ν) at the stations, so the spline error falls as h^p, p = min(2ν, 4); a failed check moves
+        to the first lattice on the ladder h0·2^(-k/2) that p predicts will pass (at least one rung; the same
+        rungs for every frame, so lattice points are shared with the other frames of ``lattice``: overlapping
+        frames evaluate the GP once). A lattice finer than two pixels gives way to the GP at every pixel.
+        """
+        xs = np.asarray(frame["x"].values, dtype=np.float64)
+        ys = np.asarray(frame["y"].values, dtype=np.float64)
+        target = 0.5 * tolerance
+        order = float(np.clip(2.0 * self.nu, 1.0, 4.0))
+        px, py = _pixel_size(xs), _pixel_size(ys)
+        pixel = np.nanmax([px, py, 0.0])
+        fid = frame.attrs.get("frame_id", "frame")
+        level = 0
+        while pixel > 0:  # (a single pixel has no spacing: evaluated directly)
+            h = lattice.h0 * 2.0 ** (-0.5 * level)
+            if not h >= 2.0 * pixel:
+                break
+            jx = np.arange(np.floor(xs.min() / h), max(np.ceil(xs.max() / h), np.floor(xs.min() / h) + 1) + 1)
+            jy = np.arange(np.floor(ys.min() / h), max(np.ceil(ys.max() / h), np.floor(ys.min() / h) + 1) + 1)
+            if lattice.geographic and np.max(np.abs(jy)) * h > 90.0:
+                break  # a node beyond the pole: no lattice here
+            jx, jy = jx.astype(np.int64), jy.astype(np.int64)
+            coarse = lattice.moments(h, h, 2 * jy, 2 * jx)
+            exact = _finish(lattice.moments(h, h, 2 * jy[:-1] + 1, 2 * jx[:-1] + 1))
+            splines = _lattice_splines(jy * h, jx * h, coarse)
+            at_centres = _finish([s((jy[:-1] + 0.5) * h, (jx[:-1] + 0.5) * h) for s in splines])
+            err = max(float(np.max(np.abs(a - e))) for a, e in zip(at_centres, exact))
+            log.debug("GP field of %s: lattice %.4g (%.1f px), error at the cells' centres %.3g mm/yr", fid, h,
+                      h / pixel if pixel > 0 else np.inf, err)
+            if err <= target:
+                return _finish([_on_grid(s, ys, xs) for s in splines])
+            level += max(1, int(np.ceil(-2.0 / order * np.log2(target / err))))
+        log.debug("GP field of %s: evaluated at every pixel", fid)
+        return _finish(lattice.pixel_moments(xs, ys, px, py))
 
     def score(self, stations, y=None) -> float:
         """Coefficient of determination (R²) of the east and north velocities of ``stations`` together (given in
@@ -337,6 +370,119 @@ def _signal_cross_kernel(signal, X, Xs):
         return signal(X, Xs)
     return fast(np.ascontiguousarray(X, np.float64), np.ascontiguousarray(Xs, np.float64),
                 float(m.length_scale), float(c.constant_value), int(round(2 * m.nu)))
+
+
+def _finish(m):
+    """(ve, vn, se, sn) from moments (ve, vn, var_e, var_n): a sequence of arrays or an array (..., 4)."""
+    ve, vn, var_e, var_n = (m[..., k] for k in range(4)) if isinstance(m, np.ndarray) else m
+    return ve, vn, np.sqrt(np.clip(var_e, 0.0, None)), np.sqrt(np.clip(var_n, 0.0, None))
+
+
+def _pixel_size(c: np.ndarray) -> float:
+    """Pixel spacing (absolute, CRS units) along a coordinate vector, NaN for a single pixel."""
+    return float(np.median(np.abs(np.diff(c)))) if c.size > 1 else np.nan
+
+
+def _lattice_splines(yn: np.ndarray, xn: np.ndarray, values: np.ndarray) -> list:
+    """Tensor-product cubic splines (not-a-knot; lower degree below four nodes) through each component of
+    ``values`` (len(yn), len(xn), k) on the lattice ``yn`` × ``xn`` (increasing coordinates)."""
+    from scipy.interpolate import RectBivariateSpline
+
+    ky, kx = min(3, yn.size - 1), min(3, xn.size - 1)
+    return [RectBivariateSpline(yn, xn, values[..., k], kx=ky, ky=kx, s=0) for k in range(values.shape[-1])]
+
+
+def _on_grid(spline, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """A lattice spline at the grid ``ys`` × ``xs`` (pixel coordinates in any order, e.g. y decreasing)."""
+    oy, ox = np.argsort(ys, kind="stable"), np.argsort(xs, kind="stable")
+    out = np.empty((ys.size, xs.size))
+    out[np.ix_(oy, ox)] = spline(ys[oy], xs[ox])
+    return out
+
+
+def _plate_velocity_en(frame, plate: str, model: str):
+    """East and north plate velocity at every pixel: :func:`.plates.plate_velocity_grid` (its checked coarse
+    grid, bilinear in pixel indices) without the vertical, the interpolation as a linear spline rather than
+    dense weight matrices."""
+    ny, nx = frame.sizes["y"], frame.sizes["x"]
+    coarse, wy, wx, step = plates._coarse_plate_velocity(frame, plate, model, 0.5, 0.01)
+    if step == 1:
+        return coarse[0], coarse[1]
+    rows, cols = plates._coarse_index(ny, step), plates._coarse_index(nx, step)
+    if rows.size < 2 or cols.size < 2:
+        return tuple(wy @ c @ wx.T for c in coarse[:2])
+    from scipy.interpolate import RectBivariateSpline
+
+    return tuple(RectBivariateSpline(rows, cols, c, kx=1, ky=1, s=0)(np.arange(ny), np.arange(nx))
+                 for c in coarse[:2])
+
+
+_KEY_OFFSET = 1 << 30  # lattice indices within ±2^30 pack into one int64 key
+
+
+class _SharedLattice:
+    """The GP's plate-fixed moments (ve, vn, var_e, var_n) at points of rectangular lattices in one CRS, each
+    point evaluated once however many frames need it.
+
+    A lattice of spacing (hy, hx) CRS units is anchored at the CRS origin; its points are keyed by their indices
+    on the half-spacing lattice (nodes at even indices, cell centres at odd ones). ``h0`` is the starting
+    spacing of :meth:`HorizontalVelocityField._gp_frame`: half the shortest fitted correlation length.
+    """
+
+    def __init__(self, field: HorizontalVelocityField, crs):
+        import pyproj
+
+        self.field = field
+        crs = None if crs is None else pyproj.CRS.from_user_input(crs.to_wkt())
+        self.geographic = crs is None or crs.is_geographic
+        self._to_lonlat = None
+        if self.geographic:
+            km_per_unit = 111.2  # per degree of latitude (a degree of longitude is shorter: finer, never coarser)
+        else:
+            self._to_lonlat = pyproj.Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+            km_per_unit = crs.axis_info[0].unit_conversion_factor / 1000.0
+        self.h0 = min(field.length_scale_km_) / 2.0 / km_per_unit
+        self._store: dict = {}
+        self.n_evaluated = 0
+
+    def _evaluate(self, x, y):
+        lon, lat = (x, y) if self._to_lonlat is None else self._to_lonlat.transform(x, y)
+        ve, vn, se, sn = self.field.predict(lon, lat, plate_fixed=True)
+        self.n_evaluated += int(np.size(ve))
+        return np.stack([ve, vn, se * se, sn * sn], axis=-1)
+
+    def moments(self, hy: float, hx: float, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
+        """(len(iy), len(ix), 4) moments at the points (iy × ix) of the half-spacing lattice of (hy, hx),
+        evaluating those not known yet."""
+        if max(np.max(np.abs(iy)), np.max(np.abs(ix))) >= _KEY_OFFSET:  # beyond the keys' range: no sharing
+            yy, xx = np.meshgrid(iy * (0.5 * hy), ix * (0.5 * hx), indexing="ij")
+            return self._evaluate(xx, yy)
+        key = ((iy[:, None] + _KEY_OFFSET) << 32 | (ix[None, :] + _KEY_OFFSET)).ravel()
+        keys, vals = self._store.get((hy, hx), (np.empty(0, np.int64), np.empty((0, 4))))
+        pos = np.searchsorted(keys, key)
+        known = np.zeros(key.size, bool) if keys.size == 0 else keys[np.minimum(pos, keys.size - 1)] == key
+        if not known.all():
+            new = np.unique(key[~known])
+            new_y, new_x = (new >> 32) - _KEY_OFFSET, (new & 0xFFFFFFFF) - _KEY_OFFSET
+            keys = np.concatenate([keys, new])
+            vals = np.concatenate([vals, self._evaluate(new_x * (0.5 * hx), new_y * (0.5 * hy))])
+            order = np.argsort(keys, kind="stable")
+            keys, vals = keys[order], vals[order]
+            self._store[(hy, hx)] = (keys, vals)
+            pos = np.searchsorted(keys, key)
+        return vals[pos].reshape(iy.size, ix.size, 4)
+
+    def pixel_moments(self, xs: np.ndarray, ys: np.ndarray, px: float, py: float) -> np.ndarray:
+        """(len(ys), len(xs), 4) moments at every pixel; pixels on a lattice of their own spacing (frames cut
+        from one processing grid) are shared with the other frames on it."""
+        hx, hy = (float(f"{p:.10g}") if np.isfinite(p) and p > 0 else np.nan for p in (px, py))
+        if np.isfinite(hx) and np.isfinite(hy):
+            ix, iy = xs / (0.5 * hx), ys / (0.5 * hy)
+            rx, ry = np.round(ix), np.round(iy)
+            if np.all(np.abs(ix - rx) < 1e-6) and np.all(np.abs(iy - ry) < 1e-6):
+                return self.moments(hy, hx, ry.astype(np.int64), rx.astype(np.int64))
+        xx, yy = np.meshgrid(xs, ys)
+        return self._evaluate(xx, yy)
 
 
 # --------------------------------------------------------------------------------------------------------------

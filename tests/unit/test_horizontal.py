@@ -100,8 +100,8 @@ def test_plate_fixed_and_grid_prediction(synthetic):
 
 
 def test_grid_prediction_on_a_fine_frame_goes_through_a_checked_coarse_grid(synthetic):
-    """A 0.005° frame (~500 m pixels, 60 000 pixels): means at every pixel, sigmas through the coarse grid,
-    within its 0.05 mm/yr tolerance of the GP evaluated at every pixel, the sigmas at far fewer points."""
+    """A 0.005° frame (~500 m pixels, 60 000 pixels): means and sigmas through the checked lattice, within the
+    0.05 mm/yr tolerance of the GP evaluated at every pixel, the GP evaluated at far fewer points."""
     df, field = synthetic
     y = np.round(np.arange(38.6, 37.4, -0.005), 6)
     x = np.round(np.arange(115.4, 116.6, 0.005), 6)
@@ -125,6 +125,105 @@ def test_grid_prediction_on_a_fine_frame_goes_through_a_checked_coarse_grid(synt
     for k, r in zip(("ve", "vn", "se", "sn"), ref):
         np.testing.assert_allclose(grid[k].values, r, atol=0.05 + 1e-5)
     assert sum(calls) < lon.size / 10
+
+
+def _bumps(lon, lat):
+    """A residual field (mm/yr) of twelve 6 km wide bumps of ~3 mm/yr: GNSS resolving it fits a correlation length
+    near the 10 km lower bound, the roughest field (for interpolation) the default kernel allows."""
+    rng = np.random.default_rng(7)
+    cx, cy = rng.uniform(115.7, 116.5, 12), rng.uniform(37.7, 38.3, 12)
+    ae, an = rng.normal(0, 3, 12), rng.normal(0, 3, 12)
+    ve, vn = np.zeros(np.shape(lon)), np.zeros(np.shape(lon))
+    for x, y, a, b in zip(cx, cy, ae, an):
+        g = np.exp(-(((lon - x) * 88.0) ** 2 + ((lat - y) * 111.2) ** 2) / (2 * 6.0 ** 2))
+        ve, vn = ve + a * g, vn + b * g
+    return ve, vn
+
+
+@pytest.fixture(scope="module")
+def short_scale():
+    rng = np.random.default_rng(3)
+    n = 120
+    lon, lat = rng.uniform(115.6, 116.6, n), rng.uniform(37.6, 38.4, n)
+    re, rn = _bumps(lon, lat)
+    pe, pn, _ = plates.plate_velocity_enu(lon, lat, plate="EURA", model="ITRF2014")
+    df = pd.DataFrame({"station": [f"T{i:03d}" for i in range(n)], "lon": lon, "lat": lat,
+                       "ve": pe + re + rng.normal(0, 0.3, n), "vn": pn + rn + rng.normal(0, 0.3, n),
+                       "se": 0.3, "sn": 0.3})
+    df.attrs["reference_frame"] = "ITRF2014"
+    return HorizontalVelocityField("EURA", "ITRF2014").fit(df)
+
+
+def _frame(y, x, crs="EPSG:4326"):
+    return xr.Dataset({"los_e": (("y", "x"), np.full((y.size, x.size), -0.6, np.float32))},
+                      coords={"y": y, "x": x}).rio.write_crs(crs)
+
+
+def _counting(field):
+    """Replace ``field.predict`` by a wrapper recording the number of points of each call."""
+    calls = []
+    original = field.predict
+
+    def counting(lon, lat, **kw):
+        calls.append(np.size(lon))
+        return original(lon, lat, **kw)
+
+    field.predict = counting
+    return calls
+
+
+def test_lattice_stays_within_tolerance_of_dense_evaluation_for_a_short_length_scale(short_scale):
+    """Worst case for the coarse lattice: a ~11 km fitted correlation length on 500 m pixels. Means and sigmas,
+    with and without the rotation, stay within 0.05 mm/yr of the GP (and PROJ rotation) at every pixel."""
+    field = short_scale
+    assert max(field.length_scale_km_) < 15.0  # the short-scale case this test is about
+    y, x = np.round(np.arange(38.3, 37.7, -0.005), 6), np.round(np.arange(115.7, 116.5, 0.005), 6)
+    frame = _frame(y, x)
+    calls = _counting(field)
+    try:
+        grid = field.predict_grid(frame)
+        fixed = field.predict_grid(frame, plate_fixed=True)
+    finally:
+        del field.predict
+    lon, lat = np.meshgrid(x, y)
+    for out, ref in ((grid, field.predict(lon, lat)), (fixed, field.predict(lon, lat, plate_fixed=True))):
+        for k, r in zip(("ve", "vn", "se", "sn"), ref):
+            err = float(np.max(np.abs(out[k].values - r)))
+            assert err < 0.05, (k, err)
+    # ...through a lattice, not by evaluating the GP at every pixel
+    assert sum(calls) < 2 * lon.size / 3
+
+
+def test_grids_of_overlapping_frames_share_the_lattice(short_scale):
+    """predict_grids gives each frame what predict_grid gives it, evaluating the overlap once."""
+    field = short_scale
+    x = np.round(np.arange(115.7, 116.5, 0.005), 6)
+    a = _frame(np.round(np.arange(38.3, 37.9, -0.005), 6), x)
+    b = _frame(np.round(np.arange(38.1, 37.7, -0.005), 6), x)  # half of each frame overlaps the other
+    counts = {}
+    for name, frames in (("a", [a]), ("b", [b]), ("ab", [a, b])):
+        calls = _counting(field)
+        try:
+            counts[name] = (field.predict_grids(frames), sum(calls))
+        finally:
+            del field.predict
+    for single, shared in ((counts["a"][0][0], counts["ab"][0][0]), (counts["b"][0][0], counts["ab"][0][1])):
+        for k in ("ve", "vn", "se", "sn"):
+            np.testing.assert_allclose(shared[k].values, single[k].values, atol=1e-5)
+    assert counts["ab"][1] < 0.85 * (counts["a"][1] + counts["b"][1])
+
+
+def test_grid_prediction_in_a_projected_crs(short_scale):
+    """A frame in UTM metres (lattice in the frame's CRS, lon/lat through PROJ) matches the dense GP too."""
+    field = short_scale
+    y = np.arange(4_235_250.0, 4_185_000.0, -500.0)
+    x = np.arange(400_250.0, 450_000.0, 500.0)
+    frame = _frame(y, x, "EPSG:32650")
+    grid = field.predict_grid(frame)
+    lon, lat = plates._frame_lonlat(frame, np.arange(y.size), np.arange(x.size))
+    assert 115.8 < lon.min() < lon.max() < 116.5 and 37.8 < lat.min() < lat.max() < 38.3  # in the network
+    for k, r in zip(("ve", "vn", "se", "sn"), field.predict(lon, lat)):
+        assert float(np.max(np.abs(grid[k].values - r))) < 0.05, k
 
 
 def test_bad_input(synthetic):
