@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .adjust.frame import AdjustConfig
 from .errors import ConfigError
 
 __all__ = ["GiaConfig", "load_config", "default_config_toml", "config_to_toml"]
@@ -45,7 +46,7 @@ class NetworkConfig(_Section):
         "same-orbit", description="Overlaps tied in the network: 'same-orbit' (ascending with ascending, descending "
                                   "with descending) or 'all' (also ascending with descending, where unmodelled "
                                   "horizontal motion, e.g. around subsidence bowls, enters the comparison).")
-    correlation_km: float = Field(50.0, gt=0, description="Correlation length of overlap differences (km): sets how "
+    correlation_km: float = Field(10.0, gt=0, description="Correlation length of overlap differences (km): sets how "
                                                           "many independent observations an overlap is worth.")
     sigma_floor_mm_yr: float = Field(1.0, ge=0, description="Added in quadrature to every observation sigma "
                                                             "(mm/yr).")
@@ -54,7 +55,18 @@ class NetworkConfig(_Section):
     prior_from_cv: bool = Field(True, description="Use each frame's cross-validated RMSE of its GNSS fit as the prior "
                                                   "sigma of its correction: well-fitted frames stay put, poorly "
                                                   "fitted ones are corrected by their overlaps.")
-    huber_k: float = Field(1.5, gt=0, description="Huber threshold of the robust reweighting, in robust sigmas.")
+    spline_spacing_km: float = Field(30.0, ge=0, description="Knot spacing (km) of a cubic B-spline surface added "
+                                                             "to each frame's polynomial correction, with the frame's "
+                                                             "overlap misfit sigma as its prior: removes what the "
+                                                             "overlaps see beyond a polynomial (ionosphere). 0 = off.")
+    misfit_weights: bool = Field(True, description="Weight each frame in the merge by its misfit sigma estimated from "
+                                                   "the overlap residuals (and its CV RMSE, the larger), so that a "
+                                                   "frame its neighbours disagree with is outweighed by them.")
+    max_rate_mm_yr: float = Field(20.0, ge=0, description="Overlap pixels where either frame's vertical-equivalent "
+                                                         "rate exceeds this (mm/yr) are not compared: fast-deforming "
+                                                         "ground also moves horizontally, which the GNSS field "
+                                                         "misses. 0 = compare everywhere.")
+    huber_k: float = Field(3.0, gt=0, description="Huber threshold of the robust reweighting, in robust sigmas.")
     max_samples_per_overlap: int = Field(1500, ge=10, description="Overlap pixels sampled per frame pair.")
     min_overlap_pixels: int = Field(10, ge=1, description="Pairs sharing fewer valid pixels are not tied.")
 
@@ -121,6 +133,8 @@ class GiaConfig(_Section):
                             "when no GPU is usable — never a silent CPU fall-back).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging verbosity.")
     gnss: GnssConfig = Field(default_factory=GnssConfig, description="GNSS input and reference frames.")
+    adjust: AdjustConfig = Field(default_factory=AdjustConfig, description="Per-frame adjustment to GNSS: candidate "
+                                                                         "models, cross-validation, selection.")
     network: NetworkConfig = Field(default_factory=NetworkConfig, description="Network adjustment over overlaps and "
                                                                               "GNSS ties.")
     mosaic: MosaicConfig = Field(default_factory=MosaicConfig, description="Target grid and merge.")
@@ -187,6 +201,8 @@ def _toml_value(v: Any) -> str:
         return v.isoformat()
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # inline table
+        return "{" + ", ".join(f'"{k}" = {_toml_value(x)}' for k, x in v.items()) + "}"
     if v is None:
         return '""'
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -24,7 +24,17 @@ many as pixels were drawn. Robustness: iteratively reweighted least squares with
 standardised by a MAD scale, so unmodelled local differences (e.g. horizontal motion around a subsidence bowl
 that the GNSS field misses) do not drag a whole frame.
 
-The assembled system has only ``n_frames × n_terms`` unknowns (a few thousand at most), so it is formed with
+**Beyond a polynomial** (``spline_spacing_km``): an ionosphere or a troposphere finer than a frame's GNSS
+stations can resolve survives the per-frame adjustment as a non-polynomial surface that no low-order correction
+removes, yet the overlaps see it. Each frame can then also get a tensor-product cubic B-spline surface
+(knots every ``spline_spacing_km`` over the frame's extent) whose coefficients have a prior sigma of their own,
+one per frame — typically the frame's *misfit sigma* estimated from the polynomial solution's overlap residuals
+(:func:`frame_misfit_sigmas`, a variance-component estimate over the pairs). A frame that agrees with its
+neighbours keeps its spline near zero; a frame that disagrees with all of them bends toward them where they
+overlap, and its correction fades back to the per-frame adjustment within about one knot spacing of the overlaps
+(no data, no correction).
+
+The assembled system has only ``n_frames × n_terms`` (+ spline coefficients) unknowns (a few thousand at most), so it is formed with
 ``scipy.sparse`` on the host and solved as a dense Cholesky of the small normal matrix; its conditioning is
 computed and an ill-conditioned network raises :class:`~gpu_insar_adjust.errors.NumericalError`.
 """
@@ -35,11 +45,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.linalg import cho_factor, cho_solve
 
 from .errors import AdjustmentError, ArrayArgumentError, NumericalError
 from .logs import get_logger
 
-__all__ = ["OverlapSamples", "GnssTies", "NetworkSolution", "poly_terms", "n_terms", "solve_network"]
+__all__ = ["OverlapSamples", "GnssTies", "NetworkSolution", "SplineBasis", "poly_terms", "n_terms", "solve_network",
+           "frame_misfit_sigmas"]
 
 log = get_logger("network")
 
@@ -64,6 +76,79 @@ def poly_terms(x_km, y_km, order: int) -> np.ndarray:
     if order >= 2:
         cols += [x * x, x * y, y * y]
     return np.stack(cols, axis=-1)
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+    """Uniform cubic B-spline weights (n, 4) at local parameter ``t`` in [0, 1]."""
+    t2, t3 = t * t, t * t * t
+    return np.stack([(1 - t) ** 3, 3 * t3 - 6 * t2 + 4, -3 * t3 + 3 * t2 + 3 * t + 1, t3], axis=-1) / 6.0
+
+
+@dataclass(frozen=True)
+class SplineBasis:
+    """Tensor-product uniform cubic B-splines over a rectangle of frame-centred km (knots every ``spacing_km``).
+
+    Coefficient ``(j, i)`` (row-major, ``ny × nx``) is the control value of the basis function whose support
+    starts at ``(x0 + (i − 3)·h, y0 + (j − 3)·h)``. Points outside the rectangle take the value at its edge.
+    """
+
+    x0_km: float
+    y0_km: float
+    spacing_km: float
+    n_cells_x: int
+    n_cells_y: int
+
+    @classmethod
+    def covering(cls, x_km, y_km, spacing_km: float) -> "SplineBasis":
+        """The basis whose rectangle covers the given points (e.g. a frame's valid pixels)."""
+        if not spacing_km > 0:
+            raise ArrayArgumentError(f"spline spacing must be positive, got {spacing_km}.", field="spline_spacing_km",
+                                     fix="give the knot spacing in km (e.g. 50), or 0 to switch splines off")
+        x = np.asarray(x_km, np.float64)
+        y = np.asarray(y_km, np.float64)
+        ok = np.isfinite(x) & np.isfinite(y)
+        if not ok.any():
+            raise ArrayArgumentError("a spline basis needs at least one finite point.", field="x_km/y_km",
+                                     fix="give the frame's valid pixel coordinates")
+        x0, x1, y0, y1 = x[ok].min(), x[ok].max(), y[ok].min(), y[ok].max()
+        return cls(float(x0), float(y0), float(spacing_km), max(int(np.ceil((x1 - x0) / spacing_km)), 1),
+                   max(int(np.ceil((y1 - y0) / spacing_km)), 1))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n_cells_y + 3, self.n_cells_x + 3
+
+    @property
+    def size(self) -> int:
+        return (self.n_cells_y + 3) * (self.n_cells_x + 3)
+
+    def _axis(self, v, v0, n_cells):
+        u = (np.asarray(v, np.float64) - v0) / self.spacing_km
+        u = np.clip(np.nan_to_num(u, nan=0.0), 0.0, float(n_cells))
+        cell = np.minimum(np.floor(u).astype(np.int64), n_cells - 1)
+        return cell, _cubic_weights(u - cell)
+
+    def design(self, x_km, y_km) -> tuple[np.ndarray, np.ndarray]:
+        """Column indices (n, 16) and values (n, 16) of the basis at the points."""
+        cx, wx = self._axis(x_km, self.x0_km, self.n_cells_x)
+        cy, wy = self._axis(y_km, self.y0_km, self.n_cells_y)
+        nxc = self.n_cells_x + 3
+        k = np.arange(4)
+        cols = (cy[:, None, None] + k[None, :, None]) * nxc + (cx[:, None, None] + k[None, None, :])
+        vals = wy[:, :, None] * wx[:, None, :]
+        return cols.reshape(-1, 16), vals.reshape(-1, 16)
+
+    def evaluate(self, coef, x_km, y_km, *, chunk: int = 262_144) -> np.ndarray:
+        """The surface with coefficients ``coef`` (``size``) at the points (any shape), in chunks."""
+        x = np.asarray(x_km, np.float64)
+        y = np.asarray(y_km, np.float64)
+        c = np.asarray(coef, np.float64).ravel()
+        xf, yf = x.ravel(), y.ravel()
+        out = np.empty(xf.size)
+        for a in range(0, xf.size, chunk):
+            cols, vals = self.design(xf[a:a + chunk], yf[a:a + chunk])
+            out[a:a + chunk] = np.sum(c[cols] * vals, axis=1)
+        return out.reshape(x.shape)
 
 
 @dataclass
@@ -115,6 +200,10 @@ class NetworkSolution:
     rcond: float                  # of the prior-regularised normal matrix (what was solved)
     rcond_data: float             # of the data-only normal matrix: ~0 where data leave a direction undetermined
     iterations: int
+    splines: list | None = None   # per frame: SplineBasis or None
+    spline_coef: list | None = None  # per frame: (basis.size,) mm/yr or None
+    spline_sigma: np.ndarray | None = None  # per frame: prior sigma of its spline coefficients (mm/yr)
+    robust_weights: np.ndarray | None = None  # final IRLS weight of every observation (overlaps, then ties)
 
     @classmethod
     def zeros(cls, n_frames: int, order: int = 1, reason: str = "disabled") -> "NetworkSolution":
@@ -126,16 +215,36 @@ class NetworkSolution:
 
     def correction(self, frame: int, x_km, y_km) -> np.ndarray:
         """The network correction (mm/yr) of ``frame`` at frame-centred coordinates (to subtract)."""
-        return poly_terms(x_km, y_km, self.order) @ self.params[frame]
+        c = poly_terms(x_km, y_km, self.order) @ self.params[frame]
+        if self.splines is not None and self.splines[frame] is not None:
+            c = c + self.splines[frame].evaluate(self.spline_coef[frame], x_km, y_km)
+        return c
+
+    def spline_rms(self, frame: int) -> float:
+        """RMS of the spline coefficients of ``frame`` (mm/yr; 0 without a spline)."""
+        if self.splines is None or self.splines[frame] is None:
+            return 0.0
+        return float(np.sqrt(np.mean(np.square(self.spline_coef[frame]))))
 
     def summary(self) -> dict:
         rb = [p["rms_before"] for p in self.pairs if p["n"]]
         ra = [p["rms_after"] for p in self.pairs if p["n"]]
-        return {"order": self.order, "iterations": self.iterations, "rcond": self.rcond,
-                "rcond_data": self.rcond_data,
-                "overlap_rms_before_mm_yr": float(np.sqrt(np.mean(np.square(rb)))) if rb else None,
-                "overlap_rms_after_mm_yr": float(np.sqrt(np.mean(np.square(ra)))) if ra else None,
-                "pairs": self.pairs, "ties": self.ties, "held_by": self.held_by}
+        out = {"order": self.order, "iterations": self.iterations, "rcond": self.rcond,
+               "rcond_data": self.rcond_data,
+               "overlap_rms_before_mm_yr": float(np.sqrt(np.mean(np.square(rb)))) if rb else None,
+               "overlap_rms_after_mm_yr": float(np.sqrt(np.mean(np.square(ra)))) if ra else None,
+               "pairs": self.pairs, "ties": self.ties, "held_by": self.held_by}
+        if self.splines is not None:
+            out["spline"] = {"spacing_km": next((b.spacing_km for b in self.splines if b is not None), None),
+                             "prior_sigma_mm_yr": [float(v) for v in self.spline_sigma],
+                             "coefficient_rms_mm_yr": [self.spline_rms(f) for f in range(len(self.splines))]}
+        return out
+
+
+def _rcond(Ns: np.ndarray) -> float:
+    """Reciprocal condition number of a symmetric positive (semi-)definite matrix."""
+    ev = np.linalg.eigvalsh(Ns)
+    return float(ev[0] / ev[-1]) if ev[-1] > 0 else 0.0
 
 
 def _huber(u: np.ndarray, k: float) -> np.ndarray:
@@ -152,8 +261,9 @@ def _robust_scale(r: np.ndarray, w: np.ndarray) -> float:
 def solve_network(n_frames: int, overlaps: list[OverlapSamples], ties: list[GnssTies], *, order: int = 1,
                   correlation_km: float = 10.0, sigma_floor_mm_yr: float = 1.0,
                   prior_sigma_mm_yr: float | np.ndarray = 20.0,
-                  huber_k: float = 1.5, max_iter: int = 15, tol: float = 1e-4,
-                  max_condition: float = 1e10) -> NetworkSolution:
+                  huber_k: float = 1.5, max_iter: int = 15, tol: float = 0.05,
+                  max_condition: float = 1e10, splines=None,
+                  spline_sigma_mm_yr: float | np.ndarray = 2.0, robust_weights=None) -> NetworkSolution:
     """Estimate per-frame correction surfaces from overlap differences and GNSS ties (see module doc).
 
     Parameters
@@ -173,14 +283,42 @@ def solve_network(n_frames: int, overlaps: list[OverlapSamples], ties: list[Gnss
         each frame's cross-validated RMSE, so that a frame the GNSS fit well stays put while a poorly fitted
         one is corrected by its overlaps.
     huber_k, max_iter, tol
-        IRLS settings.
+        IRLS settings; the iterations stop when no modelled observation (overlap difference or tie) moves by
+        more than ``tol`` mm/yr.
     max_condition
         Largest acceptable condition number of the (prior-regularised) normal matrix.
+    splines
+        Optional per-frame :class:`SplineBasis` (or None for a frame without one) added to the polynomial.
+    spline_sigma_mm_yr
+        Prior sigma of every spline coefficient (mm/yr): one number or one per frame, e.g. the frames' misfit
+        sigmas from :func:`frame_misfit_sigmas`.
+    robust_weights
+        Starting IRLS weights (one per observation, e.g. ``robust_weights`` of an earlier solution of the same
+        observations): a warm start.
     """
     if n_frames < 1:
         raise AdjustmentError("The network has no frames.", field="frames", fix="give at least one frame")
     nt = n_terms(order)
-    npar = n_frames * nt
+    npoly = n_frames * nt
+    if splines is not None and len(splines) != n_frames:
+        raise ArrayArgumentError(f"{len(splines)} spline bases for {n_frames} frames.", field="splines",
+                                 fix="give one SplineBasis (or None) per frame")
+    sp_off = np.full(n_frames, -1, np.int64)
+    npar = npoly
+    if splines is not None:
+        for f, b in enumerate(splines):
+            if b is not None:
+                sp_off[f] = npar
+                npar += b.size
+
+    def spline_entries(f, x_km, y_km, row0, sign):
+        b = splines[f] if splines is not None else None
+        if b is None:
+            return None
+        c, v = b.design(x_km, y_km)
+        r = np.repeat(np.arange(row0, row0 + len(c)), 16)
+        return r, (c + sp_off[f]).ravel(), sign * v.ravel()
+
     rows_i, cols_i, vals_i, obs, sig, eff, group = [], [], [], [], [], [], []
     row = 0
     for g, ov in enumerate(overlaps):
@@ -196,6 +334,10 @@ def solve_network(n_frames: int, overlaps: list[OverlapSamples], ties: list[Gnss
         rows_i += [r, r]
         cols_i += [np.tile(np.arange(ov.i * nt, ov.i * nt + nt), n), np.tile(np.arange(ov.j * nt, ov.j * nt + nt), n)]
         vals_i += [ti.ravel(), -tj.ravel()]
+        for e in (spline_entries(ov.i, ov.xi_km, ov.yi_km, row, 1.0),
+                  spline_entries(ov.j, ov.xj_km, ov.yj_km, row, -1.0)):
+            if e is not None:
+                rows_i.append(e[0]), cols_i.append(e[1]), vals_i.append(e[2])
         obs.append(np.asarray(ov.diff, np.float64))
         sig.append(np.hypot(np.asarray(ov.sigma, np.float64), sigma_floor_mm_yr))
         n_eff = max(1.0, min(float(n), ov.area_km2 / correlation_km**2))
@@ -216,6 +358,9 @@ def solve_network(n_frames: int, overlaps: list[OverlapSamples], ties: list[Gnss
         rows_i.append(r)
         cols_i.append(np.tile(np.arange(t.frame * nt, t.frame * nt + nt), n))
         vals_i.append(tt.ravel())
+        e = spline_entries(t.frame, t.x_km, t.y_km, row, 1.0)
+        if e is not None:
+            rows_i.append(e[0]), cols_i.append(e[1]), vals_i.append(e[2])
         obs.append(np.asarray(t.residual, np.float64))
         sig.append(np.hypot(np.asarray(t.sigma, np.float64), sigma_floor_mm_yr))
         eff.append(np.ones(n))
@@ -233,47 +378,76 @@ def solve_network(n_frames: int, overlaps: list[OverlapSamples], ties: list[Gnss
         raise ArrayArgumentError("prior_sigma_mm_yr must be positive and finite.", field="prior_sigma_mm_yr",
                                  fix="give one positive sigma (mm/yr) or one per frame")
     prior = np.repeat(1.0 / ps**2, nt)
+    ss = np.broadcast_to(np.asarray(spline_sigma_mm_yr, np.float64), (n_frames,)).copy()
+    if splines is not None:
+        if not np.all(np.isfinite(ss) & (ss > 0)):
+            raise ArrayArgumentError("spline_sigma_mm_yr must be positive and finite.", field="spline_sigma_mm_yr",
+                                     fix="give one positive sigma (mm/yr) or one per frame")
+        prior = np.concatenate([prior] + [np.full(b.size, 1.0 / ss[f] ** 2)
+                                          for f, b in enumerate(splines) if b is not None])
     if not np.all(np.isfinite(y)) or not np.all(np.isfinite(base_w)):
         raise ArrayArgumentError("Network observations contain NaN or inf.", field="overlaps/ties",
                                  fix="drop invalid samples before calling solve_network")
 
     robust_w = np.ones(row)
+    if robust_weights is not None:
+        rw = np.asarray(robust_weights, np.float64)
+        if rw.shape != (row,) or not np.all(np.isfinite(rw) & (rw > 0)):
+            raise ArrayArgumentError(f"robust_weights must be {row} positive finite weights, one per observation.",
+                                     field="robust_weights", fix="pass the robust_weights of a solution of the "
+                                                                 "same overlaps and ties, or None")
+        robust_w = rw.copy()
+    AT = A.T.tocsr()
+    diag = np.diag_indices(npar)
     x = np.zeros(npar)
     it = 0
     rcond = float("nan")
     for it in range(1, max_iter + 1):
         w = base_w * robust_w
-        N = (A.T @ sp.diags(w) @ A).toarray() + np.diag(prior)
-        b = A.T @ (w * y)
+        N = (AT @ sp.diags(w) @ A).toarray()
+        N[diag] += prior
+        b = AT @ (w * y)
         d = np.sqrt(np.diag(N))
         Ns = N / d[:, None] / d[None, :]
-        ev = np.linalg.eigvalsh(Ns)
-        rcond = float(ev[0] / ev[-1]) if ev[-1] > 0 else 0.0
-        if rcond < 1.0 / max_condition:
-            raise NumericalError(f"The network normal matrix is ill-conditioned (condition {1 / max(rcond, 1e-300):.2e}"
-                                 f" > {max_condition:.0e}).", field="network",
-                                 fix="lower the correction order (--network-order 0), add GNSS stations, or drop "
-                                     "frames whose overlap is only a few pixels")
-        L = np.linalg.cholesky(Ns)
-        z = np.linalg.solve(L.T, np.linalg.solve(L, b / d))
-        x_new = z / d
+        if it == 1:  # the robust weights only rescale rows: checked once, on the first system
+            rcond = _rcond(Ns)
+            if rcond < 1.0 / max_condition:
+                raise NumericalError(f"The network normal matrix is ill-conditioned (condition "
+                                     f"{1 / max(rcond, 1e-300):.2e} > {max_condition:.0e}).", field="network",
+                                     fix="lower the correction order (--network-order 0), add GNSS stations, or "
+                                         "drop frames whose overlap is only a few pixels")
+        try:
+            chol = cho_factor(Ns, lower=True, check_finite=False)
+        except np.linalg.LinAlgError as exc:
+            raise NumericalError("The network normal matrix is not positive definite.", field="network",
+                                 fix="lower the correction order (--network-order 0) or add GNSS stations") from exc
+        x_new = cho_solve(chol, b / d, check_finite=False) / d
         r = y - A @ x_new
-        scale = _robust_scale(r, base_w)
+        if it <= 3:  # the robust scale from the first fits, then held: IRLS with a fixed scale converges steadily
+            scale = _robust_scale(r, base_w)
         robust_w = _huber(r * np.sqrt(base_w) / scale, huber_k)
-        step = np.max(np.abs(x_new - x)) if it > 1 else np.inf
+        # converged when the modelled observations stop moving: parameters along directions the data barely
+        # see (polynomial vs spline trade-offs) drift slowly without changing any fitted value
+        step = np.max(np.abs(A @ (x_new - x))) if it > 1 else np.inf
         x = x_new
         if step < tol:
             break
-    cov = np.linalg.inv(Ns) / d[:, None] / d[None, :]
-    Nd = N - np.diag(prior)
+    rcond = _rcond(Ns)
+    cov = cho_solve(chol, np.eye(npar), check_finite=False) / d[:, None] / d[None, :]
+    # data-only conditioning of the polynomial part: the spline part is redundant with it by design (its prior
+    # resolves that), and spline coefficients away from every overlap are unobserved on purpose
+    Nd = N[:npoly, :npoly] - np.diag(prior[:npoly])
     dd = np.sqrt(np.clip(np.diag(Nd), 1e-300, None))
     ev_d = np.linalg.eigvalsh(Nd / dd[:, None] / dd[None, :])
     rcond_data = float(max(ev_d[0], 0.0) / ev_d[-1]) if ev_d[-1] > 0 else 0.0
     if rcond_data < 1e-10:
         log.warning("network: the data leave some correction parameters undetermined (rcond %.1e); those are "
                     "held at zero by the prior", rcond_data)
-    params = x.reshape(n_frames, nt)
-    param_std = np.sqrt(np.clip(np.diag(cov), 0, None)).reshape(n_frames, nt)
+    params = x[:npoly].reshape(n_frames, nt)
+    param_std = np.sqrt(np.clip(np.diag(cov)[:npoly], 0, None)).reshape(n_frames, nt)
+    spline_coef = None
+    if splines is not None:
+        spline_coef = [None if b is None else x[sp_off[f]:sp_off[f] + b.size].copy() for f, b in enumerate(splines)]
 
     # Diagnostics per overlap pair and per frame's ties, before (observations) and after (residuals).
     r = y - A @ x
@@ -297,10 +471,44 @@ def solve_network(n_frames: int, overlaps: list[OverlapSamples], ties: list[Gnss
     held_by = _held_by(n_frames, overlaps, has_tie)
     sol = NetworkSolution(order=order, params=params, param_std=param_std, held_by=held_by, pairs=pairs,
                           ties=tie_stats, rcond=rcond, rcond_data=rcond_data,
-                          iterations=it)
+                          iterations=it, splines=list(splines) if splines is not None else None,
+                          spline_coef=spline_coef, spline_sigma=ss if splines is not None else None,
+                          robust_weights=robust_w)
     log.info("network: %d frames, %d overlap samples, %d GNSS ties, %d IRLS iterations, rcond %.1e",
              n_frames, n_overlap_rows, row - n_overlap_rows, it, rcond)
     return sol
+
+
+def frame_misfit_sigmas(n_frames: int, pairs: list[dict], *, damping: float = 0.1) -> np.ndarray:
+    """Per-frame misfit sigma (mm/yr) from the residual RMS of every overlap pair (a variance-component estimate).
+
+    With independent frame errors, a pair's residual mean square is the sum of its two frames' variances,
+    ``rms_ij² = σ_i² + σ_j²``; the variances are the non-negative least-squares solution over all pairs, lightly
+    damped (``damping``) toward an equal split of each frame's pairs so that a frame seen by a single pair (both
+    frames then share its misfit) is still determined. A frame that disagrees with every neighbour gets a large
+    sigma, its neighbours small ones. Frames in no pair get NaN. ``pairs`` are :class:`NetworkSolution` pair
+    dicts (``i``, ``j``, ``n``, ``rms_after``).
+    """
+    from scipy.optimize import nnls
+
+    use = [p for p in pairs if p.get("n") and p.get("rms_after") is not None and np.isfinite(p["rms_after"])]
+    out = np.full(n_frames, np.nan)
+    if not use:
+        return out
+    A = np.zeros((len(use), n_frames))
+    b = np.empty(len(use))
+    share = [[] for _ in range(n_frames)]
+    for r, p in enumerate(use):
+        A[r, p["i"]] = A[r, p["j"]] = 1.0
+        b[r] = p["rms_after"] ** 2
+        share[p["i"]].append(0.5 * b[r])
+        share[p["j"]].append(0.5 * b[r])
+    seen = np.array([bool(s) for s in share])
+    target = np.array([np.mean(s) if s else 0.0 for s in share])
+    D = damping * np.eye(n_frames)[seen]
+    var, _ = nnls(np.vstack([A[:, seen], D[:, seen]]), np.concatenate([b, damping * target[seen]]))
+    out[seen] = np.sqrt(var)
+    return out
 
 
 def _held_by(n_frames: int, overlaps: list[OverlapSamples], has_tie: np.ndarray) -> list[str]:

@@ -20,6 +20,7 @@ so the benefit of the method is measured, not assumed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -163,6 +164,27 @@ def _frame_km(frame, lon, lat):
 
     x, y = local_xy_km(np.asarray(lon, np.float64), np.asarray(lat, np.float64), *frame_origin(frame))
     return np.asarray(x), np.asarray(y)
+
+
+def _pair_kind(a, b) -> str:
+    """'along-track' (same track), 'across-track' (same orbit direction) or 'asc-desc'."""
+    if a.attrs.get("orbit") != b.attrs.get("orbit"):
+        return "asc-desc"
+    ta, tb = (str(f.attrs.get("frame_id", "")).split("_")[0] for f in (a, b))
+    return "along-track" if ta and ta == tb else "across-track"
+
+
+def _frame_km_valid(frame, values, stride: int = 4):
+    """Frame-centred km of the frame's valid pixels (every ``stride``-th row and column, plus the last)."""
+    ny, nx = values.shape
+    rows = np.unique(np.r_[np.arange(0, ny, stride), ny - 1])
+    cols = np.unique(np.r_[np.arange(0, nx, stride), nx - 1])
+    lon, lat = _frame_lonlat_grid(frame)
+    sub = np.ix_(rows, cols)
+    ok = np.isfinite(values[sub])
+    if not ok.any():
+        ok = np.ones_like(ok)
+    return _frame_km(frame, lon[sub][ok], lat[sub][ok])
 
 
 def _frame_lonlat_grid(frame):
@@ -363,7 +385,7 @@ def _frame_key(folder: Path, checksums: dict[str, str], cfg: GiaConfig) -> str:
     frames_root = str(Path(folder).parent) + os.sep
     others = {k: v for k, v in checksums.items() if not k.startswith(frames_root)}
     blob = json.dumps({"frame": own, "others": others, "gnss": cfg.gnss.model_dump(mode="json"),
-                       "version": __version__}, sort_keys=True)
+                       "adjust": cfg.adjust.model_dump(mode="json"), "version": __version__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -449,7 +471,7 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
     from .io.write import write_cog
     from .mosaic import (decompose_up_east, decompose_vertical, merge_frames, overlap_pairs, resample_to_grid,
                          sample_overlap, target_grid)
-    from .network import GnssTies, NetworkSolution, OverlapSamples, solve_network
+    from .network import GnssTies, NetworkSolution, OverlapSamples, SplineBasis, frame_misfit_sigmas, solve_network
 
     # 1. inputs ------------------------------------------------------------------------------------------------
     with stage("read inputs", log):
@@ -487,12 +509,12 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             field_info = {"source": "grids", "reference_frame": grids.attrs.get("reference_frame")}
         else:
             fld = hz.HorizontalVelocityField(plate=cfg.gnss.plate, model=cfg.gnss.plate_model).fit(stations_itrf)
-            hfields = [fld.predict_grid(fr) for fr in frames]
+            hfields = fld.predict_grids(frames)
             field_info = {"source": "gnss", "loo_rmse_mm_yr": getattr(fld, "loo_rmse_", None),
                           "loo_rmse_e_mm_yr": getattr(fld, "loo_rmse_e_", None)}
 
     # 3. per-frame adjustment ---------------------------------------------------------------------------------
-    adj_cfg = AdjustConfig(use_horizontal_only=horizontal_only)
+    adj_cfg = cfg.adjust.model_copy(update={"use_horizontal_only": horizontal_only or cfg.adjust.use_horizontal_only})
     adjustments = []
     with stage("per-frame adjustment", log):
         work = out / "work"
@@ -556,8 +578,18 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         pairs = overlap_pairs([o.values for o in on_grid], grid, min_pixels=cfg.network.min_overlap_pixels)
         overlaps = []
         rng = np.random.default_rng(0)
+        max_rate = cfg.network.max_rate_mm_yr
+        pair_masks = []  # every tied pair's whole overlap, for the all-pixel figures after the solve
         for p in pairs:
-            smp = sample_overlap(on_grid[p.i].values, on_grid[p.j].values, p.mask, grid=grid, rng=rng,
+            use = p.mask
+            if max_rate > 0:
+                # fast-deforming ground moves horizontally too (inward at a subsidence bowl), which the GNSS field
+                # misses and two look directions see differently: compare frames on the slower ground only
+                with np.errstate(invalid="ignore"):
+                    slow = (np.abs(on_grid[p.i].values) <= max_rate) & (np.abs(on_grid[p.j].values) <= max_rate)
+                if (use & slow).sum() >= cfg.network.min_overlap_pixels:
+                    use = use & slow
+            smp = sample_overlap(on_grid[p.i].values, on_grid[p.j].values, use, grid=grid, rng=rng,
                                  a_std=std_on_grid[p.i].values, b_std=std_on_grid[p.j].values,
                                  max_samples=cfg.network.max_samples_per_overlap)
             if smp.diff.size == 0:
@@ -565,13 +597,12 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             xi, yi = _frame_km(frames[p.i], smp.lon, smp.lat)
             xj, yj = _frame_km(frames[p.j], smp.lon, smp.lat)
             sig = smp.diff_std if smp.diff_std is not None else np.full(smp.diff.size, 2.0)
-            kind = p.kind or "overlap"
-            if frames[p.i].attrs.get("orbit") != frames[p.j].attrs.get("orbit"):
-                kind = "asc-desc"
-                if cfg.network.pairs == "same-orbit":
-                    continue
+            kind = _pair_kind(frames[p.i], frames[p.j])
+            if kind == "asc-desc" and cfg.network.pairs == "same-orbit":
+                continue
             overlaps.append(OverlapSamples(p.i, p.j, xi, yi, xj, yj, smp.diff, np.nan_to_num(sig, nan=2.0),
                                            area_km2=p.area_km2, kind=kind))
+            pair_masks.append(p.mask)
         ties = []
         vert_ok = np.isfinite(stations_itrf["vu"].to_numpy(float))
         for k, fr in enumerate(frames):
@@ -601,12 +632,25 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                 if cv > 0:
                     # the frame's correction is uncertain to about its CV RMSE, in vertical (÷ u ≈ 0.78)
                     prior[k] = max(cv / 0.78, 0.5)
+        misfit = np.full(len(frames), np.nan)
+        net_poly = None
         if not nc.enabled:
             net = NetworkSolution.zeros(len(frames), nc.order)
         else:
-            net = solve_network(len(frames), overlaps, ties, order=nc.order, correlation_km=nc.correlation_km,
-                                sigma_floor_mm_yr=nc.sigma_floor_mm_yr, prior_sigma_mm_yr=prior,
-                                huber_k=nc.huber_k)
+            solve = functools.partial(solve_network, len(frames), overlaps, ties, order=nc.order,
+                                      correlation_km=nc.correlation_km, sigma_floor_mm_yr=nc.sigma_floor_mm_yr,
+                                      prior_sigma_mm_yr=prior, huber_k=nc.huber_k)
+            net = solve()
+            # each frame's misfit beyond the polynomial, from the overlap residuals of that solution
+            misfit = frame_misfit_sigmas(len(frames), net.pairs)
+            if nc.spline_spacing_km > 0 and np.isfinite(misfit).any():
+                net_poly = net
+                splines = [None if not np.isfinite(misfit[k]) else
+                           SplineBasis.covering(*_frame_km_valid(fr, verts[k]), nc.spline_spacing_km)
+                           for k, fr in enumerate(frames)]
+                net = solve(splines=splines, spline_sigma_mm_yr=np.where(np.isfinite(misfit),
+                                                                         np.maximum(misfit, 0.5), 1.0),
+                            robust_weights=net_poly.robust_weights)
 
     # a frame with no usable GNSS station and no overlap with a GNSS-tied frame cannot be referenced at all
     lost = [ids[k] for k in range(len(frames)) if adjustments[k] is None and net.held_by[k] in ("prior", "disabled")]
@@ -628,8 +672,28 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         ml = (np.zeros_like(c_vert) if adjustments[k] is None
               else np.asarray(backend.to_numpy(adjustments[k].correction.data), np.float64))
         final_corr.append(ml + u * c_vert)
-    for p_stat, p in zip(net.pairs, overlaps):
+    for k, (p_stat, p) in enumerate(zip(net.pairs, overlaps)):
         p_stat["frames"] = [ids[p.i], ids[p.j]]
+        if net_poly is not None:
+            p_stat["rms_after_polynomial"] = net_poly.pairs[k]["rms_after"]
+        if nc.enabled:
+            # the network's figures are over the samples it used (slow ground only with max_rate_mm_yr); these
+            # are over the whole overlap, fast ground included
+            smp = sample_overlap(on_grid[p.i].values, on_grid[p.j].values, pair_masks[k], grid=grid, rng=0,
+                                 max_samples=100_000)
+            if smp.diff.size:
+                ci = net.correction(p.i, *_frame_km(frames[p.i], smp.lon, smp.lat))
+                cj = net.correction(p.j, *_frame_km(frames[p.j], smp.lon, smp.lat))
+                p_stat["rms_all_pixels_before"] = float(np.sqrt(np.mean(smp.diff ** 2)))
+                p_stat["rms_all_pixels_after"] = float(np.sqrt(np.mean((smp.diff - ci + cj) ** 2)))
+    # merge weights: a frame's misfit with its neighbours (before the spline bent it toward them) is its error
+    # where only it sees the ground; the CV RMSE says the same from the stations — the larger one counts
+    if nc.enabled and nc.misfit_weights:
+        for k in range(len(frames)):
+            if np.isfinite(misfit[k]):
+                u = np.asarray(backend.to_numpy(frames[k]["los_u"].data), np.float64)
+                vstds[k] = np.sqrt(np.square(vstds_noise[k]) + np.maximum(np.square(_cv_rmse(adjustments[k]) / u),
+                                                                           misfit[k] ** 2))
 
     # 5. mosaic and decomposition -----------------------------------------------------------------------------
     with stage("mosaic", log):
@@ -726,9 +790,22 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                 "selected_model": None, "note": "no usable GNSS station: held by the network adjustment only"}
             rep["network_held_by"] = net.held_by[k]
             rep["network_params"] = net.params[k].tolist()
+            if np.isfinite(misfit[k]):
+                rep["overlap_misfit_mm_yr"] = float(misfit[k])
+            if net.splines is not None and net.splines[k] is not None:
+                rep["network_spline_rms_mm_yr"] = net.spline_rms(k)
             rep["orbit"] = fr.attrs.get("orbit")
             summary["frames"][ids[k]] = rep
         summary["network"] = net.summary()
+        allpx = [(p["rms_all_pixels_before"], p["rms_all_pixels_after"]) for p in net.pairs
+                 if "rms_all_pixels_after" in p]
+        if allpx:
+            b, a = np.array(allpx).T
+            summary["network"]["overlap_rms_all_pixels_before_mm_yr"] = float(np.sqrt(np.mean(b ** 2)))
+            summary["network"]["overlap_rms_all_pixels_after_mm_yr"] = float(np.sqrt(np.mean(a ** 2)))
+        if net_poly is not None:
+            summary["network"]["overlap_rms_after_polynomial_mm_yr"] = \
+                net_poly.summary()["overlap_rms_after_mm_yr"]
         if ts is not None:
             summary.update(ts["summary"])
         if holdout_itrf is not None:

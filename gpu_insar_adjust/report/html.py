@@ -253,6 +253,10 @@ def _headline(s: Mapping) -> str:
                                      or net.get("overlap_rms_after_mm_yr") is not None):
         before, after = _fmt(net.get("overlap_rms_before_mm_yr")), _fmt(net.get("overlap_rms_after_mm_yr"))
         cards.append(("overlap RMS before → after network", f"{before} → {after} mm/yr"))
+        if net.get("overlap_rms_all_pixels_after_mm_yr") is not None:
+            cards.append(("overlap RMS, all overlap pixels", f"{_fmt(net.get('overlap_rms_all_pixels_before_mm_yr'))}"
+                                                             f" → {_fmt(net['overlap_rms_all_pixels_after_mm_yr'])}"
+                                                             " mm/yr"))
     gw = s.get("groundwater")
     if isinstance(gw, Mapping) and gw.get("total_loss_m3") is not None:
         km3 = _fmt_pm(_f.as_float(gw["total_loss_m3"]) / 1e9, _f.as_float(gw.get("total_loss_std_m3")) / 1e9, 3)
@@ -449,7 +453,9 @@ def _network(s: Mapping, figs: _Figures) -> str:
     ids = list(frames.keys()) if isinstance(frames, Mapping) else []
     parts = []
     info = [(k, net.get(k)) for k in ("order", "iterations", "rcond", "rcond_data", "overlap_rms_before_mm_yr",
-                                      "overlap_rms_after_mm_yr") if net.get(k) is not None]
+                                      "overlap_rms_after_mm_yr", "overlap_rms_after_polynomial_mm_yr",
+                                      "overlap_rms_all_pixels_before_mm_yr", "overlap_rms_all_pixels_after_mm_yr")
+            if net.get(k) is not None]
     if info:
         parts.append(_table(["quantity", "value"], [[_e(k), _fmt(v, 4 if "rcond" not in k else 6)
                                                      if not isinstance(v, (int, np.integer)) else _fmt(v)]

@@ -56,6 +56,21 @@ def test_config_errors_name_field_and_fix(tmp_path):
         config.load_config(tmp_path / "missing.toml")
 
 
+def test_adjust_section_reaches_the_per_frame_adjustment(tmp_path):
+    p = tmp_path / "adj.toml"
+    p.write_text('[adjust]\ncandidates = ["poly0", "poly1", "gp"]\none_se_rule = true\n'
+                 'min_stations = {"gp" = 12}\n')
+    cfg = config.load_config(p)
+    assert cfg.adjust.candidates == ["poly0", "poly1", "gp"] and cfg.adjust.one_se_rule
+    assert cfg.adjust.min_stations == {"gp": 12}
+    # what `gia config` writes reads back to the same configuration, inline table included
+    assert config.load_config(None, config._toml_loads(config.config_to_toml(cfg))) == cfg
+    p.write_text('[adjust]\ncandidates = ["poly1", "kriging"]\n')
+    with pytest.raises(errors.ConfigError) as info:
+        config.load_config(p)
+    assert "adjust.candidates" in str(info.value) and "kriging" in str(info.value)
+
+
 def test_overrides():
     cfg = config.load_config(None, {"backend": "numpy", "analysis.subsidence_threshold_mm_yr": 10.0})
     assert cfg.backend == "numpy" and cfg.analysis.subsidence_threshold_mm_yr == 10.0
