@@ -476,6 +476,7 @@ class MergeResult:
     tile_size: int
     n_tiles: int
     notes: list[str] = field(default_factory=list)
+    extra: list = field(default_factory=list)  # merged ``extra`` rasters (float32), same weights as ``value``
 
     def to_dataset(self, name: str = "los_velocity") -> "xarray.Dataset":
         """Host ``xarray.Dataset`` with ``name``, ``name_std`` (or ``<name>_std``) and ``count`` on the grid."""
@@ -498,6 +499,7 @@ class _Source(NamedTuple):
     crs: Any = None
     transform: Any = None
     window: tuple[int, int, int, int] | None = None  # bounding window of the frame on the grid
+    extra: tuple = ()  # further rasters merged with this frame's weights (on the grid or native, like ``los``)
 
 
 def _is_xr(obj) -> bool:
@@ -527,7 +529,7 @@ def _tile_bytes(n_frames: int, tile: int) -> int:
 
 def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, feather_km: float = 10.0,
                  resampling: Resampling = "bilinear", tile_size: int = 4096,
-                 memory_budget_bytes: int | None = None) -> MergeResult:
+                 memory_budget_bytes: int | None = None, extra: Sequence | None = None) -> MergeResult:
     """Inverse-variance weighted merge of frames with feathered edges, tile by tile.
 
     Parameters
@@ -536,6 +538,11 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
         Values (mm/yr) and their 1-sigma (mm/yr), one pair per frame. Either georeferenced DataArrays (any
         grid and CRS: each tile is warped from the frame's native grid, so memory stays bounded by the tile,
         not by the mosaic) or arrays already on ``grid`` (shape ``grid.shape``, any array-API backend).
+    extra
+        Optional, one sequence per frame of further rasters on that frame's grid (e.g. the unit vector's
+        components), each merged with the frame's weights: ``MergeResult.extra[k] = sum(w_i x_ik) / sum(w_i)``
+        over the frames where ``x_ik`` is finite too. One call instead of one merge per raster: the edge
+        ramps and the weights are computed and warped once.
     grid
         The target grid.
     feather_km
@@ -568,6 +575,12 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
         raise InputError(f"tile_size={tile_size!r} must be a positive number of pixels.", field="tile_size",
                          fix="use e.g. 4096")
     _resampling_enum(resampling)
+    extra = [list(e) for e in extra] if extra is not None else [[] for _ in los_list]
+    if len(extra) != len(los_list) or len({len(e) for e in extra}) > 1:
+        raise ArrayArgumentError(f"extra must hold one sequence of rasters per frame, all of the same length "
+                                 f"({len(los_list)} frames).", field="extra",
+                                 fix="give, for every frame, the same number of extra rasters in the same order")
+    n_extra = len(extra[0]) if extra else 0
     notes: list[str] = []
     pix_grid = _pixel_size_km(grid.crs, grid.transform, grid.height)
 
@@ -590,15 +603,23 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
             valid = _check_value_std(np, los_np, std_np, i)
             here = TargetGrid(crs, t, w, h)
             xp_i = backend.namespace(np.empty(0))
+            ex = []
+            for k, x in enumerate(extra[i]):
+                x_np = np.asarray(backend.to_numpy(_da_of(x).data if _is_xr(x) else x), dtype=np.float32)
+                if x_np.shape != (h, w):
+                    raise ArrayArgumentError(f"extra[{i}][{k}] has shape {x_np.shape}; los_list[{i}] is {(h, w)}.",
+                                             field=f"extra[{i}][{k}]", fix="give extra rasters on the frame's grid")
+                ex.append(x_np)
             if here.matches(grid):
                 ramp = feather_ramp(valid, pix_grid, feather_km)
-                sources.append(_Source(True, los_np, np.square(std_np).astype(np.float32), ramp))
+                sources.append(_Source(True, los_np, np.square(std_np).astype(np.float32), ramp, extra=tuple(ex)))
             else:
                 ramp = feather_ramp(valid, _pixel_size_km(crs, t, h), feather_km)
                 ramp = np.where(valid, ramp, np.nan).astype(np.float32)
                 var = np.where(valid, np.square(std_np), np.nan).astype(np.float32)
                 sources.append(_Source(False, np.where(valid, los_np, np.nan), var, ramp, crs, t,
-                                       _footprint_window(los_da, grid)))
+                                       _footprint_window(los_da, grid),
+                                       tuple(np.where(valid, x, np.nan).astype(np.float32) for x in ex)))
         else:
             xp_i = backend.namespace(los, std)
             if tuple(los.shape) != grid.shape or tuple(std.shape) != grid.shape:
@@ -609,7 +630,12 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
                         "DataArrays so merge_frames warps them")
             valid = _check_value_std(xp_i, los, std, i)
             ramp = feather_ramp(valid, pix_grid, feather_km)
-            sources.append(_Source(True, los, std * std, ramp))
+            for k, x in enumerate(extra[i]):
+                if tuple(x.shape) != grid.shape:
+                    raise ArrayArgumentError(f"extra[{i}][{k}] has shape {tuple(x.shape)}; the target grid is "
+                                             f"{grid.shape}.", field=f"extra[{i}][{k}]",
+                                             fix="give extra rasters on the same grid as the values")
+            sources.append(_Source(True, los, std * std, ramp, extra=tuple(extra[i])))
         if xp is None:
             xp = xp_i
         elif backend.backend_name(xp) != backend.backend_name(xp_i):
@@ -631,6 +657,7 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
     value = xp.full(grid.shape, xp.nan, dtype=f32)
     std_out = xp.full(grid.shape, xp.nan, dtype=f32)
     count = xp.zeros(grid.shape, dtype=xp.int16)
+    extra_out = [xp.full(grid.shape, xp.nan, dtype=f32) for _ in range(n_extra)]
     n_tiles = 0
     for r0 in range(0, grid.height, tile):
         r1 = min(r0 + tile, grid.height)
@@ -641,9 +668,12 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
             swv = xp.zeros_like(sw)
             sw2v = xp.zeros_like(sw)
             cnt = xp.zeros((r1 - r0, c1 - c0), dtype=xp.int16)
+            esw = [xp.zeros_like(sw) for _ in range(n_extra)]
+            eswv = [xp.zeros_like(sw) for _ in range(n_extra)]
             for s in sources:
                 if s.on_grid:
                     v, var, rp = (s.los[r0:r1, c0:c1], s.var[r0:r1, c0:c1], s.ramp[r0:r1, c0:c1])
+                    ex = [x[r0:r1, c0:c1] for x in s.extra]
                 else:
                     fw = s.window
                     if fw is None or fw[0] >= r1 or fw[1] <= r0 or fw[2] >= c1 or fw[3] <= c0:
@@ -652,15 +682,24 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
                     v = xp.asarray(_warp(s.los, s.crs, s.transform, grid, resampling, win))
                     var = xp.asarray(_warp(s.var, s.crs, s.transform, grid, resampling, win))
                     rp = xp.asarray(_warp(s.ramp, s.crs, s.transform, grid, resampling, win))
+                    ex = [xp.asarray(_warp(x, s.crs, s.transform, grid, resampling, win)) for x in s.extra]
                 sw, swv, sw2v, cnt = _accumulate(xp, sw, swv, sw2v, cnt, v, var, rp)
+                for k, x in enumerate(ex):
+                    # the frame's own weight, where this raster is finite as well
+                    esw[k], eswv[k], _, _ = _accumulate(xp, esw[k], eswv[k], esw[k], cnt,
+                                                        xp.where(xp.isfinite(v), x, xp.nan), var, rp)
             has = sw > 0
             safe = xp.where(has, sw, xp.ones_like(sw))
             value[r0:r1, c0:c1] = xp.astype(xp.where(has, swv / safe, xp.nan), f32)
             std_out[r0:r1, c0:c1] = xp.astype(xp.where(has, xp.sqrt(sw2v) / safe, xp.nan), f32)
             count[r0:r1, c0:c1] = cnt
+            for k in range(n_extra):
+                h_k = esw[k] > 0
+                extra_out[k][r0:r1, c0:c1] = xp.astype(
+                    xp.where(h_k, eswv[k] / xp.where(h_k, esw[k], xp.ones_like(sw)), xp.nan), f32)
     log.info("merged %d frames on a %d x %d grid in %d tile(s) of <= %d px", len(sources), grid.width,
              grid.height, n_tiles, tile)
-    return MergeResult(value, std_out, count, grid, tile, n_tiles, notes)
+    return MergeResult(value, std_out, count, grid, tile, n_tiles, notes, extra_out)
 
 
 def _accumulate(xp, sw, swv, sw2v, cnt, v, var, ramp):

@@ -715,27 +715,26 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                 los_das = [_frame_da(frames[k], los_adj[k], "los") for k in members]
                 lstd = [_frame_da(frames[k], vstds[k] * np.asarray(frames[k]["los_u"].values, np.float64), "los_std")
                         for k in members]
-                m = merge_frames(los_das, lstd, grid, feather_km=cfg.mosaic.feather_km, tile_size=cfg.mosaic.tile_size)
+                # unit vectors merged with the LOS weights (and its valid mask), so that the merged LOS is
+                # exactly the merged unit vector times the motion
+                comps = [[np.where(np.isfinite(los_adj[k]), np.asarray(frames[k][var].values, np.float64), np.nan)
+                          for var in ("los_e", "los_n", "los_u")] for k in members]
+                m = merge_frames(los_das, lstd, grid, feather_km=cfg.mosaic.feather_km, tile_size=cfg.mosaic.tile_size,
+                                 extra=comps)
                 stacks["los"].append(np.asarray(backend.to_numpy(m.value), np.float64))
                 stacks["std"].append(np.asarray(backend.to_numpy(m.std), np.float64))
-                for comp, var in (("e", "los_e"), ("n", "los_n"), ("u", "los_u")):
-                    # unit vectors merged with the LOS weights (and its valid mask), so that the merged LOS is
-                    # exactly the merged unit vector times the motion
-                    comp_das = [_frame_da(frames[k], np.where(np.isfinite(los_adj[k]),
-                                                              np.asarray(frames[k][var].values, np.float64), np.nan),
-                                          var) for k in members]
-                    cm = merge_frames(comp_das, lstd, grid, feather_km=cfg.mosaic.feather_km,
-                                      tile_size=cfg.mosaic.tile_size)
-                    stacks[comp].append(np.asarray(backend.to_numpy(cm.value), np.float64))
+                for comp, merged in zip(("e", "n", "u"), m.extra):
+                    stacks[comp].append(np.asarray(backend.to_numpy(merged), np.float64))
             # north from the GNSS horizontal field, on the grid
-            hgrid = {c: np.full(grid.shape, np.nan) for c in ("ve", "vn", "se", "sn")}
-            for k, fr in enumerate(frames):
-                on = {c: resample_to_grid(_frame_da(fr, hfields[k][c].values, c), grid,
-                                          kind="std" if c.startswith("s") else "value").values
-                      for c in ("ve", "vn", "se", "sn")}
-                fill = ~np.isfinite(hgrid["vn"]) & np.isfinite(on["vn"])
-                for c in hgrid:
-                    hgrid[c][fill] = on[c][fill]
+            # (evaluated on the grid itself, as for the frames: cheaper and more exact than warping every
+            # frame's field onto it)
+            if grids is not None:
+                hg = hz.sample_horizontal_grids(grids, grid.to_dataset(), to_itrf=True, model=cfg.gnss.plate_model)
+                hgrid = {c: np.asarray(hg[c].values, np.float64) for c in ("ve", "vn")}
+                hgrid["se"] = hgrid["sn"] = np.ones(grid.shape)
+            else:
+                hg = fld.predict_grid(grid.to_dataset())
+                hgrid = {c: np.asarray(hg[c].values, np.float64) for c in ("ve", "vn", "se", "sn")}
             # the field's sigma is its formal GP sigma; where it is smooth between stations it misses local
             # motion (inward motion at bowls) that its leave-one-out RMSE does see
             loo_e = float(field_info.get("loo_rmse_e_mm_yr") or field_info.get("loo_rmse_mm_yr") or 1.0)

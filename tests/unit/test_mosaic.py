@@ -332,3 +332,35 @@ def test_a_one_pixel_overlap_is_not_a_tie_and_is_reported(caplog):
     with caplog.at_level("INFO", logger="gpu_insar_adjust.mosaic"):
         assert M.overlap_pairs(on, g, min_pixels=10) == []
     assert "share only 1 valid pixel" in caplog.text
+
+
+def test_merge_extra_rasters_equal_separate_merges_with_the_same_weights():
+    """Extra rasters (e.g. unit-vector components) merged in the same call equal one merge each, native frames
+    warped tile by tile and frames already on the grid alike."""
+    a = make_frame(114.0, 38.0, 40, 30, 0.01, plane, std=1.5)
+    b = make_frame(114.25, 37.88, 40, 30, 0.01, lambda X, Y: plane(X, Y) + 2.0, std=3.0,
+                   frame_id="014A_00002_000000")
+    b["los_velocity"][:5, :7] = np.nan  # a gap: the extras follow the values' validity
+    b["los_std"][:5, :7] = np.nan
+    g = M.target_grid([a, b], resolution=0.007)
+    rng = np.random.default_rng(3)
+    comps = [[xr.DataArray(rng.uniform(-0.7, 0.8, f.los_velocity.shape).astype(np.float32), dims=("y", "x"),
+                           coords=f.los_velocity.coords).rio.write_crs(4326) for _ in range(3)] for f in (a, b)]
+    los, std = [a.los_velocity, b.los_velocity], [a.los_std, b.los_std]
+    one = M.merge_frames(los, std, g, feather_km=3.0, tile_size=17, extra=comps)
+    for k in range(3):
+        masked = [c[k].where(np.isfinite(f.los_velocity)) for c, f in zip(comps, (a, b))]
+        sep = M.merge_frames(masked, std, g, feather_km=3.0, tile_size=17)
+        np.testing.assert_allclose(one.extra[k], sep.value, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.isfinite(one.extra[0]), np.isfinite(one.value))
+    # on the grid: a constant extra comes back exactly
+    ra, rb = M.resample_to_grid(a, g), M.resample_to_grid(b, g)
+    ones = [[np.full(g.shape, 0.25, np.float32)], [np.full(g.shape, 0.25, np.float32)]]
+    on = M.merge_frames([ra.los_velocity.values, rb.los_velocity.values], [ra.los_std.values, rb.los_std.values],
+                        g, feather_km=3.0, extra=ones)
+    ok = np.isfinite(on.value)
+    np.testing.assert_allclose(on.extra[0][ok], 0.25, rtol=1e-6)
+    with pytest.raises(ArrayArgumentError):
+        M.merge_frames(los, std, g, extra=[comps[0]])
+    with pytest.raises(ArrayArgumentError):
+        M.merge_frames(los, std, g, extra=[comps[0], comps[1][:2]])
