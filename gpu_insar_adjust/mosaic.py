@@ -686,8 +686,8 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
                 sw, swv, sw2v, cnt = _accumulate(xp, sw, swv, sw2v, cnt, v, var, rp)
                 for k, x in enumerate(ex):
                     # the frame's own weight, where this raster is finite as well
-                    esw[k], eswv[k], _, _ = _accumulate(xp, esw[k], eswv[k], esw[k], cnt,
-                                                        xp.where(xp.isfinite(v), x, xp.nan), var, rp)
+                    _, w, x0, _ = _weights(xp, xp.where(xp.isfinite(v), x, xp.nan), var, rp)
+                    esw[k], eswv[k] = esw[k] + w, eswv[k] + w * x0
             has = sw > 0
             safe = xp.where(has, sw, xp.ones_like(sw))
             value[r0:r1, c0:c1] = xp.astype(xp.where(has, swv / safe, xp.nan), f32)
@@ -702,15 +702,20 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
     return MergeResult(value, std_out, count, grid, tile, n_tiles, notes, extra_out)
 
 
-def _accumulate(xp, sw, swv, sw2v, cnt, v, var, ramp):
-    """Add one frame's tile to the weighted sums (float64); pixels with NaN anywhere do not contribute."""
+def _weights(xp, v, var, ramp):
+    """(ok, w, v0, var0) of one frame's tile in float64: ``w = ramp / var`` where value, variance and ramp are all
+    usable, 0 elsewhere; ``v0``/``var0`` the value and variance with 0 where not ``ok``."""
     f64 = xp.float64
     v, var, ramp = xp.astype(v, f64), xp.astype(var, f64), xp.astype(ramp, f64)
     ok = xp.isfinite(v) & xp.isfinite(var) & (var > 0) & xp.isfinite(ramp) & (ramp > 0)
-    one = xp.ones_like(v)
-    w = xp.where(ok, ramp / xp.where(ok, var, one), xp.zeros_like(v))
-    v0 = xp.where(ok, v, xp.zeros_like(v))
-    var0 = xp.where(ok, var, xp.zeros_like(v))
+    zero = xp.zeros_like(v)
+    w = xp.where(ok, ramp / xp.where(ok, var, xp.ones_like(v)), zero)
+    return ok, w, xp.where(ok, v, zero), xp.where(ok, var, zero)
+
+
+def _accumulate(xp, sw, swv, sw2v, cnt, v, var, ramp):
+    """Add one frame's tile to the weighted sums (float64); pixels with NaN anywhere do not contribute."""
+    ok, w, v0, var0 = _weights(xp, v, var, ramp)
     return (sw + w, swv + w * v0, sw2v + w * w * var0, cnt + xp.astype(ok, xp.int16))
 
 

@@ -168,10 +168,12 @@ def _frame_km(frame, lon, lat):
 
 def _pair_kind(a, b) -> str:
     """'along-track' (same track), 'across-track' (same orbit direction) or 'asc-desc'."""
+    from .mosaic import _track
+
     if a.attrs.get("orbit") != b.attrs.get("orbit"):
         return "asc-desc"
-    ta, tb = (str(f.attrs.get("frame_id", "")).split("_")[0] for f in (a, b))
-    return "along-track" if ta and ta == tb else "across-track"
+    ta = _track(a)
+    return "along-track" if ta and ta == _track(b) else "across-track"
 
 
 def _frame_km_valid(frame, values, stride: int = 4):
@@ -179,17 +181,19 @@ def _frame_km_valid(frame, values, stride: int = 4):
     ny, nx = values.shape
     rows = np.unique(np.r_[np.arange(0, ny, stride), ny - 1])
     cols = np.unique(np.r_[np.arange(0, nx, stride), nx - 1])
-    lon, lat = _frame_lonlat_grid(frame)
-    sub = np.ix_(rows, cols)
-    ok = np.isfinite(values[sub])
+    lon, lat = _frame_lonlat_grid(frame, rows, cols)
+    ok = np.isfinite(values[np.ix_(rows, cols)])
     if not ok.any():
         ok = np.ones_like(ok)
-    return _frame_km(frame, lon[sub][ok], lat[sub][ok])
+    return _frame_km(frame, lon[ok], lat[ok])
 
 
-def _frame_lonlat_grid(frame):
+def _frame_lonlat_grid(frame, rows=None, cols=None):
+    """Longitude and latitude (degrees) of the frame's pixel centres, or of the ``rows`` × ``cols`` subset."""
     x = np.asarray(frame["x"].values, np.float64)
     y = np.asarray(frame["y"].values, np.float64)
+    x = x if cols is None else x[cols]
+    y = y if rows is None else y[rows]
     crs = frame.rio.crs
     X, Y = np.meshgrid(x, y)
     if crs is not None and not crs.is_geographic:
@@ -463,14 +467,12 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                 checksums: dict[str, str] | None = None):
     import xarray as xr
 
-    from .adjust.frame import AdjustConfig, adjust_frame
     from .analysis.subsidence import subsidence_summary
     from .analysis.validation import validate_against_gnss
     from .geodesy import horizontal as hz
     from .io.frames import list_frames, open_frame
     from .io.write import write_cog
-    from .mosaic import (decompose_up_east, decompose_vertical, merge_frames, overlap_pairs, resample_to_grid,
-                         sample_overlap, target_grid)
+    from .mosaic import decompose_up_east, merge_frames, overlap_pairs, resample_to_grid, sample_overlap, target_grid
     from .network import GnssTies, NetworkSolution, OverlapSamples, SplineBasis, frame_misfit_sigmas, solve_network
 
     # 1. inputs ------------------------------------------------------------------------------------------------
@@ -549,7 +551,7 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             log.info("resumed: %d of %d frame adjustments reused from %s", n_cached, len(frames), work)
 
     # vertical-equivalent velocity of every adjusted frame
-    verts, vstds, vstds_noise, los_adj, corr_std = [], [], [], [], []
+    verts, vstds_noise, los_adj = [], [], []
     for fr, adj, hf in zip(frames, adjustments, hfields):
         if adj is None:
             la = np.asarray(backend.to_numpy(fr["los_velocity"].data), np.float64)
@@ -562,11 +564,9 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         # a product sigma of 0 (or missing) is not credible: floor it at 0.1 mm/yr
         noise = np.square(np.where(np.isfinite(ls) & (ls > 0.1), ls, np.where(np.isfinite(ls), 0.1, 2.0)))
         # overlaps see pixel noise and the correction's formal sigma; the long-wavelength error the chosen model
-        # left (its CV RMSE) is what the network estimates, so it weighs only the merge of the frames
+        # left (its CV RMSE) is what the network estimates, so it weighs only the merge of the frames (below)
         v, s_noise = frame_vertical_equivalent(fr, la, np.sqrt(noise + np.square(np.nan_to_num(cs))), hf)
-        u = np.asarray(backend.to_numpy(fr["los_u"].data), np.float64)
-        s = np.sqrt(np.square(s_noise) + np.square(_cv_rmse(adj) / u))  # a LOS variance term divides by u²
-        verts.append(v), vstds.append(s), vstds_noise.append(s_noise), los_adj.append(la), corr_std.append(cs)
+        verts.append(v), vstds_noise.append(s_noise), los_adj.append(la)
 
     # 4. network adjustment over overlaps + GNSS ties ---------------------------------------------------------
     with stage("network adjustment", log):
@@ -686,14 +686,17 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                 cj = net.correction(p.j, *_frame_km(frames[p.j], smp.lon, smp.lat))
                 p_stat["rms_all_pixels_before"] = float(np.sqrt(np.mean(smp.diff ** 2)))
                 p_stat["rms_all_pixels_after"] = float(np.sqrt(np.mean((smp.diff - ci + cj) ** 2)))
-    # merge weights: a frame's misfit with its neighbours (before the spline bent it toward them) is its error
-    # where only it sees the ground; the CV RMSE says the same from the stations — the larger one counts
-    if nc.enabled and nc.misfit_weights:
-        for k in range(len(frames)):
-            if np.isfinite(misfit[k]):
-                u = np.asarray(backend.to_numpy(frames[k]["los_u"].data), np.float64)
-                vstds[k] = np.sqrt(np.square(vstds_noise[k]) + np.maximum(np.square(_cv_rmse(adjustments[k]) / u),
-                                                                           misfit[k] ** 2))
+    # merge sigma: the noise plus the error the formal sigma does not see — the chosen model's CV RMSE (LOS, so
+    # its variance divides by u²) and, with misfit weights, the frame's misfit with its neighbours (before the
+    # spline bent it toward them), the larger of the two
+    use_misfit = nc.enabled and nc.misfit_weights
+    vstds = []
+    for k, fr in enumerate(frames):
+        u = np.asarray(backend.to_numpy(fr["los_u"].data), np.float64)
+        extra = np.square(_cv_rmse(adjustments[k]) / u)
+        if use_misfit and np.isfinite(misfit[k]):
+            extra = np.maximum(extra, misfit[k] ** 2)
+        vstds.append(np.sqrt(np.square(vstds_noise[k]) + extra))
 
     # 5. mosaic and decomposition -----------------------------------------------------------------------------
     with stage("mosaic", log):

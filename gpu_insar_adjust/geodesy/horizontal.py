@@ -262,7 +262,7 @@ class HorizontalVelocityField:
                 lattices[key] = _SharedLattice(self, crs)
             ve, vn, se, sn = self._gp_frame(frame, lattices[key], tolerance)
             if self._add_rotation and not plate_fixed:
-                pe, pn = _plate_velocity_en(frame, self.plate, self.model)
+                pe, pn, _, _ = plates.plate_velocity_grid(frame, self.plate, self.model)
                 ve, vn = ve + pe, vn + pn
             frame_name = (f"{str(self.plate).upper()}-fixed" if (plate_fixed and self.plate)
                           else self.reference_frame_)
@@ -398,23 +398,6 @@ def _on_grid(spline, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     out = np.empty((ys.size, xs.size))
     out[np.ix_(oy, ox)] = spline(ys[oy], xs[ox])
     return out
-
-
-def _plate_velocity_en(frame, plate: str, model: str):
-    """East and north plate velocity at every pixel: :func:`.plates.plate_velocity_grid` (its checked coarse
-    grid, bilinear in pixel indices) without the vertical, the interpolation as a linear spline rather than
-    dense weight matrices."""
-    ny, nx = frame.sizes["y"], frame.sizes["x"]
-    coarse, wy, wx, step = plates._coarse_plate_velocity(frame, plate, model, 0.5, 0.01)
-    if step == 1:
-        return coarse[0], coarse[1]
-    rows, cols = plates._coarse_index(ny, step), plates._coarse_index(nx, step)
-    if rows.size < 2 or cols.size < 2:
-        return tuple(wy @ c @ wx.T for c in coarse[:2])
-    from scipy.interpolate import RectBivariateSpline
-
-    return tuple(RectBivariateSpline(rows, cols, c, kx=1, ky=1, s=0)(np.arange(ny), np.arange(nx))
-                 for c in coarse[:2])
 
 
 _KEY_OFFSET = 1 << 30  # lattice indices within ±2^30 pack into one int64 key
