@@ -252,6 +252,10 @@ def _print_headline(summary: dict, validation: dict | None = None) -> None:
     if net.get("overlap_rms_all_pixels_after_mm_yr") is not None:
         lines.append(f"overlap RMS over all overlap pixels: {f(net['overlap_rms_all_pixels_before_mm_yr'])} / "
                      f"{f(net['overlap_rms_all_pixels_after_mm_yr'])} mm/yr")
+    for kind, d in (net.get("overlap_rms_by_kind") or {}).items():
+        if d.get("rms_after_mm_yr") is not None:
+            lines.append(f"  {kind} ({d['n_pairs']} pairs): {f(d.get('rms_before_mm_yr'))} / "
+                         f"{f(d['rms_after_mm_yr'])} mm/yr")
     val = (summary.get("validation") or {}).get("overall")
     if val:
         lines.append(f"held-out GNSS (vertical): RMSE {f(val.get('rmse'), '{:.2f}')} mm/yr, bias "

@@ -43,9 +43,10 @@ class NetworkConfig(_Section):
     order: Literal[0, 1, 2] = Field(2, description="Per-frame network correction: 0 offset, 1 offset + ramp, 2 "
                                                    "quadratic.")
     pairs: Literal["same-orbit", "all"] = Field(
-        "same-orbit", description="Overlaps tied in the network: 'same-orbit' (ascending with ascending, descending "
-                                  "with descending) or 'all' (also ascending with descending, where unmodelled "
-                                  "horizontal motion, e.g. around subsidence bowls, enters the comparison).")
+        "all", description="Overlaps tied in the network: 'all' (same orbit direction, and ascending with "
+                           "descending: after the GNSS horizontal field is removed both see the same vertical "
+                           "motion, and on slow ground (max_rate_mm_yr) the horizontal motion the field misses is "
+                           "small) or 'same-orbit' (ascending with ascending, descending with descending only).")
     correlation_km: float = Field(10.0, gt=0, description="Correlation length of overlap differences (km): sets how "
                                                           "many independent observations an overlap is worth.")
     sigma_floor_mm_yr: float = Field(1.0, ge=0, description="Added in quadrature to every observation sigma "

@@ -166,6 +166,23 @@ def _frame_km(frame, lon, lat):
     return np.asarray(x), np.asarray(y)
 
 
+def _overlap_rms_by_kind(pairs: list[dict]) -> dict:
+    """Per pair kind: number of pairs and the RMS over pairs of their overlap RMS before/after (mm/yr), over the
+    compared samples and, where computed, over all overlap pixels."""
+    out: dict[str, dict] = {}
+    for kind in ("along-track", "across-track", "asc-desc"):
+        sel = [p for p in pairs if p.get("kind") == kind and p.get("n")]
+        if not sel:
+            continue
+        d = {"n_pairs": len(sel)}
+        for key in ("rms_before", "rms_after", "rms_all_pixels_before", "rms_all_pixels_after"):
+            v = [p[key] for p in sel if key in p]
+            if v:
+                d[key + "_mm_yr"] = float(np.sqrt(np.mean(np.square(v))))
+        out[kind] = d
+    return out
+
+
 def _pair_kind(a, b) -> str:
     """'along-track' (same track), 'across-track' (same orbit direction) or 'asc-desc'."""
     from .mosaic import _track
@@ -581,6 +598,9 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         max_rate = cfg.network.max_rate_mm_yr
         pair_masks = []  # every tied pair's whole overlap, for the all-pixel figures after the solve
         for p in pairs:
+            kind = _pair_kind(frames[p.i], frames[p.j])
+            if kind == "asc-desc" and cfg.network.pairs == "same-orbit":
+                continue
             use = p.mask
             if max_rate > 0:
                 # fast-deforming ground moves horizontally too (inward at a subsidence bowl), which the GNSS field
@@ -597,9 +617,6 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             xi, yi = _frame_km(frames[p.i], smp.lon, smp.lat)
             xj, yj = _frame_km(frames[p.j], smp.lon, smp.lat)
             sig = smp.diff_std if smp.diff_std is not None else np.full(smp.diff.size, 2.0)
-            kind = _pair_kind(frames[p.i], frames[p.j])
-            if kind == "asc-desc" and cfg.network.pairs == "same-orbit":
-                continue
             overlaps.append(OverlapSamples(p.i, p.j, xi, yi, xj, yj, smp.diff, np.nan_to_num(sig, nan=2.0),
                                            area_km2=p.area_km2, kind=kind))
             pair_masks.append(p.mask)
@@ -805,6 +822,7 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             b, a = np.array(allpx).T
             summary["network"]["overlap_rms_all_pixels_before_mm_yr"] = float(np.sqrt(np.mean(b ** 2)))
             summary["network"]["overlap_rms_all_pixels_after_mm_yr"] = float(np.sqrt(np.mean(a ** 2)))
+        summary["network"]["overlap_rms_by_kind"] = _overlap_rms_by_kind(net.pairs)
         if net_poly is not None:
             summary["network"]["overlap_rms_after_polynomial_mm_yr"] = \
                 net_poly.summary()["overlap_rms_after_mm_yr"]

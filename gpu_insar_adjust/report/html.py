@@ -460,6 +460,13 @@ def _network(s: Mapping, figs: _Figures) -> str:
         parts.append(_table(["quantity", "value"], [[_e(k), _fmt(v, 4 if "rcond" not in k else 6)
                                                      if not isinstance(v, (int, np.integer)) else _fmt(v)]
                                                     for k, v in info], numeric=[False, True]))
+    by_kind = net.get("overlap_rms_by_kind")
+    if isinstance(by_kind, Mapping) and by_kind:
+        keys = ("rms_before_mm_yr", "rms_after_mm_yr", "rms_all_pixels_before_mm_yr", "rms_all_pixels_after_mm_yr")
+        rows = [[_e(kind), _fmt(d.get("n_pairs"))] + [_fmt(d.get(k), 2) for k in keys]
+                for kind, d in by_kind.items() if isinstance(d, Mapping)]
+        parts.append(_table(["pair kind", "pairs", "compared before", "compared after", "all pixels before",
+                             "all pixels after"], rows, numeric=[False] + [True] * 5))
     pairs = net.get("pairs")
     if isinstance(pairs, Sequence) and not isinstance(pairs, str) and pairs:
         fig = figs.draw("overlap_misfits", _f.overlap_misfit_figure, pairs, frame_ids=ids,

@@ -115,6 +115,8 @@ def _summary() -> dict:
         "mean_subsidence_rate_mm_yr": 33.4,
         "frames": frames,
         "network": {"overlap_rms_before_mm_yr": 4.1, "overlap_rms_after_mm_yr": 1.2,
+                    "overlap_rms_by_kind": {"asc-desc": {"n_pairs": 3, "rms_before_mm_yr": 6.48,
+                                                         "rms_after_mm_yr": 2.53}},
                     "pairs": [{"frames": [FRAMES[0], FRAMES[1]], "kind": "same-track", "rms_before": 4.0,
                                "rms_after": 1.1, "n": 800},
                               {"i": 1, "j": 2, "kind": "cross-track", "rms_before": 4.2, "rms_after": 1.3,
@@ -234,6 +236,7 @@ def test_headline_tables_and_escaping(full_report):
     assert "2.500 ± 0.300 km³" in text  # groundwater headline in billion m³
     assert "1.4000 ± 0.2000" in text and "2,500,000,000 ± 300,000,000" in text
     assert "4.10 → 1.20 mm/yr" in text  # network overlap RMS
+    assert "asc-desc" in text and "6.48" in text and "2.53" in text  # per pair kind
     assert "&lt;b&gt;TJBH&lt;/b&gt;" in raw and "<b>TJBH</b>" not in raw  # escaped, shown literally
     assert "812.30" in text and "116.9000" in text  # hotspot area and centroid
     assert "0.1.0" in text and "numpy" in text and "adjust" in text  # provenance
