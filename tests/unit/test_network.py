@@ -122,6 +122,10 @@ def test_spline_basis_is_a_partition_of_unity_and_reproduces_a_plane():
     gy = b.y0_km + (np.arange(ny) - 1) * b.spacing_km
     coef = (2.0 + 0.05 * gx[None, :] - 0.03 * gy[:, None]).ravel()
     assert np.allclose(b.evaluate(coef, x, y), 2.0 + 0.05 * x - 0.03 * y, atol=1e-9)
+    # evaluation (16 gathers, chunked) is the design matrix the solve uses, times the coefficients
+    c = rng.standard_normal(b.size)
+    cols, vals = b.design(x, y)
+    assert np.allclose(b.evaluate(c, x, y, chunk=97), np.sum(c[cols] * vals, axis=1), rtol=0, atol=1e-12)
 
 
 def test_frame_misfit_sigmas_find_the_frame_its_neighbours_disagree_with():
