@@ -63,10 +63,10 @@ class NetworkConfig(_Section):
     misfit_weights: bool = Field(True, description="Weight each frame in the merge by its misfit sigma estimated from "
                                                    "the overlap residuals (and its CV RMSE, the larger), so that a "
                                                    "frame its neighbours disagree with is outweighed by them.")
-    max_rate_mm_yr: float = Field(20.0, ge=0, description="Overlap pixels where either frame's vertical-equivalent "
-                                                         "rate exceeds this (mm/yr) are not compared: fast-deforming "
-                                                         "ground also moves horizontally, which the GNSS field "
-                                                         "misses. 0 = compare everywhere.")
+    max_rate_mm_yr: float = Field(20.0, ge=0, description="Overlap pixels where the two frames' mean vertical-"
+                                                         "equivalent rate exceeds this (mm/yr) are not compared: "
+                                                         "fast-deforming ground also moves horizontally, which the "
+                                                         "GNSS field misses. 0 = compare everywhere.")
     huber_k: float = Field(3.0, gt=0, description="Huber threshold of the robust reweighting, in robust sigmas.")
     max_samples_per_overlap: int = Field(1500, ge=10, description="Overlap pixels sampled per frame pair.")
     min_overlap_pixels: int = Field(10, ge=1, description="Pairs sharing fewer valid pixels are not tied.")
