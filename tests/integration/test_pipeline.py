@@ -132,3 +132,50 @@ def test_frames_on_a_dask_cluster_give_identical_products(demo, tmp_path):
     for name in ("vertical_velocity.tif", "frames/040A_05000_131313.correction.tif"):
         with rasterio.open(demo / "out" / name) as a, rasterio.open(out / name) as b:
             np.testing.assert_array_equal(a.read(1), b.read(1), err_msg=name)
+
+
+def _shifted_copy(src, dst, dlon_deg: float):
+    """A copy of the frame folder ``src`` with every raster moved ``dlon_deg`` east (same pixels)."""
+    from affine import Affine
+
+    dst.mkdir()
+    for tif in sorted(src.glob("*.tif")):
+        with rasterio.open(tif) as ds:
+            profile, data = ds.profile, ds.read()
+        profile["transform"] = Affine.translation(dlon_deg, 0.0) * profile["transform"]
+        with rasterio.open(dst / tif.name, "w", **profile) as out:
+            out.write(data)
+
+
+def test_frame_overlapping_nothing_is_adjusted_by_gnss_or_refused(demo, tmp_path, capsys):
+    import pandas as pd
+
+    scen = demo / "scenario"
+    keep, iso = "040A_05000_131313", "142A_05000_131313"
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    (frames / keep).symlink_to(scen / "frames" / keep, target_is_directory=True)
+    _shifted_copy(scen / "frames" / iso, frames / iso, 12.0)  # far from every other frame and station
+
+    # no GNSS station inside it and no overlap: a clear error naming the frame, no products
+    rc = main(["run", "--frames", str(frames), "--gnss", str(scen / "gnss.csv"), "--out", str(tmp_path / "o1")])
+    err = capsys.readouterr().err
+    assert rc == 2 and iso in err and "no overlap" in err and "Traceback" not in err
+    assert not (tmp_path / "o1" / "vertical_velocity.tif").exists()
+
+    # its stations moved with it: adjusted by GNSS alone, in no network pair
+    gnss = pd.read_csv(scen / "gnss.csv")
+    with rasterio.open(scen / "frames" / iso / f"{iso}.vel.geo.tif") as ds:
+        b = ds.bounds
+    inside = gnss[(gnss.lon > b.left) & (gnss.lon < b.right) & (gnss.lat > b.bottom) & (gnss.lat < b.top)]
+    moved = inside.assign(station=[f"M{i:03d}" for i in range(len(inside))], lon=inside.lon + 12.0)
+    both = tmp_path / "gnss_moved.csv"
+    pd.concat([gnss, moved]).to_csv(both, index=False)
+    assert main(["run", "--frames", str(frames), "--gnss", str(both), "--out", str(tmp_path / "o2")]) == 0
+    s = json.loads((tmp_path / "o2" / "summary.json").read_text())
+    f = s["frames"][iso]
+    assert f["network_held_by"] == "gnss"
+    assert not any(iso in p["frames"] for p in s["network"]["pairs"])
+    print(f"isolated frame: {f['n_gnss']} stations, {f['selected_model']}, RMSE {f['rmse_before_mm_yr']:.2f} -> "
+          f"{f['rmse_after_mm_yr']:.2f} mm/yr")
+    assert f["n_gnss"] >= 10 and f["rmse_after_mm_yr"] < 0.5 * f["rmse_before_mm_yr"]  # measured 15, 39.86 -> 0.41
