@@ -427,7 +427,8 @@ def bench_b3(rows: int, cols: int, stations: int, sklearn_points: int, backend: 
 # --------------------------------------------------------------------------------------------------------------
 # B4: the whole pipeline, each step in its own process
 # --------------------------------------------------------------------------------------------------------------
-_STAGE_START = re.compile(r"(?:^|\s)([\w .:/-]+?) \.\.\.\s*$")
+# a stage's start in the run's log: "HH:MM:SS LEVEL logger: <stage> ..." (the stage is what follows the last ": ")
+_STAGE_START = re.compile(r"(?:^|:\s)([^:]+?) \.\.\.\s*$")
 
 
 def measure_process(cmd: Sequence[str], log_path: str | os.PathLike, poll_s: float = 0.2,

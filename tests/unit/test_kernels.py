@@ -378,3 +378,14 @@ def test_shared_design_fit_blocks_and_epoch_tails(engine):
         assert np.array_equal(n_valid, nr)
         if fit is not None:
             assert np.array_equal(np.asarray(fit.x), x, equal_nan=True)
+
+
+def test_b4_stage_names_parsed_from_the_run_log():
+    """B4 attributes peak memory to the stage named in the log line that starts it."""
+    from gpu_insar_adjust.bench import _STAGE_START
+
+    lines = ["04:51:00 INFO gpu_insar_adjust.pipeline: per-frame adjustment ...",
+             "04:51:24 INFO gpu_insar_adjust.pipeline: per-frame adjustment done in 18.68 s",
+             "network adjustment ..."]
+    found = [m.group(1) for m in map(_STAGE_START.search, lines) if m]
+    assert found == ["per-frame adjustment", "network adjustment"]
