@@ -329,7 +329,10 @@ def run(frames_dir: str | os.PathLike, gnss: str | os.PathLike | None, out_dir: 
         result = _run_stages(frames_dir, gnss, holdout, horizontal_grids, horizontal_grids_frame, out, cfg,
                              checksums)
         summary = result.summary
-        summary["provenance"] = {"version": __version__, "backend": backend_name, "config": cfg.model_dump(mode="json"),
+        from .versions import code_fingerprint
+
+        summary["provenance"] = {"version": __version__, "code_fingerprint": code_fingerprint(), "backend": backend_name,
+                                 "config": cfg.model_dump(mode="json"),
                                  "inputs_sha256": checksums, "fingerprint": fingerprint,
                                  "stage_seconds": {k: round(v, 3) for k, v in STAGE_TIMES.items()},
                                  "wall_seconds": round(time.perf_counter() - t_start, 3)}
@@ -400,13 +403,17 @@ def _pseudo_stations_from_grids(grids, frames, spacing_deg: float = 0.1):
 
 
 def _frame_key(folder: Path, checksums: dict[str, str], cfg: GiaConfig) -> str:
-    """Cache key of a frame's adjustment: its own files, every non-frame input (GNSS, holdout, grids), config."""
+    """Cache key of a frame's adjustment: its own files, every non-frame input (GNSS, holdout, grids), config and
+    the code that computes it (``__version__`` and the sources' fingerprint)."""
     prefix = str(Path(folder))
     own = {k: v for k, v in checksums.items() if k.startswith(prefix + os.sep)}
     frames_root = str(Path(folder).parent) + os.sep
     others = {k: v for k, v in checksums.items() if not k.startswith(frames_root)}
+    from .versions import code_fingerprint
+
     blob = json.dumps({"frame": own, "others": others, "gnss": cfg.gnss.model_dump(mode="json"),
-                       "adjust": cfg.adjust.model_dump(mode="json"), "version": __version__}, sort_keys=True)
+                       "adjust": cfg.adjust.model_dump(mode="json"), "version": __version__,
+                       "code": code_fingerprint()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

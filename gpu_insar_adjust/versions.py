@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.metadata as md
 import platform
 import sys
+from pathlib import Path
 
 _PACKAGES = ("numpy", "scipy", "pandas", "xarray", "rioxarray", "rasterio", "pyproj", "scikit-learn", "h5py",
              "netCDF4", "matplotlib", "pydantic", "typer", "rich", "array-api-compat", "array-api-strict", "dask",
              "distributed", "zarr", "numba", "cupy", "cupy-cuda12x", "cupy-cuda13x", "cuml")
 
 
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """SHA-256 (first 16 hex digits) of the package's Python and CUDA sources.
+
+    ``__version__`` changes only with releases; a source checkout edited between two runs keeps it. Caches that
+    must not outlive the code that wrote them (the per-frame adjustments a resumed run reuses) key on this.
+    """
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".cu", ".cuh") and p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(b"\0")
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def versions() -> dict[str, str | None]:
     """Mapping of component -> version string (None when not installed)."""
     from ._version import __version__
 
-    out: dict[str, str | None] = {"gpu_insar_adjust": __version__, "python": sys.version.split()[0],
-                                  "platform": platform.platform()}
+    out: dict[str, str | None] = {"gpu_insar_adjust": __version__, "gpu_insar_adjust_code": code_fingerprint(),
+                                  "python": sys.version.split()[0], "platform": platform.platform()}
     for name in _PACKAGES:
         try:
             out[name] = md.version(name)

@@ -57,6 +57,7 @@ def test_products_and_summary_contract(demo):
             assert key in f, (fid, key)
         assert f["rmse_after_mm_yr"] < f["rmse_before_mm_yr"]
     assert s["provenance"]["inputs_sha256"] and s["provenance"]["version"]
+    assert len(s["provenance"]["code_fingerprint"]) == 16
     assert manifest_complete(out)
 
 

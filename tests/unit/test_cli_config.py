@@ -71,6 +71,28 @@ def test_adjust_section_reaches_the_per_frame_adjustment(tmp_path):
     assert "adjust.candidates" in str(info.value) and "kriging" in str(info.value)
 
 
+def test_frame_cache_key_follows_inputs_config_and_code(tmp_path, monkeypatch):
+    """A resumed run reuses a frame's adjustment only if its files, the other inputs, the adjust settings and the
+    code that computed it are all the same."""
+    from gpu_insar_adjust import pipeline, versions
+
+    folder = tmp_path / "frames" / "014A_04939_131313"
+    sums = {str(folder / "vel.geo.tif"): "aa", str(tmp_path / "gnss.csv"): "bb",
+            str(tmp_path / "frames" / "087A_04904_121313" / "vel.geo.tif"): "cc"}
+    cfg = config.GiaConfig()
+    key = pipeline._frame_key(folder, sums, cfg)
+    assert key == pipeline._frame_key(folder, dict(sums), config.GiaConfig())
+    other_frame = {**sums, str(tmp_path / "frames" / "087A_04904_121313" / "vel.geo.tif"): "dd"}
+    assert pipeline._frame_key(folder, other_frame, cfg) == key  # another frame's file is not this frame's input
+    assert pipeline._frame_key(folder, {**sums, str(folder / "vel.geo.tif"): "ee"}, cfg) != key
+    assert pipeline._frame_key(folder, {**sums, str(tmp_path / "gnss.csv"): "ff"}, cfg) != key
+    assert pipeline._frame_key(folder, sums, cfg.model_copy(update={"adjust": cfg.adjust.model_copy(
+        update={"one_se_rule": True})})) != key
+    assert len(versions.code_fingerprint()) == 16
+    monkeypatch.setattr(versions, "code_fingerprint", lambda: "0" * 16)  # the sources were edited
+    assert pipeline._frame_key(folder, sums, cfg) != key
+
+
 def test_overrides():
     cfg = config.load_config(None, {"backend": "numpy", "analysis.subsidence_threshold_mm_yr": 10.0})
     assert cfg.backend == "numpy" and cfg.analysis.subsidence_threshold_mm_yr == 10.0
