@@ -902,7 +902,7 @@ _READ_AHEAD_BYTES = 8 * 2**20
 
 
 def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: GiaConfig, *,
-                     vertical=None, work_dir=None) -> dict:
+                     vertical=None, work_dir) -> dict:
     """Adjust every frame's displacement cube, mosaic it per epoch in vertical, and derive the time-series figures.
 
     Per frame: pixels the velocity masks (processor mask, unwrapping errors) are blanked in the cube too; the LOS
@@ -919,13 +919,11 @@ def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: 
     cube still holds the east motion); only the departure from linear motion comes from the cube itself.
 
     The work streams: frames' cubes are read one epoch at a time, each merged epoch is written to the Zarr store
-    ``work_dir/vertical_displacement.zarr`` (a temporary folder when ``work_dir`` is None) while the sums of the
-    per-pixel trend are accumulated, and the returned ``cube`` is that store opened lazily (Dask; blocks of all
-    epochs × a tile of pixels of about ``_TS_BLOCK_BYTES``) with the trend correction added lazily. Host memory
-    is a few (y, x) maps per frame and per grid, whatever the number of epochs.
+    ``work_dir/vertical_displacement.zarr`` while the sums of the per-pixel trend are accumulated, and the returned
+    ``cube`` is that store opened lazily (Dask; blocks of all epochs × a tile of pixels of about
+    ``_TS_BLOCK_BYTES``) with the trend correction added lazily: ``work_dir`` must outlive the returned cube, so
+    the caller owns it. Host memory is a few (y, x) maps per frame and per grid, whatever the number of epochs.
     """
-    import tempfile
-
     from .analysis.groundwater import groundwater_loss
     from .analysis.subsidence import annual_subsidence
     from .errors import TimeSeriesError
@@ -966,7 +964,7 @@ def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: 
             far = far if far.sum() >= 50 else None
         readers.append(_FrameEpochs(k, fr, cube, final_corr[k], los_adj, hfields[k], far, times))
 
-    work = Path(tempfile.mkdtemp(prefix="gia-timeseries-")) if work_dir is None else Path(work_dir)
+    work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     store = work / "vertical_displacement.zarr"
     ys, xs = grid.coords()
