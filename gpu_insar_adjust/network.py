@@ -416,6 +416,8 @@ def solve_network(n_frames: int, overlaps: list[OverlapSamples], ties: list[Gnss
     # each iteration subtracts the down-weighted rows' share (exact, and far cheaper than a full product)
     N_base = (AT @ sp.diags(base_w) @ A).toarray()
     diag = np.diag_indices(npar)
+    fix = ("lower the correction order (--network-order 0), add GNSS stations, or drop frames whose overlap is only "
+           "a few pixels")
     x = np.zeros(npar)
     it = 0
     rcond = float("nan")
@@ -431,8 +433,6 @@ def solve_network(n_frames: int, overlaps: list[OverlapSamples], ties: list[Gnss
         b = AT @ (w * y)
         d = np.sqrt(np.diag(N))
         Ns = N / d[:, None] / d[None, :]
-        fix = ("lower the correction order (--network-order 0), add GNSS stations, or drop frames whose overlap "
-               "is only a few pixels")
         try:
             chol = cho_factor(Ns, lower=True, check_finite=False)
         except np.linalg.LinAlgError as exc:
