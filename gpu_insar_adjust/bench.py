@@ -239,6 +239,37 @@ def _mintpy_deramp():
 # --------------------------------------------------------------------------------------------------------------
 # the cases
 # --------------------------------------------------------------------------------------------------------------
+def cpu_path_b1(cube_h: np.ndarray, x_h: np.ndarray, y_h: np.ndarray, repeats: int = 3) -> float:
+    """Best time (s) of B1's fit + in-place subtraction on the CPU path (NumPy arrays), on a copy of ``cube_h``:
+    the baseline a GPU run is compared with in the same run."""
+    from . import kernels
+
+    cube = np.array(cube_h, np.float32, copy=True)
+
+    def cpu():
+        c = kernels.fit_epoch_ramps(cube, x_h, y_h, order=2)
+        kernels.subtract_epoch_ramps(cube, c, x_h, y_h, 2, in_place=True)
+
+    cpu()  # compile
+    return time_best(cpu, repeats)
+
+
+def cpu_path_b2(A: np.ndarray, Y_h: np.ndarray, repeats: int = 3) -> float:
+    """Best time (s) of B2's per-pixel fit on the CPU path (NumPy arrays): the GPU run's same-run baseline."""
+    from . import kernels
+
+    kernels.shared_design_fit(A, Y_h[:, :4096])  # compile
+    return time_best(lambda: kernels.shared_design_fit(A, Y_h), repeats)
+
+
+def _gpu_targets(res: dict, t_cpu: float, t_ours: float, t_floor: float) -> None:
+    """The GPU targets of B1/B2: within 1.5x of the device's copy floor, >= 20x the CPU path (same run)."""
+    res["times_s"]["cpu_path"] = t_cpu
+    res["ratios"]["cpu_path_over_ours"] = t_cpu / t_ours
+    res["targets"]["gpu_ours_over_device_floor<=1.5"] = t_ours / t_floor <= 1.5
+    res["targets"]["gpu_cpu_path_over_ours>=20"] = t_cpu / t_ours >= 20
+
+
 def bench_b1(T: int, rows: int, cols: int, naive_epochs: int, backend: str = "auto",
              repeats: int = 3, ours_timer: Callable | None = None) -> dict[str, Any]:
     """B1: fit + subtract per-epoch quadratic ramps; returns times (s), ratios and a correctness check."""
@@ -312,6 +343,8 @@ def bench_b1(T: int, rows: int, cols: int, naive_epochs: int, backend: str = "au
     res["max_ramp_error_mm"] = worst
     res["targets"] = {"naive_over_ours>=5": res["ratios"]["naive_mintpy_style_over_ours"] >= 5,
                       "ours_over_floor<=2.5": res["ratios"]["ours_over_memory_floor"] <= 2.5}
+    if concrete == "cupy":
+        _gpu_targets(res, cpu_path_b1(cube_h, x_h, y_h, repeats), t_ours, t_floor)
     return res
 
 
@@ -342,6 +375,7 @@ def bench_b2(T: int, rows: int, cols: int, backend: str = "auto", repeats: int =
         t_floor = time_best(lambda: np.copyto(out, Y), repeats)
     del out
     gc.collect()
+    t_cpu = cpu_path_b2(A, Y_h, repeats) if concrete == "cupy" else None  # before the gaps go into the cube
     block = 1 << 17  # MintPy also splits the cube into memory-sized boxes
     x_ref = np.empty((A.shape[1], N))
 
@@ -372,6 +406,8 @@ def bench_b2(T: int, rows: int, cols: int, backend: str = "auto", repeats: int =
                      "ours_gaps_over_memory_floor": t_gaps / t_floor}
     res["targets"] = {"lstsq_over_ours>=2": res["ratios"]["lstsq_over_ours"] >= 2,
                       "ours_over_floor<=2": res["ratios"]["ours_over_memory_floor"] <= 2}
+    if t_cpu is not None:
+        _gpu_targets(res, t_cpu, t_ours, t_floor)
     return res
 
 

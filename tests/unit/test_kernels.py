@@ -389,3 +389,22 @@ def test_b4_stage_names_parsed_from_the_run_log():
              "network adjustment ..."]
     found = [m.group(1) for m in map(_STAGE_START.search, lines) if m]
     assert found == ["per-frame adjustment", "network adjustment"]
+
+
+def test_gpu_runs_time_the_cpu_path_in_the_same_run():
+    """B1/B2 on a GPU also time the CPU path (on host copies: the inputs stay as they were) and judge the GPU
+    targets — ≤ 1.5× the device copy floor, ≥ 20× the CPU path — from those same-run times."""
+    from gpu_insar_adjust import bench
+
+    cube, x, y, _ = bench.make_b1_cube(6, 64, 48)
+    before = cube.copy()
+    assert bench.cpu_path_b1(cube, x, y, repeats=1) > 0
+    np.testing.assert_array_equal(cube, before)  # timed on a copy
+    A, Y = bench.make_b2_cube(40, 16, 16)
+    assert bench.cpu_path_b2(A, Y, repeats=1) > 0
+    res = {"times_s": {}, "ratios": {}, "targets": {}}
+    bench._gpu_targets(res, t_cpu=2.0, t_ours=0.05, t_floor=0.04)
+    assert res["ratios"]["cpu_path_over_ours"] == pytest.approx(40.0)
+    assert res["targets"] == {"gpu_ours_over_device_floor<=1.5": True, "gpu_cpu_path_over_ours>=20": True}
+    bench._gpu_targets(res, t_cpu=0.5, t_ours=0.05, t_floor=0.02)
+    assert res["targets"] == {"gpu_ours_over_device_floor<=1.5": False, "gpu_cpu_path_over_ours>=20": False}
