@@ -683,11 +683,14 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
                     var = xp.asarray(_warp(s.var, s.crs, s.transform, grid, resampling, win))
                     rp = xp.asarray(_warp(s.ramp, s.crs, s.transform, grid, resampling, win))
                     ex = [xp.asarray(_warp(x, s.crs, s.transform, grid, resampling, win)) for x in s.extra]
-                sw, swv, sw2v, cnt = _accumulate(xp, sw, swv, sw2v, cnt, v, var, rp)
+                ok, w, v0, var0 = _weights(xp, v, var, rp)
+                sw, swv, sw2v, cnt = sw + w, swv + w * v0, sw2v + w * w * var0, cnt + xp.astype(ok, xp.int16)
                 for k, x in enumerate(ex):
                     # the frame's own weight, where this raster is finite as well
-                    _, w, x0, _ = _weights(xp, xp.where(xp.isfinite(v), x, xp.nan), var, rp)
-                    esw[k], eswv[k] = esw[k] + w, eswv[k] + w * x0
+                    fin = xp.isfinite(x)
+                    w_k = xp.where(fin, w, xp.zeros_like(w))
+                    x0 = xp.where(fin, xp.astype(x, xp.float64), xp.zeros_like(w))
+                    esw[k], eswv[k] = esw[k] + w_k, eswv[k] + w_k * x0
             has = sw > 0
             safe = xp.where(has, sw, xp.ones_like(sw))
             value[r0:r1, c0:c1] = xp.astype(xp.where(has, swv / safe, xp.nan), f32)
@@ -711,12 +714,6 @@ def _weights(xp, v, var, ramp):
     zero = xp.zeros_like(v)
     w = xp.where(ok, ramp / xp.where(ok, var, xp.ones_like(v)), zero)
     return ok, w, xp.where(ok, v, zero), xp.where(ok, var, zero)
-
-
-def _accumulate(xp, sw, swv, sw2v, cnt, v, var, ramp):
-    """Add one frame's tile to the weighted sums (float64); pixels with NaN anywhere do not contribute."""
-    ok, w, v0, var0 = _weights(xp, v, var, ramp)
-    return (sw + w, swv + w * v0, sw2v + w * w * var0, cnt + xp.astype(ok, xp.int16))
 
 
 def _footprint_window(da, grid: TargetGrid):

@@ -34,9 +34,9 @@ neighbours keeps its spline near zero; a frame that disagrees with all of them b
 overlap, and its correction fades back to the per-frame adjustment within about one knot spacing of the overlaps
 (no data, no correction).
 
-The assembled system has only ``n_frames × n_terms`` (+ spline coefficients) unknowns (a few thousand at most), so it is formed with
-``scipy.sparse`` on the host and solved as a dense Cholesky of the small normal matrix; its conditioning is
-computed and an ill-conditioned network raises :class:`~gpu_insar_adjust.errors.NumericalError`.
+The assembled system has only ``n_frames × n_terms`` (+ spline coefficients) unknowns (a few thousand at most),
+so it is formed with ``scipy.sparse`` on the host and solved as a dense Cholesky of the small normal matrix; its
+conditioning is computed and an ill-conditioned network raises :class:`~gpu_insar_adjust.errors.NumericalError`.
 """
 
 from __future__ import annotations
@@ -456,7 +456,10 @@ def solve_network(n_frames: int, overlaps: list[OverlapSamples], ties: list[Gnss
         if step < tol:
             break
     rcond = _rcond(Ns, chol)
-    cov = cho_solve(chol, np.eye(npar), check_finite=False) / d[:, None] / d[None, :]
+    # the polynomial parameters' variances only: their columns of the inverse, not the whole inverse of a matrix
+    # of thousands of spline coefficients
+    dp = d[:npoly]
+    cov_poly = cho_solve(chol, np.eye(npar)[:, :npoly], check_finite=False)[:npoly] / dp[:, None] / dp[None, :]
     # data-only conditioning of the polynomial part: the spline part is redundant with it by design (its prior
     # resolves that), and spline coefficients away from every overlap are unobserved on purpose
     Nd = N[:npoly, :npoly] - np.diag(prior[:npoly])
@@ -467,7 +470,7 @@ def solve_network(n_frames: int, overlaps: list[OverlapSamples], ties: list[Gnss
         log.warning("network: the data leave some correction parameters undetermined (rcond %.1e); those are "
                     "held at zero by the prior", rcond_data)
     params = x[:npoly].reshape(n_frames, nt)
-    param_std = np.sqrt(np.clip(np.diag(cov)[:npoly], 0, None)).reshape(n_frames, nt)
+    param_std = np.sqrt(np.clip(np.diag(cov_poly), 0, None)).reshape(n_frames, nt)
     spline_coef = None
     if splines is not None:
         spline_coef = [None if b is None else x[sp_off[f]:sp_off[f] + b.size].copy() for f, b in enumerate(splines)]

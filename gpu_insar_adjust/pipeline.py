@@ -166,21 +166,23 @@ def _frame_km(frame, lon, lat):
     return np.asarray(x), np.asarray(y)
 
 
+def _overlap_rms(pairs: list[dict]) -> dict:
+    """Number of pairs and the RMS over pairs of their overlap RMS before/after (mm/yr), over the compared
+    samples and, where computed, over all overlap pixels (``<key>_mm_yr``)."""
+    sel = [p for p in pairs if p.get("n")]
+    d = {"n_pairs": len(sel)}
+    for key in ("rms_before", "rms_after", "rms_all_pixels_before", "rms_all_pixels_after"):
+        v = [p[key] for p in sel if key in p]
+        if v:
+            d[key + "_mm_yr"] = float(np.sqrt(np.mean(np.square(v))))
+    return d
+
+
 def _overlap_rms_by_kind(pairs: list[dict]) -> dict:
-    """Per pair kind: number of pairs and the RMS over pairs of their overlap RMS before/after (mm/yr), over the
-    compared samples and, where computed, over all overlap pixels."""
-    out: dict[str, dict] = {}
-    for kind in ("along-track", "across-track", "asc-desc"):
-        sel = [p for p in pairs if p.get("kind") == kind and p.get("n")]
-        if not sel:
-            continue
-        d = {"n_pairs": len(sel)}
-        for key in ("rms_before", "rms_after", "rms_all_pixels_before", "rms_all_pixels_after"):
-            v = [p[key] for p in sel if key in p]
-            if v:
-                d[key + "_mm_yr"] = float(np.sqrt(np.mean(np.square(v))))
-        out[kind] = d
-    return out
+    """:func:`_overlap_rms` per pair kind (along-track, across-track, asc-desc) that has pairs."""
+    by_kind = {kind: _overlap_rms([p for p in pairs if p.get("kind") == kind])
+               for kind in ("along-track", "across-track", "asc-desc")}
+    return {kind: d for kind, d in by_kind.items() if d["n_pairs"]}
 
 
 def _pair_kind(a, b) -> str:
@@ -331,8 +333,8 @@ def run(frames_dir: str | os.PathLike, gnss: str | os.PathLike | None, out_dir: 
         summary = result.summary
         from .versions import code_fingerprint
 
-        summary["provenance"] = {"version": __version__, "code_fingerprint": code_fingerprint(), "backend": backend_name,
-                                 "config": cfg.model_dump(mode="json"),
+        summary["provenance"] = {"version": __version__, "code_fingerprint": code_fingerprint(),
+                                 "backend": backend_name, "config": cfg.model_dump(mode="json"),
                                  "inputs_sha256": checksums, "fingerprint": fingerprint,
                                  "stage_seconds": {k: round(v, 3) for k, v in STAGE_TIMES.items()},
                                  "wall_seconds": round(time.perf_counter() - t_start, 3)}
@@ -686,8 +688,12 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                               fix="add GNSS stations inside these frames or frames that connect them to GNSS, or "
                                   "remove them from --frames")
 
-    # apply the network corrections: vertical-equivalent and LOS (LOS correction = u × vertical correction)
-    final_corr = []
+    # apply the network corrections: vertical-equivalent and LOS (LOS correction = u × vertical correction).
+    # Merge sigma: the noise plus the error the formal sigma does not see — the chosen model's CV RMSE (LOS, so
+    # its variance divides by u²) and, with misfit weights, the frame's misfit with its neighbours (before the
+    # spline bent it toward them), the larger of the two
+    use_misfit = nc.enabled and nc.misfit_weights
+    final_corr, vstds = [], []
     for k, fr in enumerate(frames):
         lon, lat = _frame_lonlat_grid(fr)
         xk, yk = _frame_km(fr, lon, lat)
@@ -698,6 +704,10 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         ml = (np.zeros_like(c_vert) if adjustments[k] is None
               else np.asarray(backend.to_numpy(adjustments[k].correction.data), np.float64))
         final_corr.append(ml + u * c_vert)
+        extra = np.square(_cv_rmse(adjustments[k]) / u)
+        if use_misfit and np.isfinite(misfit[k]):
+            extra = np.maximum(extra, misfit[k] ** 2)
+        vstds.append(np.sqrt(np.square(vstds_noise[k]) + extra))
     for k, (p_stat, p) in enumerate(zip(net.pairs, overlaps)):
         p_stat["frames"] = [ids[p.i], ids[p.j]]
         if net_poly is not None:
@@ -712,17 +722,6 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                 cj = net.correction(p.j, *_frame_km(frames[p.j], smp.lon, smp.lat))
                 p_stat["rms_all_pixels_before"] = float(np.sqrt(np.mean(smp.diff ** 2)))
                 p_stat["rms_all_pixels_after"] = float(np.sqrt(np.mean((smp.diff - ci + cj) ** 2)))
-    # merge sigma: the noise plus the error the formal sigma does not see — the chosen model's CV RMSE (LOS, so
-    # its variance divides by u²) and, with misfit weights, the frame's misfit with its neighbours (before the
-    # spline bent it toward them), the larger of the two
-    use_misfit = nc.enabled and nc.misfit_weights
-    vstds = []
-    for k, fr in enumerate(frames):
-        u = np.asarray(backend.to_numpy(fr["los_u"].data), np.float64)
-        extra = np.square(_cv_rmse(adjustments[k]) / u)
-        if use_misfit and np.isfinite(misfit[k]):
-            extra = np.maximum(extra, misfit[k] ** 2)
-        vstds.append(np.sqrt(np.square(vstds_noise[k]) + extra))
 
     # 5. mosaic and decomposition -----------------------------------------------------------------------------
     with stage("mosaic", log):
@@ -825,12 +824,10 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             rep["orbit"] = fr.attrs.get("orbit")
             summary["frames"][ids[k]] = rep
         summary["network"] = net.summary()
-        allpx = [(p["rms_all_pixels_before"], p["rms_all_pixels_after"]) for p in net.pairs
-                 if "rms_all_pixels_after" in p]
-        if allpx:
-            b, a = np.array(allpx).T
-            summary["network"]["overlap_rms_all_pixels_before_mm_yr"] = float(np.sqrt(np.mean(b ** 2)))
-            summary["network"]["overlap_rms_all_pixels_after_mm_yr"] = float(np.sqrt(np.mean(a ** 2)))
+        overall = _overlap_rms(net.pairs)
+        for when in ("before", "after"):
+            if f"rms_all_pixels_{when}_mm_yr" in overall:
+                summary["network"][f"overlap_rms_all_pixels_{when}_mm_yr"] = overall[f"rms_all_pixels_{when}_mm_yr"]
         summary["network"]["overlap_rms_by_kind"] = _overlap_rms_by_kind(net.pairs)
         if net_poly is not None:
             summary["network"]["overlap_rms_after_polynomial_mm_yr"] = \
