@@ -8,7 +8,9 @@ Grid and resampling (host side, GDAL through rasterio)
     finest input spacing, in EPSG:4326). :func:`resample_to_grid` warps a frame or one raster onto it with
     ``rasterio.warp.reproject``, NaN as nodata on both sides, so no-data never becomes zero and never bleeds more
     than one pixel into valid data. Standard deviations are resampled as variances (then square-rooted), unit
-    vectors are renormalised after interpolation, masks use nearest neighbour.
+    vectors are renormalised after interpolation, masks use nearest neighbour. :func:`resample_footprint` warps
+    only the window of the grid a frame covers (a :class:`FootprintRaster`): a wide-area grid is many times one
+    frame, and frames × grid does not fit in memory at 100 m.
 
 Merge (array API, any backend)
     :func:`merge_frames` is an inverse-variance weighted mean with feathered frame edges, processed tile by tile
@@ -53,8 +55,11 @@ __all__ = [
     "TargetGrid",
     "target_grid",
     "resample_to_grid",
+    "FootprintRaster",
+    "resample_footprint",
     "MergeResult",
     "merge_frames",
+    "MergePlan",
     "feather_ramp",
     "VerticalResult",
     "decompose_vertical",
@@ -405,6 +410,70 @@ def resample_to_grid(obj, grid: TargetGrid, *, resampling: Resampling = "bilinea
                              fix="pass an xarray Dataset (frame) or DataArray with y/x coordinates and a CRS")
 
 
+@dataclass
+class FootprintRaster:
+    """A raster on the window of a target grid that one frame covers (float32, NaN = no data).
+
+    ``values`` holds grid rows ``window[0]:window[1]`` and columns ``window[2]:window[3]``; every grid pixel
+    outside the window is no data. An empty footprint has an empty window ``(0, 0, 0, 0)``. A frame covers a
+    few per cent of a wide-area grid, so per-frame rasters kept this way cost the frame's footprint in memory
+    instead of the whole grid (18 frames at 0.001°: 1 GB instead of 4.8 GB per raster kind).
+    """
+
+    values: np.ndarray
+    window: tuple[int, int, int, int]
+    name: str | None = None
+
+    def crop(self, window: tuple[int, int, int, int]) -> np.ndarray:
+        """The values on ``window`` (grid rows/cols ``(r0, r1, c0, c1)``), NaN where it leaves the footprint."""
+        r0, r1, c0, c1 = (int(v) for v in window)
+        w0, w1, v0, v1 = self.window
+        if w0 <= r0 and r1 <= w1 and v0 <= c0 and c1 <= v1:  # inside: a view, no copy
+            return self.values[r0 - w0:r1 - w0, c0 - v0:c1 - v0]
+        out = np.full((max(r1 - r0, 0), max(c1 - c0, 0)), np.nan, dtype=self.values.dtype)
+        a0, a1, b0, b1 = max(r0, w0), min(r1, w1), max(c0, v0), min(c1, v1)
+        if a0 < a1 and b0 < b1:
+            out[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = self.values[a0 - w0:a1 - w0, b0 - v0:b1 - v0]
+        return out
+
+    def full(self, grid: TargetGrid) -> np.ndarray:
+        """The raster on the whole grid (NaN outside the footprint)."""
+        return self.crop((0, grid.height, 0, grid.width))
+
+
+def resample_footprint(da, grid: TargetGrid, *, resampling: Resampling = "bilinear",
+                       kind: Literal["value", "std", "mask"] | None = None,
+                       window: tuple[int, int, int, int] | None = None) -> FootprintRaster:
+    """Warp one georeferenced raster (``DataArray``) onto the part of ``grid`` its valid pixels cover.
+
+    As :func:`resample_to_grid` for one raster (same resampling by meaning, ``kind`` inferred from the name),
+    but only the grid window around the raster's finite pixels (plus one pixel, the reach of bilinear
+    interpolation) is computed and kept; ``window`` imposes one instead (e.g. a value raster's window for its
+    standard deviation). The values equal those of :func:`resample_to_grid` on that window up to float32
+    rounding.
+    """
+    import xarray as xr
+
+    if not isinstance(da, xr.DataArray):
+        raise ArrayArgumentError(f"resample_footprint needs a georeferenced DataArray, not {type(da).__name__}.",
+                                 field="da", fix="pass a DataArray with y/x coordinates and a CRS (one raster of "
+                                                 "a frame, e.g. frame['los_velocity'])")
+    _resampling_enum(resampling)
+    crs, t, h, w = _georef(da, da.name or "array")
+    if window is None:
+        window = _footprint_window(da, grid)
+    else:
+        r0, r1, c0, c1 = (int(v) for v in window)
+        if not (0 <= r0 <= r1 <= grid.height and 0 <= c0 <= c1 <= grid.width):
+            raise ArrayArgumentError(f"window {tuple(window)} is not inside the grid {grid.shape}.",
+                                     field="window", fix="give (row0, row1, col0, col1) within the target grid")
+        window = (r0, r1, c0, c1) if r0 < r1 and c0 < c1 else None
+    k = kind or _kind_of(da.name, da.dtype)
+    if window is None:
+        return FootprintRaster(np.empty((0, 0), np.bool_ if k == "mask" else np.float32), (0, 0, 0, 0), da.name)
+    return FootprintRaster(_resample_one(da, crs, t, grid, resampling, kind=k, window=window), window, da.name)
+
+
 def _resample_one(da, crs, t, grid, resampling, *, kind, window=None) -> np.ndarray:
     src = np.asarray(backend.to_numpy(da.data if hasattr(da, "data") else da))
     if kind == "mask":
@@ -671,26 +740,33 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
             esw = [xp.zeros_like(sw) for _ in range(n_extra)]
             eswv = [xp.zeros_like(sw) for _ in range(n_extra)]
             for s in sources:
+                # only the part of the tile the frame covers: a frame is a few per cent of a wide-area grid, and
+                # warping and summing it over whole tiles cost frames × grid instead of the frames' footprints
+                fw = s.window if not s.on_grid else (0, grid.height, 0, grid.width)
+                if fw is None:
+                    continue
+                a0, a1, b0, b1 = max(r0, fw[0]), min(r1, fw[1]), max(c0, fw[2]), min(c1, fw[3])
+                if a0 >= a1 or b0 >= b1:
+                    continue  # frame does not reach this tile: no warping
                 if s.on_grid:
-                    v, var, rp = (s.los[r0:r1, c0:c1], s.var[r0:r1, c0:c1], s.ramp[r0:r1, c0:c1])
-                    ex = [x[r0:r1, c0:c1] for x in s.extra]
+                    v, var, rp = (s.los[a0:a1, b0:b1], s.var[a0:a1, b0:b1], s.ramp[a0:a1, b0:b1])
+                    ex = [x[a0:a1, b0:b1] for x in s.extra]
                 else:
-                    fw = s.window
-                    if fw is None or fw[0] >= r1 or fw[1] <= r0 or fw[2] >= c1 or fw[3] <= c0:
-                        continue  # frame does not reach this tile: no warping
-                    win = (r0, r1, c0, c1)
+                    win = (a0, a1, b0, b1)
                     v = xp.asarray(_warp(s.los, s.crs, s.transform, grid, resampling, win))
                     var = xp.asarray(_warp(s.var, s.crs, s.transform, grid, resampling, win))
                     rp = xp.asarray(_warp(s.ramp, s.crs, s.transform, grid, resampling, win))
                     ex = [xp.asarray(_warp(x, s.crs, s.transform, grid, resampling, win)) for x in s.extra]
+                t = (slice(a0 - r0, a1 - r0), slice(b0 - c0, b1 - c0))
                 ok, w, v0, var0 = _weights(xp, v, var, rp)
-                sw, swv, sw2v, cnt = sw + w, swv + w * v0, sw2v + w * w * var0, cnt + xp.astype(ok, xp.int16)
+                sw[t], swv[t] = sw[t] + w, swv[t] + w * v0
+                sw2v[t], cnt[t] = sw2v[t] + w * w * var0, cnt[t] + xp.astype(ok, xp.int16)
                 for k, x in enumerate(ex):
                     # the frame's own weight, where this raster is finite as well
                     fin = xp.isfinite(x)
                     w_k = xp.where(fin, w, xp.zeros_like(w))
                     x0 = xp.where(fin, xp.astype(x, xp.float64), xp.zeros_like(w))
-                    esw[k], eswv[k] = esw[k] + w_k, eswv[k] + w_k * x0
+                    esw[k][t], eswv[k][t] = esw[k][t] + w_k, eswv[k][t] + w_k * x0
             has = sw > 0
             safe = xp.where(has, sw, xp.ones_like(sw))
             value[r0:r1, c0:c1] = xp.astype(xp.where(has, swv / safe, xp.nan), f32)
@@ -714,6 +790,152 @@ def _weights(xp, v, var, ramp):
     zero = xp.zeros_like(v)
     w = xp.where(ok, ramp / xp.where(ok, var, xp.ones_like(v)), zero)
     return ok, w, xp.where(ok, v, zero), xp.where(ok, var, zero)
+
+
+class _PlanFrame(NamedTuple):
+    crs: Any
+    transform: Any
+    shape: tuple[int, int]
+    on_grid: bool
+    valid: np.ndarray            # the template's valid pixels (finite values)
+    var: np.ndarray              # std² (float32, native grid; NaN where the std is unusable)
+    pix_km: tuple[float, float]  # pixel size for the edge ramp
+    window: tuple[int, int, int, int] | None
+    pieces: dict                 # tile index -> (grid window, warped ramp, warped variance) of the template
+
+
+class MergePlan:
+    """:func:`merge_frames` for many rasters on the same frames, e.g. every epoch of a time series.
+
+    Each merge of the same frames onto the same grid derives the same things again: the frames' georeferencing
+    and footprints on the grid, their feathered edge ramps (a distance transform per frame) and their warped
+    ramps and variances. The plan derives them once, from templates (georeferenced DataArrays whose finite
+    pixels are the frames' valid data) and the frames' 1-sigma; :meth:`merge` then warps only the values (one
+    warp per frame and tile instead of three). Where the values of a merge are valid on other pixels than the
+    template (a pixel lost in one epoch), that frame's ramp and variance are derived again for those pixels, so
+    ``plan.merge(values)`` is exactly ``merge_frames(values, stds)`` with ``stds`` the plan's sigmas on the
+    values' valid pixels — bitwise, tile by tile, whatever the epoch. Host side (NumPy), like the warping path
+    of :func:`merge_frames`; no ``extra`` rasters.
+    """
+
+    def __init__(self, templates: Sequence, std_list: Sequence, grid: TargetGrid, *, feather_km: float = 10.0,
+                 resampling: Resampling = "bilinear", tile_size: int = 4096):
+        templates, std_list = list(templates), list(std_list)
+        if len(templates) != len(std_list):
+            raise ArrayArgumentError(f"{len(templates)} templates but {len(std_list)} std rasters.",
+                                     field="std_list", fix="give one std raster per template, in the same order")
+        if not templates:
+            raise InputError("No frames to merge.", field="templates", fix="pass at least one frame")
+        if feather_km < 0 or not math.isfinite(feather_km):
+            raise InputError(f"feather_km={feather_km!r} must be >= 0.", field="feather_km",
+                             fix="give the feathering width in km (0 turns it off)")
+        if tile_size < 1:
+            raise InputError(f"tile_size={tile_size!r} must be a positive number of pixels.", field="tile_size",
+                             fix="use e.g. 4096")
+        _resampling_enum(resampling)
+        self.grid, self.feather_km, self.resampling = grid, float(feather_km), resampling
+        self.tile = int(min(tile_size, max(grid.shape)))
+        self.tiles = [(r0, min(r0 + self.tile, grid.height), c0, min(c0 + self.tile, grid.width))
+                      for r0 in range(0, grid.height, self.tile) for c0 in range(0, grid.width, self.tile)]
+        pix_grid = _pixel_size_km(grid.crs, grid.transform, grid.height)
+        self.frames: list[_PlanFrame] = []
+        for i, (tpl, std) in enumerate(zip(templates, std_list)):
+            if not (_is_xr(tpl) and _is_xr(std)):
+                raise ArrayArgumentError(f"templates[{i}] and std_list[{i}] must be georeferenced DataArrays.",
+                                         field=f"templates[{i}]",
+                                         fix="pass xarray DataArrays with y/x coordinates and a CRS (the plan "
+                                             "warps each frame from its own grid)")
+            los_da, std_da = _da_of(tpl), _da_of(std, "los_std")
+            crs, t, h, w = _georef(los_da, f"templates[{i}]")
+            crs_s, t_s, h_s, w_s = _georef(std_da, f"std_list[{i}]")
+            if (h, w) != (h_s, w_s) or crs != crs_s or not t.almost_equals(t_s):
+                raise ArrayArgumentError(f"std_list[{i}] is not on the grid of templates[{i}].",
+                                         field=f"std_list[{i}]", fix="give each frame's sigma on its own grid")
+            los_np = np.asarray(backend.to_numpy(los_da.data), dtype=np.float32)
+            std_np = np.asarray(backend.to_numpy(std_da.data), dtype=np.float64)
+            valid = _check_value_std(np, los_np, std_np, i)
+            on_grid = TargetGrid(crs, t, w, h).matches(grid)
+            var = np.square(std_np).astype(np.float32)
+            var = np.where(np.isfinite(std_np) & (std_np > 0), var, np.float32(np.nan))
+            pf = _PlanFrame(crs, t, (h, w), on_grid, valid, var, pix_grid if on_grid else
+                            _pixel_size_km(crs, t, h), _footprint_window(los_da, grid), {})
+            self.frames.append(pf._replace(pieces=self._pieces(pf, valid)))
+
+    def _pieces(self, pf: _PlanFrame, valid: np.ndarray) -> dict:
+        """Per tile the frame reaches: (grid window, ramp, variance) on that window, for the valid pixels."""
+        ramp = feather_ramp(valid, pf.pix_km, self.feather_km)
+        if pf.on_grid:  # as merge_frames' frames already on the grid: no warping, the variance as given
+            var = pf.var
+        else:
+            ramp = np.where(valid, ramp, np.nan).astype(np.float32)
+            var = np.where(valid, pf.var, np.float32(np.nan))
+        out = {}
+        fw = pf.window if not pf.on_grid else (0, self.grid.height, 0, self.grid.width)
+        if fw is None:
+            return out
+        for k, (r0, r1, c0, c1) in enumerate(self.tiles):
+            a0, a1, b0, b1 = max(r0, fw[0]), min(r1, fw[1]), max(c0, fw[2]), min(c1, fw[3])
+            if a0 >= a1 or b0 >= b1:
+                continue
+            win = (a0, a1, b0, b1)
+            out[k] = (win, self._on(pf, ramp, win), self._on(pf, var, win))
+        return out
+
+    def _on(self, pf: _PlanFrame, a: np.ndarray, win) -> np.ndarray:
+        if pf.on_grid:
+            return a[win[0]:win[1], win[2]:win[3]]
+        return _warp(a, pf.crs, pf.transform, self.grid, self.resampling, win)
+
+    def merge(self, values: Sequence) -> MergeResult:
+        """Merge one raster per frame (arrays or DataArrays on the frames' own grids, in the plan's order)."""
+        values = list(values)
+        if len(values) != len(self.frames):
+            raise ArrayArgumentError(f"{len(values)} rasters for a plan of {len(self.frames)} frames.",
+                                     field="values", fix="give one raster per frame of the plan, in its order")
+        grid = self.grid
+        pieces, vals = [], []
+        for i, (pf, v) in enumerate(zip(self.frames, values)):
+            v = np.asarray(backend.to_numpy(_da_of(v).data if _is_xr(v) else v), dtype=np.float32)
+            if v.shape != pf.shape:
+                raise ArrayArgumentError(f"values[{i}] has shape {v.shape}; the plan's frame {i} is {pf.shape}.",
+                                         field=f"values[{i}]", fix="give each frame's raster on its own grid")
+            valid = np.isfinite(v)
+            if np.array_equal(valid, pf.valid):
+                pieces.append(pf.pieces)
+            else:  # other pixels valid than in the template: this frame's ramp and variance for them
+                if not valid.any():
+                    raise InputError(f"values[{i}] has no valid pixels (all NaN).", field=f"values[{i}]",
+                                     fix="drop this frame from the plan or check that it was read correctly")
+                bad = int(np.sum(valid & ~np.isfinite(pf.var)))
+                if bad:
+                    raise InputError(f"values[{i}] is valid at {bad} pixels where the plan's std_list[{i}] is NaN or "
+                                     "<= 0.", field=f"values[{i}]",
+                                     fix="give the plan a positive sigma wherever the frame can be valid (e.g. "
+                                         "ones for equal weights), or mask those values")
+                pieces.append(self._pieces(pf, valid))
+            vals.append(v)
+        f32 = np.float32
+        value = np.full(grid.shape, np.nan, dtype=f32)
+        std_out = np.full(grid.shape, np.nan, dtype=f32)
+        count = np.zeros(grid.shape, dtype=np.int16)
+        for k, (r0, r1, c0, c1) in enumerate(self.tiles):
+            sw = np.zeros((r1 - r0, c1 - c0))
+            swv, sw2v = np.zeros_like(sw), np.zeros_like(sw)
+            cnt = np.zeros((r1 - r0, c1 - c0), dtype=np.int16)
+            for pf, pc, v in zip(self.frames, pieces, vals):
+                if k not in pc:
+                    continue
+                win, rp, var = pc[k]
+                t = (slice(win[0] - r0, win[1] - r0), slice(win[2] - c0, win[3] - c0))
+                ok, w, v0, var0 = _weights(np, self._on(pf, v, win), var, rp)
+                sw[t], swv[t] = sw[t] + w, swv[t] + w * v0
+                sw2v[t], cnt[t] = sw2v[t] + w * w * var0, cnt[t] + ok.astype(np.int16)
+            has = sw > 0
+            safe = np.where(has, sw, 1.0)
+            value[r0:r1, c0:c1] = np.where(has, swv / safe, np.nan).astype(f32)
+            std_out[r0:r1, c0:c1] = np.where(has, np.sqrt(sw2v) / safe, np.nan).astype(f32)
+            count[r0:r1, c0:c1] = cnt
+        return MergeResult(value, std_out, count, grid, self.tile, len(self.tiles), [])
 
 
 def _footprint_window(da, grid: TargetGrid):
@@ -838,7 +1060,7 @@ class UpEastResult:
 
 
 def decompose_up_east(los_stack, std_stack, e_stack, n_stack, u_stack, vn, sn=None, *, ve=None, se=None,
-                      max_condition: float = 100.0, east_prior: bool = False) -> UpEastResult:
+                      max_condition: float = 100.0, east_prior: bool = False, warn: bool = True) -> UpEastResult:
     """Up and east velocity from two or more look directions; north from the GNSS field.
 
     Stacks are ``(k, ...)``: k look geometries (e.g. ascending and descending mosaics) over the same pixels;
@@ -867,6 +1089,9 @@ def decompose_up_east(los_stack, std_stack, e_stack, n_stack, u_stack, vn, sn=No
 
     Assumes: all geometries are in the reference frame of the GNSS field, LOS errors independent between
     geometries; a horizontal-only GNSS input (no ``vu``) is what makes this possible — that choice is upstream.
+
+    ``warn=False`` leaves the warning about ill-conditioned pixels to the caller (e.g. one that decomposes a
+    grid block by block and reports the total).
     """
     xp = backend.namespace(los_stack, std_stack, e_stack, n_stack, u_stack, vn, sn, ve, se)
     f64 = xp.float64
@@ -969,7 +1194,7 @@ def decompose_up_east(los_stack, std_stack, e_stack, n_stack, u_stack, vn, sn=No
     cov = xp.stack([xp.stack([east_var, cov_eu], axis=-1), xp.stack([cov_eu, up_var], axis=-1)], axis=-2)
     n_ill = int(xp.sum(xp.astype(ill, xp.int64)))
     n_vo = int(xp.sum(xp.astype(method == 1, xp.int64)))
-    if n_ill:
+    if n_ill and warn:
         log.warning("up/east: %d pixel(s) with two or more geometries are ill-conditioned (condition > %g); "
                     "east left undetermined there", n_ill, max_condition)
     return UpEastResult(up=xp.astype(up, f32), east=xp.astype(east, f32), up_std=xp.astype(xp.sqrt(up_var), f32),
@@ -1021,8 +1246,10 @@ def cell_area_km2(grid: TargetGrid, rows: np.ndarray | None = None, cols: np.nda
 
 @dataclass
 class OverlapPair:
-    """Frames ``i`` and ``j`` overlap on ``mask`` (bool, grid shape): ``n_pixels`` pixels, ``area_km2`` km².
+    """Frames ``i`` and ``j`` overlap on ``mask`` (bool): ``n_pixels`` pixels, ``area_km2`` km².
 
+    ``mask`` covers the whole grid when ``window`` is None, else grid rows ``window[0]:window[1]`` and columns
+    ``window[2]:window[3]`` (the intersection of the two frames' footprints; see :class:`FootprintRaster`).
     ``kind`` is ``"along_track"`` (same relative orbit, e.g. ``014A``), ``"across_track"``, or None when the
     frame ids are unknown.
     """
@@ -1033,6 +1260,7 @@ class OverlapPair:
     n_pixels: int
     area_km2: float
     kind: str | None
+    window: tuple[int, int, int, int] | None = None
 
 
 def _track(fr) -> str | None:
@@ -1046,36 +1274,56 @@ def overlap_pairs(frames_on_grid: Sequence, grid: TargetGrid | None = None, *, m
     """All pairs of frames whose valid footprints on the common grid intersect.
 
     ``frames_on_grid`` are frames (Datasets, valid = finite ``los_velocity`` and ``mask``) or DataArrays or
-    arrays already on one grid (NaN = no data). ``grid`` gives the cell areas; it is read from the first
-    frame when omitted (then frames must be georeferenced). Pairs with fewer than ``min_pixels`` common pixels
-    are left out.
+    arrays already on one grid (NaN = no data), or :class:`FootprintRaster` (then each pair's ``mask`` covers
+    only the intersection of the two footprints, ``OverlapPair.window``, and ``grid`` is required). ``grid``
+    gives the cell areas; it is read from the first frame when omitted (then frames must be georeferenced).
+    Pairs with fewer than ``min_pixels`` common pixels are left out.
     """
     frames = list(frames_on_grid)
+    windowed = any(isinstance(fr, FootprintRaster) for fr in frames)
     if grid is None:
         if not frames:
             return []
+        if windowed:
+            raise ArrayArgumentError("overlap_pairs of FootprintRaster inputs needs the grid.", field="grid",
+                                     fix="pass the TargetGrid the footprints were resampled to")
         crs, t, h, w = _georef(frames[0], "frames_on_grid[0]")
         grid = TargetGrid(crs, t, w, h)
-    masks = []
+    masks, wins = [], []
     for i, fr in enumerate(frames):
-        m = _valid_mask_np(fr)
-        if m.shape != grid.shape:
-            raise ArrayArgumentError(f"frames_on_grid[{i}] has shape {m.shape}; the grid is {grid.shape}.",
-                                     field=f"frames_on_grid[{i}]", fix="resample every frame with resample_to_grid")
+        if isinstance(fr, FootprintRaster):
+            m, win = np.isfinite(fr.values), fr.window
+            if m.shape != (win[1] - win[0], win[3] - win[2]):
+                raise ArrayArgumentError(f"frames_on_grid[{i}] holds {m.shape} values for the window {win}.",
+                                         field=f"frames_on_grid[{i}]", fix="build it with resample_footprint")
+        else:
+            m, win = _valid_mask_np(fr), (0, grid.height, 0, grid.width)
+            if m.shape != grid.shape:
+                raise ArrayArgumentError(f"frames_on_grid[{i}] has shape {m.shape}; the grid is {grid.shape}.",
+                                         field=f"frames_on_grid[{i}]",
+                                         fix="resample every frame with resample_to_grid")
         masks.append(m)
-    # bounding boxes first: most pairs of a wide-area set do not touch
+        wins.append(win)
+    # bounding boxes (grid rows/cols) first: most pairs of a wide-area set do not touch
     boxes = []
-    for m in masks:
-        r = np.flatnonzero(m.any(axis=1))
-        c = np.flatnonzero(m.any(axis=0))
-        boxes.append(None if r.size == 0 else (r[0], r[-1] + 1, c[0], c[-1] + 1))
+    for m, win in zip(masks, wins):
+        r = np.flatnonzero(m.any(axis=1)) if m.size else np.empty(0, int)
+        c = np.flatnonzero(m.any(axis=0)) if m.size else np.empty(0, int)
+        boxes.append(None if r.size == 0 else (win[0] + r[0], win[0] + r[-1] + 1, win[2] + c[0], win[2] + c[-1] + 1))
+
+    def crop(k, box):
+        (r0, r1, c0, c1), w = box, wins[k]
+        return masks[k][r0 - w[0]:r1 - w[0], c0 - w[2]:c1 - w[2]]
+
     pairs = []
     for i in range(len(masks)):
         for j in range(i + 1, len(masks)):
             bi, bj = boxes[i], boxes[j]
             if bi is None or bj is None or bi[0] >= bj[1] or bj[0] >= bi[1] or bi[2] >= bj[3] or bj[2] >= bi[3]:
                 continue
-            both = masks[i] & masks[j]
+            box = (0, grid.height, 0, grid.width) if not windowed else \
+                (max(bi[0], bj[0]), min(bi[1], bj[1]), max(bi[2], bj[2]), min(bi[3], bj[3]))
+            both = crop(i, box) & crop(j, box)
             npx = int(both.sum())
             if npx < max(1, min_pixels):
                 if npx:  # a sliver (a pixel or two at a corner) would tie two frames by noise alone
@@ -1083,10 +1331,10 @@ def overlap_pairs(frames_on_grid: Sequence, grid: TargetGrid | None = None, *, m
                              i, j, npx, min_pixels)
                 continue
             rows, cols = np.nonzero(both)
-            area = float(cell_area_km2(grid, rows, cols).sum())
+            area = float(cell_area_km2(grid, rows + box[0], cols + box[2]).sum())
             ti, tj = _track(frames[i]), _track(frames[j])
             kind = None if ti is None or tj is None else ("along_track" if ti == tj else "across_track")
-            pairs.append(OverlapPair(i, j, both, npx, area, kind))
+            pairs.append(OverlapPair(i, j, both, npx, area, kind, box if windowed else None))
     return pairs
 
 
@@ -1108,13 +1356,18 @@ class OverlapSample:
 
 
 def sample_overlap(a, b, mask, *, max_samples: int = 2000, rng: np.random.Generator | int | None = None,
-                   grid: TargetGrid | None = None, a_std=None, b_std=None) -> OverlapSample:
+                   grid: TargetGrid | None = None, a_std=None, b_std=None,
+                   window: tuple[int, int, int, int] | None = None) -> OverlapSample:
     """Regularly strided samples of ``a - b`` over an overlap ``mask`` for the network least squares.
 
     The stride ``s = ceil(sqrt(n / max_samples))`` in rows and columns keeps the samples spread evenly over
     the overlap (so a ramp between frames is constrained everywhere); ``rng`` picks the stride's offset.
     If the strided set is still larger than ``max_samples`` (ragged overlaps), evenly spaced samples of it
     are kept. Host side (NumPy).
+
+    ``window`` ``(r0, r1, c0, c1)``: ``a``, ``b``, ``mask`` (and the stds) cover only those grid rows/cols (e.g.
+    ``OverlapPair.window``; ``grid`` is then required). The stride lattice stays anchored to the grid and
+    ``rows``/``cols`` are grid indices, so the samples are the same as from whole-grid arrays.
     """
     if max_samples < 1:
         raise InputError(f"max_samples={max_samples!r} must be >= 1.", field="max_samples",
@@ -1123,16 +1376,26 @@ def sample_overlap(a, b, mask, *, max_samples: int = 2000, rng: np.random.Genera
     if grid is None:
         crs, t, h, w = _georef(a if _is_xr(a) else b, "a")
         grid = TargetGrid(crs, t, w, h)
-    av = np.asarray(backend.to_numpy(_da_of(a).data if _is_xr(a) else a), dtype=np.float64)
-    bv = np.asarray(backend.to_numpy(_da_of(b).data if _is_xr(b) else b), dtype=np.float64)
+    av = np.asarray(backend.to_numpy(_da_of(a).data if _is_xr(a) else a))
+    bv = np.asarray(backend.to_numpy(_da_of(b).data if _is_xr(b) else b))
     m = np.asarray(backend.to_numpy(mask), dtype=bool)
-    if av.shape != grid.shape or bv.shape != grid.shape or m.shape != grid.shape:
+    r_off, c_off = 0, 0
+    shape = grid.shape
+    if window is not None:
+        r0, r1, c0, c1 = (int(v) for v in window)
+        if not (0 <= r0 <= r1 <= grid.height and 0 <= c0 <= c1 <= grid.width):
+            raise ArrayArgumentError(f"window {tuple(window)} is not inside the grid {grid.shape}.",
+                                     field="window", fix="give (row0, row1, col0, col1) within the grid")
+        r_off, c_off, shape = r0, c0, (r1 - r0, c1 - c0)
+    if av.shape != shape or bv.shape != shape or m.shape != shape:
         raise ArrayArgumentError(f"a {av.shape}, b {bv.shape} and mask {m.shape} must all be on the grid "
-                                 f"{grid.shape}.", field="mask", fix="resample the frames to one grid first")
+                                 f"{'window ' + str(tuple(window)) + ' ' if window is not None else ''}{shape}.",
+                                 field="mask", fix="resample the frames to one grid first")
     m = m & np.isfinite(av) & np.isfinite(bv)
     n = int(m.sum())
     s = max(1, int(math.ceil(math.sqrt(n / max_samples)))) if n else 1
     ro, co = (int(rng.integers(s)), int(rng.integers(s))) if s > 1 else (0, 0)
+    ro, co = (ro - r_off) % s, (co - c_off) % s  # the grid's lattice, in the window's indices
     sub = np.zeros_like(m)
     sub[ro::s, co::s] = m[ro::s, co::s]
     rows, cols = np.nonzero(sub)
@@ -1141,6 +1404,13 @@ def sample_overlap(a, b, mask, *, max_samples: int = 2000, rng: np.random.Genera
     if rows.size > max_samples:
         keep = np.unique(np.linspace(0, rows.size - 1, max_samples).round().astype(np.int64))
         rows, cols = rows[keep], cols[keep]
+    diff = av[rows, cols].astype(np.float64) - bv[rows, cols].astype(np.float64)
+    dstd = None
+    if a_std is not None and b_std is not None:
+        sa = np.asarray(backend.to_numpy(_da_of(a_std).data if _is_xr(a_std) else a_std))
+        sb = np.asarray(backend.to_numpy(_da_of(b_std).data if _is_xr(b_std) else b_std))
+        dstd = np.hypot(sa[rows, cols].astype(np.float64), sb[rows, cols].astype(np.float64))
+    rows, cols = rows + r_off, cols + c_off
     y, x = grid.coords()
     xs, ys = x[cols], y[rows]
     if grid.crs.is_geographic:
@@ -1149,10 +1419,4 @@ def sample_overlap(a, b, mask, *, max_samples: int = 2000, rng: np.random.Genera
         from pyproj import Transformer
 
         lon, lat = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True).transform(xs, ys)
-    diff = av[rows, cols] - bv[rows, cols]
-    dstd = None
-    if a_std is not None and b_std is not None:
-        sa = np.asarray(backend.to_numpy(_da_of(a_std).data if _is_xr(a_std) else a_std), dtype=np.float64)
-        sb = np.asarray(backend.to_numpy(_da_of(b_std).data if _is_xr(b_std) else b_std), dtype=np.float64)
-        dstd = np.hypot(sa[rows, cols], sb[rows, cols])
     return OverlapSample(rows, cols, xs, ys, np.asarray(lon), np.asarray(lat), diff, dstd, s)

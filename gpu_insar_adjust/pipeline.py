@@ -41,6 +41,11 @@ log = get_logger("pipeline")
 
 __all__ = ["run", "RunResult", "frame_vertical_equivalent", "plane_average_baseline"]
 
+# pixels per block of the up/east decomposition (its float64 working set is ~40 arrays of this size) and of the
+# per-frame row blocks that apply the network corrections
+_DECOMPOSE_BLOCK_PIXELS = 1 << 18
+_ROW_BLOCK_PIXELS = 1 << 20
+
 MANIFEST = "manifest.json"
 
 
@@ -121,7 +126,8 @@ def _stations_itrf(stations, cfg: GiaConfig):
 # Geometry helpers
 # --------------------------------------------------------------------------------------------------------------
 def frame_vertical_equivalent(frame, los, los_std, hfield):
-    """Vertical-equivalent velocity of a frame: (LOS − e·ve − n·vn)/u with its 1-sigma (mm/yr, host arrays).
+    """Vertical-equivalent velocity of a frame: (LOS − e·ve − n·vn)/u with its 1-sigma (mm/yr, float32 host
+    arrays: computed in float64, stored as the frames are).
 
     ``hfield`` holds ``ve, vn`` (and optionally ``se, sn``) on the frame grid in the frame's reference (ITRF).
     """
@@ -139,7 +145,7 @@ def frame_vertical_equivalent(frame, los, los_std, hfield):
     res = decompose_vertical(L, S, e, n, u, np.where(ok, ve, 0.0), np.where(ok, vn, 0.0),
                              None if se is None else np.where(ok, se, 0.0), None if sn is None else
                              np.where(ok, sn, 0.0))
-    return np.asarray(res.vu, np.float64), np.asarray(res.vu_std, np.float64)
+    return np.asarray(backend.to_numpy(res.vu), np.float32), np.asarray(backend.to_numpy(res.vu_std), np.float32)
 
 
 def _apply_mask(frame):
@@ -193,6 +199,24 @@ def _pair_kind(a, b) -> str:
         return "asc-desc"
     ta = _track(a)
     return "along-track" if ta and ta == _track(b) else "across-track"
+
+
+def _frame_km_rows(frame, r0: int, r1: int):
+    """Frame-centred km ``(x, y)`` (2-D float64) of the pixel centres of rows ``r0:r1``.
+
+    For a geographic frame the trigonometry goes per row (x = Δλ·N(φ)·cos φ, y a function of φ alone), one
+    multiply per pixel and ``y`` a broadcast view, the same numbers as :func:`_frame_km` on the pixel grid."""
+    from .adjust.residuals import frame_origin, local_xy_km
+
+    crs = frame.rio.crs
+    if crs is not None and not crs.is_geographic:
+        lon, lat = _frame_lonlat_grid(frame, rows=np.arange(r0, r1))
+        return _frame_km(frame, lon, lat)
+    lon = np.asarray(frame["x"].values, np.float64)
+    lat = np.asarray(frame["y"].values, np.float64)[r0:r1]
+    x, y = local_xy_km(lon[None, :], lat[:, None], *frame_origin(frame))
+    x = np.asarray(x)
+    return x, np.broadcast_to(np.asarray(y), x.shape)
 
 
 def _frame_km_valid(frame, values, stride: int = 4):
@@ -254,10 +278,10 @@ def plane_average_baseline(frames, residual_tables, verticals_fn, grid):
     on ``grid`` (host array). This is the simple practice the method is measured against.
     """
     from .linalg import lstsq_shared
-    from .mosaic import resample_to_grid
+    from .mosaic import resample_footprint
 
     acc = np.zeros(grid.shape)
-    cnt = np.zeros(grid.shape)
+    cnt = np.zeros(grid.shape, np.int16)
     for i, frame in enumerate(frames):
         tab = residual_tables[i]
         if tab is None or len(tab) < 3:
@@ -267,15 +291,14 @@ def plane_average_baseline(frames, residual_tables, verticals_fn, grid):
         sol = lstsq_shared(A, tab["residual"].to_numpy(float), w)
         if not bool(sol.determined):
             continue
-        lon, lat = _frame_lonlat_grid(frame)
-        xk, yk = _frame_km(frame, lon, lat)
+        xk, yk = _frame_km_rows(frame, 0, frame.sizes["y"])
         corr = sol.x[0] + sol.x[1] * xk + sol.x[2] * yk
         vert = verticals_fn(i, corr)
-        on = np.asarray(resample_to_grid(_frame_da(frame, vert, "v"), grid, resampling="bilinear").values,
-                        np.float64)
-        ok = np.isfinite(on)
-        acc[ok] += on[ok]
-        cnt[ok] += 1
+        on = resample_footprint(_frame_da(frame, vert, "v"), grid, resampling="bilinear")
+        r0, r1, c0, c1 = on.window
+        ok = np.isfinite(on.values)
+        acc[r0:r1, c0:c1][ok] += on.values[ok]
+        cnt[r0:r1, c0:c1][ok] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(cnt > 0, acc / np.maximum(cnt, 1), np.nan)
 
@@ -498,7 +521,7 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
     from .geodesy import horizontal as hz
     from .io.frames import list_frames, open_frame
     from .io.write import write_cog
-    from .mosaic import decompose_up_east, merge_frames, overlap_pairs, resample_to_grid, sample_overlap, target_grid
+    from .mosaic import decompose_up_east, merge_frames, overlap_pairs, resample_footprint, sample_overlap, target_grid
     from .network import GnssTies, NetworkSolution, OverlapSamples, SplineBasis, frame_misfit_sigmas, solve_network
 
     # 1. inputs ------------------------------------------------------------------------------------------------
@@ -507,7 +530,9 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         if not folders:
             raise InputError("No frame folders found.", file=frames_dir, field="--frames",
                              fix="give a folder holding one sub-folder per frame (LiCSAR/LiCSBAS or MintPy)")
-        frames = [_apply_mask(open_frame(f)) for f in progress(folders, "reading frames")]
+        # the DEM serves only the per-frame models, which open their frame themselves: not kept here
+        frames = [_apply_mask(open_frame(f)).drop_vars("dem", errors="ignore")
+                  for f in progress(folders, "reading frames")]
         ids = [f.attrs["frame_id"] for f in frames]
         grids = None
         if horizontal_grids is not None:
@@ -576,40 +601,47 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         if n_cached:
             log.info("resumed: %d of %d frame adjustments reused from %s", n_cached, len(frames), work)
 
-    # vertical-equivalent velocity of every adjusted frame
+    # vertical-equivalent velocity of every adjusted frame. Per-frame rasters are kept in float32, as the frames
+    # and the adjustments store them (sums and solves are float64): at 100 m the frames of a plain hold ~10^8
+    # pixels, and every float64 copy of them costs a GB
     verts, vstds_noise, los_adj = [], [], []
     for fr, adj, hf in zip(frames, adjustments, hfields):
+        # own copies: the network corrections are applied to them in place
         if adj is None:
-            la = np.asarray(backend.to_numpy(fr["los_velocity"].data), np.float64)
+            la = np.array(backend.to_numpy(fr["los_velocity"].data), np.float32)
             cs = np.zeros_like(la)
         else:
-            la = np.asarray(backend.to_numpy(adj.los_adjusted.data), np.float64)
-            cs = np.asarray(backend.to_numpy(adj.correction_std.data), np.float64)
+            la = np.array(backend.to_numpy(adj.los_adjusted.data), np.float32)
+            cs = np.asarray(backend.to_numpy(adj.correction_std.data), np.float32)
         ls = (np.asarray(backend.to_numpy(fr["los_std"].data), np.float64) if "los_std" in fr
               else np.full(la.shape, 2.0))
         # a product sigma of 0 (or missing) is not credible: floor it at 0.1 mm/yr
         noise = np.square(np.where(np.isfinite(ls) & (ls > 0.1), ls, np.where(np.isfinite(ls), 0.1, 2.0)))
         # overlaps see pixel noise and the correction's formal sigma; the long-wavelength error the chosen model
         # left (its CV RMSE) is what the network estimates, so it weighs only the merge of the frames (below)
-        v, s_noise = frame_vertical_equivalent(fr, la, np.sqrt(noise + np.square(np.nan_to_num(cs))), hf)
+        v, s_noise = frame_vertical_equivalent(fr, la, np.sqrt(noise + np.square(np.nan_to_num(cs), dtype=np.float64)),
+                                               hf)
         verts.append(v), vstds_noise.append(s_noise), los_adj.append(la)
 
     # 4. network adjustment over overlaps + GNSS ties ---------------------------------------------------------
     with stage("network adjustment", log):
         grid = target_grid(frames, resolution=cfg.mosaic.resolution, crs=cfg.mosaic.crs, bounds=cfg.mosaic.bounds)
-        on_grid = [resample_to_grid(_frame_da(fr, v, "vertical"), grid, resampling="bilinear")
+        # each frame on the part of the grid it covers (frames × whole grid does not fit in memory at 100 m)
+        on_grid = [resample_footprint(_frame_da(fr, v, "vertical"), grid, resampling="bilinear")
                    for fr, v in zip(frames, verts)]
-        std_on_grid = [resample_to_grid(_frame_da(fr, s, "vertical_std"), grid, resampling="bilinear", kind="std")
-                       for fr, s in zip(frames, vstds_noise)]
-        pairs = overlap_pairs([o.values for o in on_grid], grid, min_pixels=cfg.network.min_overlap_pixels)
+        std_on_grid = [resample_footprint(_frame_da(fr, s, "vertical_std"), grid, resampling="bilinear",
+                                          kind="std", window=o.window)
+                       for fr, s, o in zip(frames, vstds_noise, on_grid)]
+        pairs = overlap_pairs(on_grid, grid, min_pixels=cfg.network.min_overlap_pixels)
         overlaps = []
         rng = np.random.default_rng(0)
         max_rate = cfg.network.max_rate_mm_yr
-        pair_masks = []  # every tied pair's whole overlap, for the all-pixel figures after the solve
+        tied = []  # every tied pair (its whole overlap), for the all-pixel figures after the solve
         for p in pairs:
             kind = _pair_kind(frames[p.i], frames[p.j])
             if kind == "asc-desc" and cfg.network.pairs == "same-orbit":
                 continue
+            a, b = on_grid[p.i].crop(p.window), on_grid[p.j].crop(p.window)
             use = p.mask
             if max_rate > 0:
                 # fast-deforming ground moves horizontally too (inward at a subsidence bowl), which the GNSS field
@@ -617,11 +649,11 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                 # rate is judged by the two frames' mean: a test on each frame's own rate would drop exactly the
                 # pixels where one frame's error pushes it past the threshold, hiding that error from the network
                 with np.errstate(invalid="ignore"):
-                    slow = np.abs(on_grid[p.i].values + on_grid[p.j].values) <= 2 * max_rate
+                    slow = np.abs(a + b) <= 2 * max_rate
                 if (use & slow).sum() >= cfg.network.min_overlap_pixels:
                     use = use & slow
-            smp = sample_overlap(on_grid[p.i].values, on_grid[p.j].values, use, grid=grid, rng=rng,
-                                 a_std=std_on_grid[p.i].values, b_std=std_on_grid[p.j].values,
+            smp = sample_overlap(a, b, use, grid=grid, window=p.window, rng=rng,
+                                 a_std=std_on_grid[p.i].crop(p.window), b_std=std_on_grid[p.j].crop(p.window),
                                  max_samples=cfg.network.max_samples_per_overlap)
             if smp.diff.size == 0:
                 continue
@@ -630,7 +662,7 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             sig = smp.diff_std if smp.diff_std is not None else np.full(smp.diff.size, 2.0)
             overlaps.append(OverlapSamples(p.i, p.j, xi, yi, xj, yj, smp.diff, np.nan_to_num(sig, nan=2.0),
                                            area_km2=p.area_km2, kind=kind))
-            pair_masks.append(p.mask)
+            tied.append(p)
         ties = []
         vert_ok = np.isfinite(stations_itrf["vu"].to_numpy(float))
         for k, fr in enumerate(frames):
@@ -695,19 +727,28 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
     use_misfit = nc.enabled and nc.misfit_weights
     final_corr, vstds = [], []
     for k, fr in enumerate(frames):
-        lon, lat = _frame_lonlat_grid(fr)
-        xk, yk = _frame_km(fr, lon, lat)
-        c_vert = net.correction(k, xk.ravel(), yk.ravel()).reshape(xk.shape)
-        u = np.asarray(backend.to_numpy(fr["los_u"].data), np.float64)
-        verts[k] = verts[k] - c_vert
-        los_adj[k] = los_adj[k] - u * c_vert
-        ml = (np.zeros_like(c_vert) if adjustments[k] is None
-              else np.asarray(backend.to_numpy(adjustments[k].correction.data), np.float64))
-        final_corr.append(ml + u * c_vert)
-        extra = np.square(_cv_rmse(adjustments[k]) / u)
-        if use_misfit and np.isfinite(misfit[k]):
-            extra = np.maximum(extra, misfit[k] ** 2)
-        vstds.append(np.sqrt(np.square(vstds_noise[k]) + extra))
+        # by blocks of rows: the float64 work (coordinates, correction surface) stays a block's worth
+        ny, nx = verts[k].shape
+        u_all = np.asarray(backend.to_numpy(fr["los_u"].data))
+        ml_all = None if adjustments[k] is None else np.asarray(backend.to_numpy(adjustments[k].correction.data))
+        fc, vs = np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32)
+        cv = _cv_rmse(adjustments[k])
+        step = max(1, _ROW_BLOCK_PIXELS // max(nx, 1))
+        for r0 in range(0, ny, step):
+            rs = slice(r0, min(r0 + step, ny))
+            xk, yk = _frame_km_rows(fr, rs.start, rs.stop)
+            c_vert = net.correction(k, xk.ravel(), yk.ravel()).reshape(xk.shape)
+            u = np.asarray(u_all[rs], np.float64)
+            verts[k][rs] = verts[k][rs] - c_vert
+            los_adj[k][rs] = los_adj[k][rs] - u * c_vert
+            ml = 0.0 if ml_all is None else np.asarray(ml_all[rs], np.float64)
+            fc[rs] = ml + u * c_vert
+            extra = np.square(cv / u)
+            if use_misfit and np.isfinite(misfit[k]):
+                extra = np.maximum(extra, misfit[k] ** 2)
+            vs[rs] = np.sqrt(np.square(vstds_noise[k][rs], dtype=np.float64) + extra)
+        final_corr.append(fc)
+        vstds.append(vs)
     for k, (p_stat, p) in enumerate(zip(net.pairs, overlaps)):
         p_stat["frames"] = [ids[p.i], ids[p.j]]
         if net_poly is not None:
@@ -715,13 +756,21 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         if nc.enabled:
             # the network's figures are over the samples it used (slow ground only with max_rate_mm_yr); these
             # are over the whole overlap, fast ground included
-            smp = sample_overlap(on_grid[p.i].values, on_grid[p.j].values, pair_masks[k], grid=grid, rng=0,
-                                 max_samples=100_000)
+            w = tied[k].window
+            smp = sample_overlap(on_grid[p.i].crop(w), on_grid[p.j].crop(w), tied[k].mask, grid=grid, window=w,
+                                 rng=0, max_samples=100_000)
             if smp.diff.size:
                 ci = net.correction(p.i, *_frame_km(frames[p.i], smp.lon, smp.lat))
                 cj = net.correction(p.j, *_frame_km(frames[p.j], smp.lon, smp.lat))
                 p_stat["rms_all_pixels_before"] = float(np.sqrt(np.mean(smp.diff ** 2)))
                 p_stat["rms_all_pixels_after"] = float(np.sqrt(np.mean((smp.diff - ci + cj) ** 2)))
+    # free what only the network needed before the mosaic (at 100 m each of these is a GB or more): the
+    # footprints, the noise sigmas, the per-frame models' rasters (their corrections are in final_corr now) and
+    # the horizontal field's sigmas (later stages use its mean only)
+    del on_grid, std_on_grid, pairs, tied, vstds_noise
+    adjustments = [None if a is None else _CachedAdjustment(None, None, None, a.report, a.residuals)
+                   for a in adjustments]
+    hfields = [hf.drop_vars(["se", "sn"], errors="ignore") for hf in hfields]
 
     # 5. mosaic and decomposition -----------------------------------------------------------------------------
     with stage("mosaic", log):
@@ -732,10 +781,12 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         vstd_das = [_frame_da(fr, s, "vertical_std") for fr, s in zip(frames, vstds)]
         vert_merge = merge_frames(vert_das, vstd_das, grid, feather_km=cfg.mosaic.feather_km,
                                   tile_size=cfg.mosaic.tile_size)
-        vertical = np.asarray(backend.to_numpy(vert_merge.value), np.float64)
-        vertical_std = np.asarray(backend.to_numpy(vert_merge.std), np.float64)
-        east = np.full(grid.shape, np.nan)
-        east_std = np.full(grid.shape, np.nan)
+        # grid products in float32 (as written); the merge and the decomposition compute in float64
+        vertical = np.asarray(backend.to_numpy(vert_merge.value), np.float32)
+        vertical_std = np.asarray(backend.to_numpy(vert_merge.std), np.float32)
+        del vert_merge, vert_das, vstd_das
+        east = np.full(grid.shape, np.nan, np.float32)
+        east_std = np.full(grid.shape, np.nan, np.float32)
         decomposition = {"mode": "vertical-equivalent"}
         if len(groups) >= 2 and cfg.mosaic.decompose_up_east:
             stacks: dict[str, list] = {"los": [], "std": [], "e": [], "n": [], "u": []}
@@ -745,40 +796,58 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                         for k in members]
                 # unit vectors merged with the LOS weights (and its valid mask), so that the merged LOS is
                 # exactly the merged unit vector times the motion
-                comps = [[np.where(np.isfinite(los_adj[k]), np.asarray(frames[k][var].values, np.float64), np.nan)
-                          for var in ("los_e", "los_n", "los_u")] for k in members]
+                comps = [[np.where(np.isfinite(los_adj[k]), np.asarray(frames[k][var].values, np.float32),
+                                   np.float32(np.nan)) for var in ("los_e", "los_n", "los_u")] for k in members]
                 m = merge_frames(los_das, lstd, grid, feather_km=cfg.mosaic.feather_km, tile_size=cfg.mosaic.tile_size,
                                  extra=comps)
-                stacks["los"].append(np.asarray(backend.to_numpy(m.value), np.float64))
-                stacks["std"].append(np.asarray(backend.to_numpy(m.std), np.float64))
+                # float32 as merged; the decomposition computes in float64 block by block
+                stacks["los"].append(np.asarray(backend.to_numpy(m.value), np.float32))
+                stacks["std"].append(np.asarray(backend.to_numpy(m.std), np.float32))
                 for comp, merged in zip(("e", "n", "u"), m.extra):
-                    stacks[comp].append(np.asarray(backend.to_numpy(merged), np.float64))
+                    stacks[comp].append(np.asarray(backend.to_numpy(merged), np.float32))
+                del m, los_das, lstd, comps
             # north from the GNSS horizontal field, on the grid
             # (evaluated on the grid itself, as for the frames: cheaper and more exact than warping every
             # frame's field onto it)
+            # (float32 as evaluated; the decomposition takes them to float64 block by block)
             if grids is not None:
                 hg = hz.sample_horizontal_grids(grids, grid.to_dataset(), to_itrf=True, model=cfg.gnss.plate_model)
-                hgrid = {c: np.asarray(hg[c].values, np.float64) for c in ("ve", "vn")}
-                hgrid["se"] = hgrid["sn"] = np.ones(grid.shape)
+                hgrid = {c: np.asarray(hg[c].values, np.float32) for c in ("ve", "vn")}
+                hgrid["se"] = hgrid["sn"] = np.ones(grid.shape, np.float32)
             else:
                 hg = fld.predict_grid(grid.to_dataset())
-                hgrid = {c: np.asarray(hg[c].values, np.float64) for c in ("ve", "vn", "se", "sn")}
+                hgrid = {c: np.asarray(hg[c].values, np.float32) for c in ("ve", "vn", "se", "sn")}
+            del hg
             # the field's sigma is its formal GP sigma; where it is smooth between stations it misses local
             # motion (inward motion at bowls) that its leave-one-out RMSE does see
             loo_e = float(field_info.get("loo_rmse_e_mm_yr") or field_info.get("loo_rmse_mm_yr") or 1.0)
-            se_prior = np.sqrt(np.square(np.nan_to_num(hgrid["se"], nan=1.0)) + loo_e ** 2)
-            ue = decompose_up_east(np.stack(stacks["los"]), np.stack(stacks["std"]), np.stack(stacks["e"]),
-                                   np.stack(stacks["n"]), np.stack(stacks["u"]), np.nan_to_num(hgrid["vn"]),
-                                   np.nan_to_num(hgrid["sn"]), ve=np.nan_to_num(hgrid["ve"]), se=se_prior,
-                                   east_prior=cfg.mosaic.east_prior)
-            up = np.asarray(backend.to_numpy(ue.up), np.float64)
-            use = np.asarray(backend.to_numpy(ue.method)) == 2  # two or more geometries solved (not the fall-back)
-            vertical = np.where(use, up, vertical)
-            vertical_std = np.where(use, np.asarray(backend.to_numpy(ue.up_std), np.float64), vertical_std)
-            east = np.where(use, np.asarray(backend.to_numpy(ue.east), np.float64), np.nan)
-            east_std = np.where(use, np.asarray(backend.to_numpy(ue.east_std), np.float64), np.nan)
+            # per pixel, so by blocks of rows: the decomposition's float64 temporaries (some 40 per pixel) stay a
+            # block's worth instead of the whole grid's
+            n_ill, n_use = 0, 0
+            block = max(1, _DECOMPOSE_BLOCK_PIXELS // grid.width)
+            for r0 in range(0, grid.height, block):
+                rs = slice(r0, min(r0 + block, grid.height))
+                ue = decompose_up_east(*(np.stack([a[rs] for a in stacks[c]]) for c in ("los", "std", "e", "n", "u")),
+                                       np.nan_to_num(hgrid["vn"][rs]), np.nan_to_num(hgrid["sn"][rs]),
+                                       ve=np.nan_to_num(hgrid["ve"][rs]),
+                                       se=np.sqrt(np.square(np.nan_to_num(hgrid["se"][rs], nan=1.0),
+                                                            dtype=np.float64) + loo_e ** 2),
+                                       east_prior=cfg.mosaic.east_prior, warn=False)
+                use = np.asarray(backend.to_numpy(ue.method)) == 2  # two or more geometries solved (not the fall-back)
+                vertical[rs] = np.where(use, np.asarray(backend.to_numpy(ue.up), np.float32), vertical[rs])
+                vertical_std[rs] = np.where(use, np.asarray(backend.to_numpy(ue.up_std), np.float32), vertical_std[rs])
+                east[rs] = np.where(use, np.asarray(backend.to_numpy(ue.east), np.float32), np.float32(np.nan))
+                east_std[rs] = np.where(use, np.asarray(backend.to_numpy(ue.east_std), np.float32),
+                                        np.float32(np.nan))
+                n_ill += int(ue.n_ill_conditioned)
+                n_use += int(use.sum())
+                del ue
+            if n_ill:
+                log.warning("up/east: %d pixel(s) with two or more geometries are ill-conditioned; east left "
+                            "undetermined there (vertical-equivalent kept)", n_ill)
             decomposition = {"mode": "up+east where ascending and descending overlap, vertical-equivalent elsewhere",
-                             "up_east_pixels": int(use.sum()), "n_ill_conditioned": int(ue.n_ill_conditioned)}
+                             "up_east_pixels": n_use, "n_ill_conditioned": n_ill}
+            del stacks, hgrid
 
     # baseline in the same run
     with stage("baseline", log):
@@ -925,7 +994,7 @@ def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: 
     from .analysis.subsidence import annual_subsidence
     from .errors import TimeSeriesError
     from .io.timeseries import open_cube
-    from .mosaic import merge_frames
+    from .mosaic import MergePlan
     from .timeseries import cumulative_displacement, fit_annual_velocities
 
     readers = []
@@ -969,14 +1038,17 @@ def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: 
     epochs_out = _create_epoch_store(store, times, ys, xs, tile)
     t_yr = (times - times[0]) / np.timedelta64(1, "D") / 365.25
     sums = _TrendSums(grid.shape)
-    # mosaic epoch by epoch (host memory: one epoch of every frame at a time)
+    # mosaic epoch by epoch (host memory: one epoch of every frame at a time), equal weights. The frames'
+    # footprints, edge ramps and warped weights are derived once (from the first epoch) and reused: the same as
+    # merge_frames on every epoch, bitwise, for a third of the warping and no distance transform per epoch
+    plan = None
     for i in range(times.size):
-        das, stds = [], []
-        for r in readers:
-            v = r.vertical(i)
-            das.append(r.da(v, "d"))
-            stds.append(r.da(np.where(np.isfinite(v), 1.0, np.nan), "d_std"))
-        m = merge_frames(das, stds, grid, feather_km=cfg.mosaic.feather_km, tile_size=cfg.mosaic.tile_size)
+        epoch_frames = [r.vertical(i) for r in readers]
+        if plan is None:
+            plan = MergePlan([r.da(v, "d") for r, v in zip(readers, epoch_frames)],
+                             [r.da(np.ones(v.shape, np.float32), "d_std") for r, v in zip(readers, epoch_frames)],
+                             grid, feather_km=cfg.mosaic.feather_km, tile_size=cfg.mosaic.tile_size)
+        m = plan.merge(epoch_frames)
         epoch = np.asarray(backend.to_numpy(m.value), np.float32)
         epochs_out[i] = epoch
         if vertical is not None:

@@ -323,6 +323,116 @@ def test_overlap_pairs_counts_area_kind_and_sampling():
     assert allp.rows.size == 300 and allp.stride == 1
 
 
+def test_footprint_rasters_give_the_whole_grid_pairs_and_samples():
+    """Frames kept on their own footprint of the grid (what the pipeline does: frames × grid does not fit at
+    100 m) give the same pairs, areas and overlap samples as frames warped onto the whole grid, in a fraction of
+    the memory; the values equal the whole-grid warp (one CRS: exactly)."""
+    rng = np.random.default_rng(3)
+
+    def noisy(X, Y):
+        return plane(X, Y) + rng.normal(0, 1, X.shape)
+
+    a = make_frame(114.0, 38.0, 40, 30, 0.01, noisy, frame_id="014A_00001_000000")
+    b = make_frame(114.305, 37.95, 40, 30, 0.01, noisy, frame_id="014A_00002_000000")  # half-pixel offset
+    c = make_frame(113.95, 37.8, 25, 20, 0.01, noisy, frame_id="119D_00001_000000", e=0.6)
+    d = make_frame(114.9, 37.5, 5, 5, 0.01, 0.0, frame_id="119D_00002_000000", e=0.6)  # touches nobody
+    a["los_velocity"][:, :3] = np.nan                       # the footprint is the valid data, not the array
+    frames = [a, b, c, d]
+    g = M.target_grid(frames)
+    whole = [M.resample_to_grid(f["los_velocity"], g) for f in frames]
+    feet = [M.resample_footprint(f["los_velocity"], g) for f in frames]
+    for w, f in zip(whole, feet):
+        np.testing.assert_array_equal(f.full(g), w.values)  # nothing outside the footprint is lost
+    gx = g.coords()[1]
+    first = int(np.argmin(np.abs(gx - float(a.x[3]))))     # a's first valid column on the grid
+    assert feet[0].window[2] == first - 1                   # the window starts 1 px before the data
+    assert sum(f.values.size for f in feet) < 0.6 * len(frames) * g.height * g.width
+    stds = [M.resample_footprint(f["los_std"], g, window=ft.window) for f, ft in zip(frames, feet)]
+    np.testing.assert_allclose(stds[1].full(g), M.resample_to_grid(frames[1]["los_std"], g).values, rtol=1e-6)
+
+    pw = {(p.i, p.j): p for p in M.overlap_pairs(whole, g)}
+    pf = {(p.i, p.j): p for p in M.overlap_pairs(feet, g)}
+    assert set(pw) == set(pf) == {(0, 1), (0, 2)}
+    for key in pw:
+        w, f = pw[key], pf[key]
+        r0, r1, c0, c1 = f.window
+        assert f.window is not None and w.window is None and f.mask.size < w.mask.size
+        assert (f.n_pixels, f.area_km2) == (w.n_pixels, w.area_km2)
+        np.testing.assert_array_equal(w.mask[r0:r1, c0:c1], f.mask)
+        assert w.mask.sum() == f.mask.sum()
+        for seed in range(4):                               # the stride lattice stays on the grid's
+            sw = M.sample_overlap(whole[key[0]], whole[key[1]], w.mask, max_samples=30, rng=seed, grid=g)
+            sf = M.sample_overlap(feet[key[0]].crop(f.window), feet[key[1]].crop(f.window), f.mask,
+                                  max_samples=30, rng=seed, grid=g, window=f.window,
+                                  a_std=stds[key[0]].crop(f.window), b_std=stds[key[1]].crop(f.window))
+            assert sw.stride == sf.stride > 1
+            np.testing.assert_array_equal(sf.rows, sw.rows)
+            np.testing.assert_array_equal(sf.cols, sw.cols)
+            np.testing.assert_array_equal(sf.diff, sw.diff)
+            np.testing.assert_array_equal(sf.lon, sw.lon)
+            np.testing.assert_allclose(sf.diff_std, np.sqrt(2.0), rtol=1e-6)
+    # a crop reaching outside the footprint is NaN there; an empty footprint has an empty window
+    f = feet[3]
+    out = f.crop((f.window[0] - 2, f.window[1], f.window[2], f.window[3]))
+    assert np.isnan(out[:2]).all() and np.array_equal(out[2:], f.values, equal_nan=True)
+    blank = a["los_velocity"] * np.nan
+    assert M.resample_footprint(blank, g).window == (0, 0, 0, 0)
+    with pytest.raises(ArrayArgumentError, match="needs the grid"):
+        M.overlap_pairs(feet)
+    with pytest.raises(ArrayArgumentError, match="window"):
+        M.sample_overlap(whole[0].values, whole[1].values, pw[(0, 1)].mask, grid=g, window=pf[(0, 1)].window)
+    with pytest.raises(ArrayArgumentError, match="not inside the grid"):
+        M.resample_footprint(a["los_velocity"], g, window=(0, g.height + 5, 0, 3))
+
+
+def test_merge_plan_equals_merge_frames_bitwise_epoch_by_epoch():
+    """A plan (frames' footprints, edge ramps and warped weights derived once, as the time series uses it) gives
+    exactly merge_frames' mosaic for every epoch: epochs valid where the template is, an epoch that lost pixels
+    (its ramp is derived again), frames on other grids and CRSs and one already on the grid, several tiles."""
+    rng = np.random.default_rng(11)
+    a = make_frame(114.0, 38.0, 40, 30, 0.01, plane)
+    b = make_frame(114.255, 37.93, 36, 28, 0.01, plane, frame_id="014A_00002_000000")  # offset lattice
+    utm = "EPSG:32650"
+    to_utm = Transformer.from_crs("EPSG:4326", utm, always_xy=True)
+    x0, y0 = to_utm.transform(114.15, 37.85)
+    c = make_frame(x0, y0, 25, 20, 900.0, 1.0, crs=utm, frame_id="119D_00001_000000", e=0.6)
+    g = M.target_grid([a, b])
+    d = M.resample_to_grid(make_frame(114.0, 38.0, 60, 40, 0.01, plane), g)   # exactly on the grid
+    d["los_velocity"] = d["los_velocity"].where(np.arange(g.width)[None, :] > 30)
+    frames = [a, b, c, d]
+    tpl = [f["los_velocity"] for f in frames]
+    sig = [f["los_velocity"].copy(data=np.where(np.isfinite(f["los_velocity"].values), 0.5 + k,
+                                                np.nan).astype(np.float32)) for k, f in enumerate(frames)]
+    plan = M.MergePlan(tpl, sig, g, feather_km=3.0, tile_size=16)
+    assert plan.tile == 16 and len(plan.tiles) > 4
+    for epoch in range(4):
+        vals = [t.copy(data=(t.values * (1 + 0.1 * epoch) + rng.normal(0, 1, t.shape)).astype(np.float32))
+                for t in tpl]
+        if epoch == 2:  # one frame loses a block of pixels in this epoch only
+            vals[0] = vals[0].where((np.arange(30)[:, None] < 8) | (np.arange(40)[None, :] < 20))
+        if epoch == 3:  # the frame on the grid too
+            vals[3] = vals[3].where(np.arange(g.height)[:, None] > 5)
+        stds = [s.where(np.isfinite(v.values)) for s, v in zip(sig, vals)]
+        ref = M.merge_frames(vals, stds, g, feather_km=3.0, tile_size=16)
+        got = plan.merge(vals)
+        np.testing.assert_array_equal(got.value, ref.value)
+        np.testing.assert_array_equal(got.std, ref.std)
+        np.testing.assert_array_equal(got.count, ref.count)
+        assert (got.n_tiles, got.tile_size) == (ref.n_tiles, ref.tile_size)
+        assert np.isfinite(got.value).sum() > 0.5 * g.height * g.width
+    # plain arrays on the frames' grids do as well as DataArrays
+    np.testing.assert_array_equal(plan.merge([v.values for v in vals]).value, got.value)
+    with pytest.raises(ArrayArgumentError, match="3 rasters for a plan of 4 frames"):
+        plan.merge(vals[:3])
+    with pytest.raises(ArrayArgumentError, match="shape"):
+        plan.merge([vals[0].values[:-1]] + vals[1:])
+    bad = [v.copy(data=np.full(v.shape, 1.0, np.float32)) for v in vals]   # valid where the sigma is not
+    with pytest.raises(InputError, match="values\\[3\\] is valid at 1155 pixels where the plan's std_list\\[3\\]"):
+        plan.merge(bad)
+    with pytest.raises(ArrayArgumentError, match="georeferenced"):
+        M.MergePlan([v.values for v in vals], sig, g)
+
+
 def test_a_one_pixel_overlap_is_not_a_tie_and_is_reported(caplog):
     a = make_frame(114.0, 38.0, 10, 10, 0.01, 1.0, frame_id="014A_00001_000000")
     b = make_frame(114.09, 37.91, 10, 10, 0.01, 3.0, frame_id="014A_00002_000000")  # shares one corner pixel

@@ -1,0 +1,38 @@
+"""Small pieces of the pipeline that the end-to-end tests do not pin down exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rioxarray  # noqa: F401
+import xarray as xr
+
+from gpu_insar_adjust import pipeline as P
+
+
+def _frame(crs: str, x0: float, y0: float, dx: float, nx: int = 37, ny: int = 23) -> xr.Dataset:
+    x = x0 + dx * (np.arange(nx) + 0.5)
+    y = y0 - dx * (np.arange(ny) + 0.5)
+    v = np.zeros((ny, nx), np.float32)
+    return xr.Dataset({"los_velocity": (("y", "x"), v)}, coords={"y": y, "x": x}).rio.write_crs(crs)
+
+
+@pytest.mark.parametrize("crs,x0,y0,dx", [("EPSG:4326", 114.0, 39.0, 0.01),
+                                          ("EPSG:32650", 400_000.0, 4_300_000.0, 500.0)])
+def test_frame_km_by_rows_equals_the_per_pixel_coordinates(crs, x0, y0, dx):
+    """The row-block coordinates that apply the network corrections are the per-pixel ones: bitwise for a
+    geographic frame (trigonometry per row, the same operations per element), to the projection's precision for
+    a projected one."""
+    fr = _frame(crs, x0, y0, dx)
+    lon, lat = P._frame_lonlat_grid(fr)
+    xr_ref, yr_ref = P._frame_km(fr, lon, lat)
+    xb, yb = P._frame_km_rows(fr, 5, 17)
+    assert xb.shape == yb.shape == (12, fr.sizes["x"])
+    if crs == "EPSG:4326":
+        np.testing.assert_array_equal(xb, xr_ref[5:17])
+        np.testing.assert_array_equal(yb, yr_ref[5:17])
+    else:
+        np.testing.assert_allclose(xb, xr_ref[5:17], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(yb, yr_ref[5:17], rtol=0, atol=1e-9)
+    # a frame some 20 km across: x and y span it (not a degenerate grid)
+    assert np.ptp(xb) > 10 and np.ptp(yr_ref) > 10
