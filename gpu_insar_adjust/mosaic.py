@@ -336,10 +336,32 @@ def _warp(src: np.ndarray, src_crs, src_transform, grid: TargetGrid, resampling:
     # the kernel when the target is coarser than the source (that low-pass is slightly asymmetric and biases a
     # smooth field by up to ~5 % of a pixel step); coarsening on purpose is what "average" is for.
     opts = {"XSCALE": 1, "YSCALE": 1} if resampling == "bilinear" else {}
+    # num_threads: GDAL's warper splits the destination between threads (the same pixels; 1.7x on two cores)
     reproject(np.ascontiguousarray(src, dtype=np.float32), dst, src_transform=src_transform, src_crs=src_crs,
               src_nodata=np.nan, dst_transform=grid.window_transform(r0, c0), dst_crs=grid.crs,
-              dst_nodata=np.nan, resampling=_resampling_enum(resampling), **opts)
+              dst_nodata=np.nan, resampling=_resampling_enum(resampling), num_threads=_host_threads(), **opts)
     return dst
+
+
+def _host_threads() -> int:
+    """Cores this process may use (its CPU affinity), at most 8."""
+    import os
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, n))
+
+
+def _host_map(fn, items) -> list:
+    """``[fn(x) for x in items]`` on the host's cores: threads, for work that releases the GIL (SciPy's distance
+    transforms); not for rasterio calls, whose warning handling is not thread-safe."""
+    items = list(items)
+    n = min(len(items), _host_threads())
+    if n <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(fn, items))
 
 
 def _kind_of(name: str | None, dtype) -> str:
@@ -654,6 +676,7 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
     pix_grid = _pixel_size_km(grid.crs, grid.transform, grid.height)
 
     sources: list[_Source] = []
+    ramp_jobs: list[tuple] = []
     xp = None
     for i, (los, std) in enumerate(zip(los_list, std_list)):
         los_da, std_da = (_da_of(los), _da_of(std, "los_std")) if _is_xr(los) else (los, std)
@@ -679,14 +702,14 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
                     raise ArrayArgumentError(f"extra[{i}][{k}] has shape {x_np.shape}; los_list[{i}] is {(h, w)}.",
                                              field=f"extra[{i}][{k}]", fix="give extra rasters on the frame's grid")
                 ex.append(x_np)
+            # edge ramps (a distance transform each) are computed below, all frames at once on the host's cores
             if here.matches(grid):
-                ramp = feather_ramp(valid, pix_grid, feather_km)
-                sources.append(_Source(True, los_np, np.square(std_np).astype(np.float32), ramp, extra=tuple(ex)))
+                ramp_jobs.append((len(sources), valid, pix_grid, False))
+                sources.append(_Source(True, los_np, np.square(std_np).astype(np.float32), None, extra=tuple(ex)))
             else:
-                ramp = feather_ramp(valid, _pixel_size_km(crs, t, h), feather_km)
-                ramp = np.where(valid, ramp, np.nan).astype(np.float32)
+                ramp_jobs.append((len(sources), valid, _pixel_size_km(crs, t, h), True))
                 var = np.where(valid, np.square(std_np), np.nan).astype(np.float32)
-                sources.append(_Source(False, np.where(valid, los_np, np.nan), var, ramp, crs, t,
+                sources.append(_Source(False, np.where(valid, los_np, np.nan), var, None, crs, t,
                                        _footprint_window(los_da, grid),
                                        tuple(np.where(valid, x, np.nan).astype(np.float32) for x in ex)))
         else:
@@ -711,6 +734,14 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
             raise ArrayArgumentError("The frames to merge live on different array backends.",
                                      field=f"los_list[{i}]", fix="move all inputs to one backend first")
 
+    def host_ramp(job):
+        _, valid, pix, native = job
+        ramp = feather_ramp(valid, pix, feather_km)
+        return np.where(valid, ramp, np.nan).astype(np.float32) if native else ramp
+
+    for job, ramp in zip(ramp_jobs, _host_map(host_ramp, ramp_jobs)):
+        sources[job[0]] = sources[job[0]]._replace(ramp=ramp)
+
     # memory: shrink the tile until one tile's working set fits the budget
     tile = int(min(tile_size, max(grid.shape)))
     tile_asked = tile
@@ -723,6 +754,7 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
             notes.append(f"tile size reduced to {tile} px to fit a memory budget of {memory_budget_bytes} B")
 
     f32, f64 = xp.float32, xp.float64
+    fused = _fused_accumulate(xp)
     value = xp.full(grid.shape, xp.nan, dtype=f32)
     std_out = xp.full(grid.shape, xp.nan, dtype=f32)
     count = xp.zeros(grid.shape, dtype=xp.int16)
@@ -737,8 +769,8 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
             swv = xp.zeros_like(sw)
             sw2v = xp.zeros_like(sw)
             cnt = xp.zeros((r1 - r0, c1 - c0), dtype=xp.int16)
-            esw = [xp.zeros_like(sw) for _ in range(n_extra)]
-            eswv = [xp.zeros_like(sw) for _ in range(n_extra)]
+            esw = xp.zeros((n_extra, r1 - r0, c1 - c0), dtype=f64)
+            eswv = xp.zeros_like(esw)
             for s in sources:
                 # only the part of the tile the frame covers: a frame is a few per cent of a wide-area grid, and
                 # warping and summing it over whole tiles cost frames × grid instead of the frames' footprints
@@ -758,27 +790,50 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
                     rp = xp.asarray(_warp(s.ramp, s.crs, s.transform, grid, resampling, win))
                     ex = [xp.asarray(_warp(x, s.crs, s.transform, grid, resampling, win)) for x in s.extra]
                 t = (slice(a0 - r0, a1 - r0), slice(b0 - c0, b1 - c0))
-                ok, w, v0, var0 = _weights(xp, v, var, rp)
-                sw[t], swv[t] = sw[t] + w, swv[t] + w * v0
-                sw2v[t], cnt[t] = sw2v[t] + w * w * var0, cnt[t] + xp.astype(ok, xp.int16)
-                for k, x in enumerate(ex):
-                    # the frame's own weight, where this raster is finite as well
-                    fin = xp.isfinite(x)
-                    w_k = xp.where(fin, w, xp.zeros_like(w))
-                    x0 = xp.where(fin, xp.astype(x, xp.float64), xp.zeros_like(w))
-                    esw[k][t], eswv[k][t] = esw[k][t] + w_k, eswv[k][t] + w_k * x0
+                _accumulate(xp, v, var, rp, ex, t, sw, swv, sw2v, cnt, esw, eswv, fused)
             has = sw > 0
             safe = xp.where(has, sw, xp.ones_like(sw))
             value[r0:r1, c0:c1] = xp.astype(xp.where(has, swv / safe, xp.nan), f32)
             std_out[r0:r1, c0:c1] = xp.astype(xp.where(has, xp.sqrt(sw2v) / safe, xp.nan), f32)
             count[r0:r1, c0:c1] = cnt
             for k in range(n_extra):
-                h_k = esw[k] > 0
+                h_k = esw[k, ...] > 0
                 extra_out[k][r0:r1, c0:c1] = xp.astype(
-                    xp.where(h_k, eswv[k] / xp.where(h_k, esw[k], xp.ones_like(sw)), xp.nan), f32)
+                    xp.where(h_k, eswv[k, ...] / xp.where(h_k, esw[k, ...], xp.ones_like(sw)), xp.nan), f32)
     log.info("merged %d frames on a %d x %d grid in %d tile(s) of <= %d px", len(sources), grid.width,
              grid.height, n_tiles, tile)
     return MergeResult(value, std_out, count, grid, tile, n_tiles, notes, extra_out)
+
+
+def _fused_accumulate(xp) -> bool:
+    """Whether the merge sums go through the one-pass numba kernel (NumPy arrays, numba CPU engine)."""
+    if backend.backend_name(xp) != "numpy":
+        return False
+    from .kernels.cpu import cpu_engine
+
+    return cpu_engine() == "numba"
+
+
+def _accumulate(xp, v, var, rp, ex, t, sw, swv, sw2v, cnt, esw, eswv, fused: bool) -> None:
+    """Add one frame's part ``t`` (a pair of slices) of a tile to the tile's weighted sums (see merge_frames)."""
+    if fused:
+        from .kernels.cpu import merge_accumulate
+
+        f32 = np.float32
+        extra = (np.stack([np.asarray(x, f32) for x in ex]) if ex else
+                 np.empty((0,) + tuple(v.shape), f32))
+        merge_accumulate(np.asarray(v, f32), np.asarray(var, f32), np.asarray(rp, f32), extra, sw[t], swv[t],
+                         sw2v[t], cnt[t], esw[:, t[0], t[1]], eswv[:, t[0], t[1]])
+        return
+    ok, w, v0, var0 = _weights(xp, v, var, rp)
+    sw[t], swv[t] = sw[t] + w, swv[t] + w * v0
+    sw2v[t], cnt[t] = sw2v[t] + w * w * var0, cnt[t] + xp.astype(ok, xp.int16)
+    for k, x in enumerate(ex):
+        # the frame's own weight, where this raster is finite as well
+        fin = xp.isfinite(x)
+        w_k = xp.where(fin, w, xp.zeros_like(w))
+        x0 = xp.where(fin, xp.astype(x, xp.float64), xp.zeros_like(w))
+        esw[k, t[0], t[1]], eswv[k, t[0], t[1]] = esw[k, t[0], t[1]] + w_k, eswv[k, t[0], t[1]] + w_k * x0
 
 
 def _weights(xp, v, var, ramp):
@@ -857,13 +912,16 @@ class MergePlan:
             on_grid = TargetGrid(crs, t, w, h).matches(grid)
             var = np.square(std_np).astype(np.float32)
             var = np.where(np.isfinite(std_np) & (std_np > 0), var, np.float32(np.nan))
-            pf = _PlanFrame(crs, t, (h, w), on_grid, valid, var, pix_grid if on_grid else
-                            _pixel_size_km(crs, t, h), _footprint_window(los_da, grid), {})
-            self.frames.append(pf._replace(pieces=self._pieces(pf, valid)))
+            self.frames.append(_PlanFrame(crs, t, (h, w), on_grid, valid, var, pix_grid if on_grid else
+                                          _pixel_size_km(crs, t, h), _footprint_window(los_da, grid), {}))
+        # the edge ramps (distance transforms) on the host's cores; the warps one frame after the other (GDAL
+        # threads each warp itself; rasterio's Python side is not for concurrent calls)
+        ramps = _host_map(lambda pf: feather_ramp(pf.valid, pf.pix_km, self.feather_km), self.frames)
+        self.frames = [pf._replace(pieces=self._pieces(pf, pf.valid, r)) for pf, r in zip(self.frames, ramps)]
 
-    def _pieces(self, pf: _PlanFrame, valid: np.ndarray) -> dict:
+    def _pieces(self, pf: _PlanFrame, valid: np.ndarray, ramp: np.ndarray | None = None) -> dict:
         """Per tile the frame reaches: (grid window, ramp, variance) on that window, for the valid pixels."""
-        ramp = feather_ramp(valid, pf.pix_km, self.feather_km)
+        ramp = feather_ramp(valid, pf.pix_km, self.feather_km) if ramp is None else ramp
         if pf.on_grid:  # as merge_frames' frames already on the grid: no warping, the variance as given
             var = pf.var
         else:
@@ -918,18 +976,18 @@ class MergePlan:
         value = np.full(grid.shape, np.nan, dtype=f32)
         std_out = np.full(grid.shape, np.nan, dtype=f32)
         count = np.zeros(grid.shape, dtype=np.int16)
+        fused = _fused_accumulate(np)
         for k, (r0, r1, c0, c1) in enumerate(self.tiles):
             sw = np.zeros((r1 - r0, c1 - c0))
             swv, sw2v = np.zeros_like(sw), np.zeros_like(sw)
             cnt = np.zeros((r1 - r0, c1 - c0), dtype=np.int16)
+            esw = np.zeros((0, r1 - r0, c1 - c0))
             for pf, pc, v in zip(self.frames, pieces, vals):
                 if k not in pc:
                     continue
                 win, rp, var = pc[k]
                 t = (slice(win[0] - r0, win[1] - r0), slice(win[2] - c0, win[3] - c0))
-                ok, w, v0, var0 = _weights(np, self._on(pf, v, win), var, rp)
-                sw[t], swv[t] = sw[t] + w, swv[t] + w * v0
-                sw2v[t], cnt[t] = sw2v[t] + w * w * var0, cnt[t] + ok.astype(np.int16)
+                _accumulate(np, self._on(pf, v, win), var, rp, [], t, sw, swv, sw2v, cnt, esw, esw, fused)
             has = sw > 0
             safe = np.where(has, sw, 1.0)
             value[r0:r1, c0:c1] = np.where(has, swv / safe, np.nan).astype(f32)

@@ -626,6 +626,53 @@ def _nb():
 
 
 # --------------------------------------------------------------------------------------------------------------
+# merge accumulation (mosaic.merge_frames, mosaic.MergePlan)
+# --------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _nb_merge():
+    import numba as nb
+    from numba import prange
+
+    # no fastmath: the sums must equal those of the array-API path bit for bit
+    @nb.njit(parallel=True, cache=True)
+    def merge_accumulate(v, var, ramp, extra, sw, swv, sw2v, cnt, esw, eswv):
+        ny, nx = v.shape
+        ne = extra.shape[0]
+        for r in prange(ny):
+            for c in range(nx):
+                x = np.float64(v[r, c])
+                s2 = np.float64(var[r, c])
+                rp = np.float64(ramp[r, c])
+                if not (np.isfinite(x) and np.isfinite(s2) and s2 > 0.0 and np.isfinite(rp) and rp > 0.0):
+                    continue
+                w = rp / s2
+                sw[r, c] += w
+                swv[r, c] += w * x
+                sw2v[r, c] += w * w * s2
+                cnt[r, c] += 1
+                for k in range(ne):
+                    e = np.float64(extra[k, r, c])
+                    if np.isfinite(e):
+                        esw[k, r, c] += w
+                        eswv[k, r, c] += w * e
+
+    return merge_accumulate
+
+
+def merge_accumulate(v, var, ramp, extra, sw, swv, sw2v, cnt, esw, eswv) -> None:
+    """Add one frame's tile to the weighted-merge sums, in place, in one pass (numba, both cores).
+
+    ``v``, ``var``, ``ramp`` (float32, (ny, nx)): the frame's values, variances and edge ramp on the tile;
+    ``extra`` (float32, (k, ny, nx)) further rasters merged with the same weight. Where value, variance and ramp
+    are usable (finite, variance and ramp > 0), ``w = ramp / var`` is added to ``sw``, ``w·v`` to ``swv``,
+    ``w²·var`` to ``sw2v``, 1 to ``cnt`` (int16), and for each finite extra ``w`` to ``esw[k]`` and ``w·x`` to
+    ``eswv[k]`` (float64). The same sums as ``mosaic.merge_frames``' array-API path, bit for bit, without its
+    ten float64 temporaries per tile.
+    """
+    _nb_merge()(v, var, ramp, extra, sw, swv, sw2v, cnt, esw, eswv)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # small helpers shared by both engines
 # --------------------------------------------------------------------------------------------------------------
 def _solve_small_spd(nrm_packed: np.ndarray, rhs: np.ndarray, cnt: np.ndarray, n_terms: int) -> np.ndarray:
