@@ -56,6 +56,9 @@ def stage(name: str, logger: logging.Logger | None = None) -> Iterator[None]:
         dt = time.perf_counter() - t0
         STAGE_TIMES[name] = STAGE_TIMES.get(name, 0.0) + dt
         log.info("%s done in %.2f s", name, dt)
+        from .backend import trim_host_memory
+
+        trim_host_memory()  # what the stage freed goes back to the system before the next one allocates
 
 
 def progress(iterable: Iterable[T], description: str, total: int | None = None,
