@@ -795,10 +795,9 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                 los_das = [_frame_da(frames[k], los_adj[k], "los") for k in members]
                 lstd = [_frame_da(frames[k], vstds[k] * np.asarray(frames[k]["los_u"].values, np.float64), "los_std")
                         for k in members]
-                # unit vectors merged with the LOS weights (and its valid mask), so that the merged LOS is
-                # exactly the merged unit vector times the motion
-                comps = [[np.where(np.isfinite(los_adj[k]), np.asarray(frames[k][var].values, np.float32),
-                                   np.float32(np.nan)) for var in ("los_e", "los_n", "los_u")] for k in members]
+                # unit vectors merged with the LOS weights (merge_frames masks them with the LOS's valid pixels),
+                # so that the merged LOS is exactly the merged unit vector times the motion
+                comps = [[frames[k][var].values for var in ("los_e", "los_n", "los_u")] for k in members]
                 m = merge_frames(los_das, lstd, grid, feather_km=cfg.mosaic.feather_km, tile_size=cfg.mosaic.tile_size,
                                  extra=comps)
                 # float32 as merged; the decomposition computes in float64 block by block
