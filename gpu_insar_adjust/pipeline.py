@@ -605,24 +605,25 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
     # vertical-equivalent velocity of every adjusted frame. Per-frame rasters are kept in float32, as the frames
     # and the adjustments store them (sums and solves are float64): at 100 m the frames of a plain hold ~10^8
     # pixels, and every float64 copy of them costs a GB
-    verts, vstds_noise, los_adj = [], [], []
-    for fr, adj, hf in zip(frames, adjustments, hfields):
-        # own copies: the network corrections are applied to them in place
-        if adj is None:
-            la = np.array(backend.to_numpy(fr["los_velocity"].data), np.float32)
-            cs = np.zeros_like(la)
-        else:
-            la = np.array(backend.to_numpy(adj.los_adjusted.data), np.float32)
-            cs = np.asarray(backend.to_numpy(adj.correction_std.data), np.float32)
-        ls = (np.asarray(backend.to_numpy(fr["los_std"].data), np.float64) if "los_std" in fr
-              else np.full(la.shape, 2.0))
-        # a product sigma of 0 (or missing) is not credible: floor it at 0.1 mm/yr
-        noise = np.square(np.where(np.isfinite(ls) & (ls > 0.1), ls, np.where(np.isfinite(ls), 0.1, 2.0)))
-        # overlaps see pixel noise and the correction's formal sigma; the long-wavelength error the chosen model
-        # left (its CV RMSE) is what the network estimates, so it weighs only the merge of the frames (below)
-        v, s_noise = frame_vertical_equivalent(fr, la, np.sqrt(noise + np.square(np.nan_to_num(cs), dtype=np.float64)),
-                                               hf)
-        verts.append(v), vstds_noise.append(s_noise), los_adj.append(la)
+    with stage("vertical equivalent", log):
+        verts, vstds_noise, los_adj = [], [], []
+        for fr, adj, hf in zip(frames, adjustments, hfields):
+            # own copies: the network corrections are applied to them in place
+            if adj is None:
+                la = np.array(backend.to_numpy(fr["los_velocity"].data), np.float32)
+                cs = np.zeros_like(la)
+            else:
+                la = np.array(backend.to_numpy(adj.los_adjusted.data), np.float32)
+                cs = np.asarray(backend.to_numpy(adj.correction_std.data), np.float32)
+            ls = (np.asarray(backend.to_numpy(fr["los_std"].data), np.float64) if "los_std" in fr
+                  else np.full(la.shape, 2.0))
+            # a product sigma of 0 (or missing) is not credible: floor it at 0.1 mm/yr
+            noise = np.square(np.where(np.isfinite(ls) & (ls > 0.1), ls, np.where(np.isfinite(ls), 0.1, 2.0)))
+            # overlaps see pixel noise and the correction's formal sigma; the long-wavelength error the chosen model
+            # left (its CV RMSE) is what the network estimates, so it weighs only the merge of the frames (below)
+            sigma = np.sqrt(noise + np.square(np.nan_to_num(cs), dtype=np.float64))
+            v, s_noise = frame_vertical_equivalent(fr, la, sigma, hf)
+            verts.append(v), vstds_noise.append(s_noise), los_adj.append(la)
 
     # 4. network adjustment over overlaps + GNSS ties ---------------------------------------------------------
     with stage("network adjustment", log):
@@ -713,58 +714,59 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                                                                          np.maximum(misfit, 0.5), 1.0),
                             robust_weights=net_poly.robust_weights)
 
-    # a frame with no usable GNSS station and no overlap with a GNSS-tied frame cannot be referenced at all
-    lost = [ids[k] for k in range(len(frames)) if adjustments[k] is None and net.held_by[k] in ("prior", "disabled")]
-    if lost:
-        raise AdjustmentError(f"{len(lost)} frame(s) have no usable GNSS station and no overlap with a frame that "
-                              f"has: {', '.join(lost)}.", file=frames_dir, field="frames",
-                              fix="add GNSS stations inside these frames or frames that connect them to GNSS, or "
-                                  "remove them from --frames")
+    with stage("network corrections", log):
+        # a frame with no usable GNSS station and no overlap with a GNSS-tied frame cannot be referenced at all
+        lost = [ids[k] for k in range(len(frames)) if adjustments[k] is None and net.held_by[k] in ("prior", "disabled")]
+        if lost:
+            raise AdjustmentError(f"{len(lost)} frame(s) have no usable GNSS station and no overlap with a frame that "
+                                  f"has: {', '.join(lost)}.", file=frames_dir, field="frames",
+                                  fix="add GNSS stations inside these frames or frames that connect them to GNSS, or "
+                                      "remove them from --frames")
 
-    # apply the network corrections: vertical-equivalent and LOS (LOS correction = u × vertical correction).
-    # Merge sigma: the noise plus the error the formal sigma does not see — the chosen model's CV RMSE (LOS, so
-    # its variance divides by u²) and, with misfit weights, the frame's misfit with its neighbours (before the
-    # spline bent it toward them), the larger of the two
-    use_misfit = nc.enabled and nc.misfit_weights
-    final_corr, vstds = [], []
-    for k, fr in enumerate(frames):
-        # by blocks of rows: the float64 work (coordinates, correction surface) stays a block's worth
-        ny, nx = verts[k].shape
-        u_all = np.asarray(backend.to_numpy(fr["los_u"].data))
-        ml_all = None if adjustments[k] is None else np.asarray(backend.to_numpy(adjustments[k].correction.data))
-        fc, vs = np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32)
-        cv = _cv_rmse(adjustments[k])
-        step = max(1, _ROW_BLOCK_PIXELS // max(nx, 1))
-        for r0 in range(0, ny, step):
-            rs = slice(r0, min(r0 + step, ny))
-            xk, yk = _frame_km_rows(fr, rs.start, rs.stop)
-            c_vert = net.correction(k, xk.ravel(), yk.ravel()).reshape(xk.shape)
-            u = np.asarray(u_all[rs], np.float64)
-            verts[k][rs] = verts[k][rs] - c_vert
-            los_adj[k][rs] = los_adj[k][rs] - u * c_vert
-            ml = 0.0 if ml_all is None else np.asarray(ml_all[rs], np.float64)
-            fc[rs] = ml + u * c_vert
-            extra = np.square(cv / u)
-            if use_misfit and np.isfinite(misfit[k]):
-                extra = np.maximum(extra, misfit[k] ** 2)
-            vs[rs] = np.sqrt(np.square(vstds_noise[k][rs], dtype=np.float64) + extra)
-        final_corr.append(fc)
-        vstds.append(vs)
-    for k, (p_stat, p) in enumerate(zip(net.pairs, overlaps)):
-        p_stat["frames"] = [ids[p.i], ids[p.j]]
-        if net_poly is not None:
-            p_stat["rms_after_polynomial"] = net_poly.pairs[k]["rms_after"]
-        if nc.enabled:
-            # the network's figures are over the samples it used (slow ground only with max_rate_mm_yr); these
-            # are over the whole overlap, fast ground included
-            w = tied[k].window
-            smp = sample_overlap(on_grid[p.i].crop(w), on_grid[p.j].crop(w), tied[k].mask, grid=grid, window=w,
-                                 rng=0, max_samples=100_000)
-            if smp.diff.size:
-                ci = net.correction(p.i, *_frame_km(frames[p.i], smp.lon, smp.lat))
-                cj = net.correction(p.j, *_frame_km(frames[p.j], smp.lon, smp.lat))
-                p_stat["rms_all_pixels_before"] = float(np.sqrt(np.mean(smp.diff ** 2)))
-                p_stat["rms_all_pixels_after"] = float(np.sqrt(np.mean((smp.diff - ci + cj) ** 2)))
+        # apply the network corrections: vertical-equivalent and LOS (LOS correction = u × vertical correction).
+        # Merge sigma: the noise plus the error the formal sigma does not see — the chosen model's CV RMSE (LOS, so
+        # its variance divides by u²) and, with misfit weights, the frame's misfit with its neighbours (before the
+        # spline bent it toward them), the larger of the two
+        use_misfit = nc.enabled and nc.misfit_weights
+        final_corr, vstds = [], []
+        for k, fr in enumerate(frames):
+            # by blocks of rows: the float64 work (coordinates, correction surface) stays a block's worth
+            ny, nx = verts[k].shape
+            u_all = np.asarray(backend.to_numpy(fr["los_u"].data))
+            ml_all = None if adjustments[k] is None else np.asarray(backend.to_numpy(adjustments[k].correction.data))
+            fc, vs = np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32)
+            cv = _cv_rmse(adjustments[k])
+            step = max(1, _ROW_BLOCK_PIXELS // max(nx, 1))
+            for r0 in range(0, ny, step):
+                rs = slice(r0, min(r0 + step, ny))
+                xk, yk = _frame_km_rows(fr, rs.start, rs.stop)
+                c_vert = net.correction(k, xk.ravel(), yk.ravel()).reshape(xk.shape)
+                u = np.asarray(u_all[rs], np.float64)
+                verts[k][rs] = verts[k][rs] - c_vert
+                los_adj[k][rs] = los_adj[k][rs] - u * c_vert
+                ml = 0.0 if ml_all is None else np.asarray(ml_all[rs], np.float64)
+                fc[rs] = ml + u * c_vert
+                extra = np.square(cv / u)
+                if use_misfit and np.isfinite(misfit[k]):
+                    extra = np.maximum(extra, misfit[k] ** 2)
+                vs[rs] = np.sqrt(np.square(vstds_noise[k][rs], dtype=np.float64) + extra)
+            final_corr.append(fc)
+            vstds.append(vs)
+        for k, (p_stat, p) in enumerate(zip(net.pairs, overlaps)):
+            p_stat["frames"] = [ids[p.i], ids[p.j]]
+            if net_poly is not None:
+                p_stat["rms_after_polynomial"] = net_poly.pairs[k]["rms_after"]
+            if nc.enabled:
+                # the network's figures are over the samples it used (slow ground only with max_rate_mm_yr); these
+                # are over the whole overlap, fast ground included
+                w = tied[k].window
+                smp = sample_overlap(on_grid[p.i].crop(w), on_grid[p.j].crop(w), tied[k].mask, grid=grid, window=w,
+                                     rng=0, max_samples=100_000)
+                if smp.diff.size:
+                    ci = net.correction(p.i, *_frame_km(frames[p.i], smp.lon, smp.lat))
+                    cj = net.correction(p.j, *_frame_km(frames[p.j], smp.lon, smp.lat))
+                    p_stat["rms_all_pixels_before"] = float(np.sqrt(np.mean(smp.diff ** 2)))
+                    p_stat["rms_all_pixels_after"] = float(np.sqrt(np.mean((smp.diff - ci + cj) ** 2)))
     # free what only the network needed before the mosaic (at 100 m each of these is a GB or more): the
     # footprints, the noise sigmas, the per-frame models' rasters (their corrections are in final_corr now) and
     # the horizontal field's sigmas (later stages use its mean only)
