@@ -120,6 +120,20 @@ def test_netcdf_round_trip(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_netcdf_chunks_tile_the_dask_chunks(tmp_path):
+    """A Dask-backed cube is written in file chunks that tile its Dask chunks (at most 16 epochs deep): each
+    Dask chunk then writes whole compressed chunks; the values come back exactly."""
+    cube = _cube(nt=40, ny=30, nx=40).chunk({"time": -1, "y": 15, "x": 20})
+    write_netcdf(cube, tmp_path / "a.nc")
+    with xr.open_dataset(tmp_path / "a.nc") as back:
+        assert back["displacement"].encoding["chunksizes"] == (16, 15, 20)
+        np.testing.assert_array_equal(back["displacement"].values, cube.values)
+    write_netcdf(cube.chunk({"time": 5, "y": 30, "x": 8}), tmp_path / "b.nc")
+    with xr.open_dataset(tmp_path / "b.nc") as back:
+        assert back["displacement"].encoding["chunksizes"] == (5, 30, 8)
+        np.testing.assert_array_equal(back["displacement"].values, cube.values)
+
+
 def test_zarr_round_trip_and_replace(tmp_path):
     cube = _cube()
     write_zarr(cube, tmp_path / "cube.zarr")
