@@ -344,11 +344,10 @@ def _warp(src: np.ndarray, src_crs, src_transform, grid: TargetGrid, resampling:
 
 
 def _host_threads() -> int:
-    """Cores this process may use (its CPU affinity), at most 8."""
-    import os
+    """Cores this process may use (its CPU affinity, as the CPU kernels count them), at most 8."""
+    from .kernels.cpu import _n_threads
 
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, n))
+    return min(8, _n_threads())
 
 
 def _host_map(fn, items) -> list:
@@ -613,6 +612,36 @@ def _check_value_std(xp, los, std, i: int):
     return valid
 
 
+def _check_merge_args(values: list, stds: list, feather_km: float, tile_size: int, resampling: str,
+                      what: str) -> None:
+    """The arguments merge_frames and MergePlan share; ``what`` names the value rasters in the messages."""
+    if len(values) != len(stds):
+        raise ArrayArgumentError(f"{len(values)} value rasters but {len(stds)} std rasters.",
+                                 field="std_list", fix="give one std raster per value raster, in the same order")
+    if not values:
+        raise InputError("No frames to merge.", field=what, fix="pass at least one frame")
+    if feather_km < 0 or not math.isfinite(feather_km):
+        raise InputError(f"feather_km={feather_km!r} must be >= 0.", field="feather_km",
+                         fix="give the feathering width in km (0 turns it off)")
+    if tile_size < 1:
+        raise InputError(f"tile_size={tile_size!r} must be a positive number of pixels.", field="tile_size",
+                         fix="use e.g. 4096")
+    _resampling_enum(resampling)
+
+
+def _native_frame(los_da, std_da, i: int, what: str):
+    """``(crs, transform, height, width, values float32, std float64, valid)`` of frame ``i`` given as a value
+    and a std DataArray, which must share one grid (``what`` names the value rasters in the messages)."""
+    crs, t, h, w = _georef(los_da, f"{what}[{i}]")
+    crs_s, t_s, h_s, w_s = _georef(std_da, f"std_list[{i}]")
+    if (h, w) != (h_s, w_s) or crs != crs_s or not t.almost_equals(t_s):
+        raise ArrayArgumentError(f"std_list[{i}] is not on the grid of {what}[{i}].", field=f"std_list[{i}]",
+                                 fix="resample both to the same grid, or pass the frame's own los_std")
+    los_np = np.asarray(backend.to_numpy(los_da.data), dtype=np.float32)
+    std_np = np.asarray(backend.to_numpy(std_da.data), dtype=np.float64)
+    return crs, t, h, w, los_np, std_np, _check_value_std(np, los_np, std_np, i)
+
+
 def _tile_bytes(n_frames: int, tile: int) -> int:
     # per frame and tile: value, variance, ramp (float32) + warp scratch; accumulators: 3 float64 + count
     return tile * tile * (n_frames * 16 + 4 * 8 + 2 * 8)
@@ -654,18 +683,7 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
         look directions mixes different projections of the motion.
     """
     los_list, std_list = list(los_list), list(std_list)
-    if len(los_list) != len(std_list):
-        raise ArrayArgumentError(f"{len(los_list)} value rasters but {len(std_list)} std rasters.",
-                                 field="std_list", fix="give one std raster per value raster, in the same order")
-    if not los_list:
-        raise InputError("No frames to merge.", field="los_list", fix="pass at least one frame")
-    if feather_km < 0 or not math.isfinite(feather_km):
-        raise InputError(f"feather_km={feather_km!r} must be >= 0.", field="feather_km",
-                         fix="give the feathering width in km (0 turns it off)")
-    if tile_size < 1:
-        raise InputError(f"tile_size={tile_size!r} must be a positive number of pixels.", field="tile_size",
-                         fix="use e.g. 4096")
-    _resampling_enum(resampling)
+    _check_merge_args(los_list, std_list, feather_km, tile_size, resampling, "los_list")
     extra = [list(e) for e in extra] if extra is not None else [[] for _ in los_list]
     if len(extra) != len(los_list) or len({len(e) for e in extra}) > 1:
         raise ArrayArgumentError(f"extra must hold one sequence of rasters per frame, all of the same length "
@@ -684,15 +702,7 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
             raise ArrayArgumentError(f"los_list[{i}] and std_list[{i}] are not the same kind of object.",
                                      field=f"std_list[{i}]", fix="give both as DataArrays or both as arrays")
         if _is_xr(los_da):
-            crs, t, h, w = _georef(los_da, f"los_list[{i}]")
-            crs_s, t_s, h_s, w_s = _georef(std_da, f"std_list[{i}]")
-            if (h, w) != (h_s, w_s) or crs != crs_s or not t.almost_equals(t_s):
-                raise ArrayArgumentError(f"std_list[{i}] is not on the grid of los_list[{i}].",
-                                         field=f"std_list[{i}]",
-                                         fix="resample both to the same grid, or pass the frame's own los_std")
-            los_np = np.asarray(backend.to_numpy(los_da.data), dtype=np.float32)
-            std_np = np.asarray(backend.to_numpy(std_da.data), dtype=np.float64)
-            valid = _check_value_std(np, los_np, std_np, i)
+            crs, t, h, w, los_np, std_np, valid = _native_frame(los_da, std_da, i, "los_list")
             here = TargetGrid(crs, t, w, h)
             xp_i = backend.namespace(np.empty(0))
             ex = []
@@ -876,18 +886,7 @@ class MergePlan:
     def __init__(self, templates: Sequence, std_list: Sequence, grid: TargetGrid, *, feather_km: float = 10.0,
                  resampling: Resampling = "bilinear", tile_size: int = 4096):
         templates, std_list = list(templates), list(std_list)
-        if len(templates) != len(std_list):
-            raise ArrayArgumentError(f"{len(templates)} templates but {len(std_list)} std rasters.",
-                                     field="std_list", fix="give one std raster per template, in the same order")
-        if not templates:
-            raise InputError("No frames to merge.", field="templates", fix="pass at least one frame")
-        if feather_km < 0 or not math.isfinite(feather_km):
-            raise InputError(f"feather_km={feather_km!r} must be >= 0.", field="feather_km",
-                             fix="give the feathering width in km (0 turns it off)")
-        if tile_size < 1:
-            raise InputError(f"tile_size={tile_size!r} must be a positive number of pixels.", field="tile_size",
-                             fix="use e.g. 4096")
-        _resampling_enum(resampling)
+        _check_merge_args(templates, std_list, feather_km, tile_size, resampling, "templates")
         self.grid, self.feather_km, self.resampling = grid, float(feather_km), resampling
         self.tile = int(min(tile_size, max(grid.shape)))
         self.tiles = [(r0, min(r0 + self.tile, grid.height), c0, min(c0 + self.tile, grid.width))
@@ -900,15 +899,8 @@ class MergePlan:
                                          field=f"templates[{i}]",
                                          fix="pass xarray DataArrays with y/x coordinates and a CRS (the plan "
                                              "warps each frame from its own grid)")
-            los_da, std_da = _da_of(tpl), _da_of(std, "los_std")
-            crs, t, h, w = _georef(los_da, f"templates[{i}]")
-            crs_s, t_s, h_s, w_s = _georef(std_da, f"std_list[{i}]")
-            if (h, w) != (h_s, w_s) or crs != crs_s or not t.almost_equals(t_s):
-                raise ArrayArgumentError(f"std_list[{i}] is not on the grid of templates[{i}].",
-                                         field=f"std_list[{i}]", fix="give each frame's sigma on its own grid")
-            los_np = np.asarray(backend.to_numpy(los_da.data), dtype=np.float32)
-            std_np = np.asarray(backend.to_numpy(std_da.data), dtype=np.float64)
-            valid = _check_value_std(np, los_np, std_np, i)
+            los_da = _da_of(tpl)
+            crs, t, h, w, los_np, std_np, valid = _native_frame(los_da, _da_of(std, "los_std"), i, "templates")
             on_grid = TargetGrid(crs, t, w, h).matches(grid)
             var = np.square(std_np).astype(np.float32)
             var = np.where(np.isfinite(std_np) & (std_np > 0), var, np.float32(np.nan))
