@@ -402,7 +402,7 @@ def resample_to_grid(obj, grid: TargetGrid, *, resampling: Resampling = "bilinea
     def wrap(arr, src_da):
         out = xr.DataArray(arr, dims=("y", "x"), coords={"y": y, "x": x}, name=src_da.name,
                            attrs=dict(src_da.attrs))
-        return out.rio.write_crs(grid.crs).rio.write_transform(grid.transform)
+        return out.rio.write_crs(grid.crs, inplace=True).rio.write_transform(grid.transform, inplace=True)
 
     if isinstance(obj, xr.Dataset):
         crs, t, h, w = _georef(obj, "frame")
@@ -422,7 +422,7 @@ def resample_to_grid(obj, grid: TargetGrid, *, resampling: Resampling = "bilinea
         out.attrs.update(obj.attrs)
         if crs != grid.crs:
             out.attrs["grid_notes"] = f"reprojected from {crs.to_string()} to {grid.crs.to_string()}"
-        return out.rio.write_crs(grid.crs).rio.write_transform(grid.transform)
+        return out.rio.write_crs(grid.crs, inplace=True).rio.write_transform(grid.transform, inplace=True)
     if isinstance(obj, xr.DataArray):
         crs, t, h, w = _georef(obj, obj.name or "array")
         return wrap(_resample_one(obj, crs, t, grid, resampling,
@@ -1026,7 +1026,7 @@ def _rewrap(arr, template, name: str):
     import xarray as xr
 
     out = xr.DataArray(backend.to_numpy(arr), dims=template.dims, coords=template.coords, name=name)
-    return out.rio.write_crs(template.rio.crs) if template.rio.crs is not None else out
+    return out.rio.write_crs(template.rio.crs, inplace=True) if template.rio.crs is not None else out
 
 
 class VerticalResult(NamedTuple):

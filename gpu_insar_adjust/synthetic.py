@@ -889,7 +889,11 @@ def make_scenario(out_dir: str | os.PathLike, *, seed: int = 0, resolution: floa
         and the true velocity field are the same for every seed. Same seed and arguments → identical files.
     resolution
         Pixel size in degrees of every frame and of the truth grid (0.02 ≈ 2 km: seconds; 0.001 ≈ 100 m: the
-        full-size case, frames generated one at a time in float32).
+        full-size case, frames generated one at a time in float32). The stations are the same at every
+        resolution, but a frame's planted error is drawn after its pixel noise from the same stream, so the same
+        seed at two resolutions gives two different realisations of the frame errors: compare resolutions over
+        several seeds, not one. White pixel noise is 1.5 mm/yr at 0.001° and averaged down on coarser grids, so
+        a comparison with GNSS at a single 100 m pixel carries that noise too.
     timeseries
         Also write a LiCSBAS ``cum.h5`` per frame and the time-dependent truth. The cube holds
         ``n_epochs × frame pixels`` float32 values, so keep ``resolution`` ≥ ~0.005 or raise ``epoch_days``.

@@ -352,7 +352,7 @@ def _to_dataset(result, coords, cube, attrs):
     ds = xr.Dataset(variables, attrs=attrs)
     try:
         if cube.rio.crs is not None:
-            ds = ds.rio.write_crs(cube.rio.crs)
+            ds = ds.rio.write_crs(cube.rio.crs, inplace=True)
     except Exception:  # rioxarray absent or no CRS: coordinates still describe the grid
         pass
     return ds

@@ -525,7 +525,7 @@ def plate_motion_los(frame, plate: str = "EURA", model: str = "ITRF2014", *, coa
                               "long_name": f"{str(plate).upper()} plate motion in the line of sight "
                                            f"({_normalise_model(model)}-PMM), positive toward the satellite"})
     if frame_crs(frame) is not None:
-        out = out.rio.write_crs(frame_crs(frame))
+        out = out.rio.write_crs(frame_crs(frame), inplace=True)
     log.info("plate motion LOS for %s: %s %s, coarse step %d px, %.2f s", frame.attrs.get("frame_id", "frame"),
              plate, model, step, time.perf_counter() - t0)
     return out

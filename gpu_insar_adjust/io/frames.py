@@ -607,7 +607,8 @@ def _build_dataset(variables: dict, grid: _Grid, *, frame_id: str, source: str, 
             a = a.astype(bool) if name == "mask" else a.astype(np.float32, copy=False)
             data_vars[name] = xr.DataArray(a, dims=("y", "x"), attrs=dict(_VAR_ATTRS[name]))
     ds = xr.Dataset(data_vars, coords={"y": ("y", y, yattrs), "x": ("x", x, xattrs)})
-    ds = ds.rio.write_crs(crs).rio.write_transform(grid.transform)
+    # in place: rioxarray's default deep-copies every raster of the frame, twice
+    ds = ds.rio.write_crs(crs, inplace=True).rio.write_transform(grid.transform, inplace=True)
     ds.attrs.update(frame_id=frame_id, source=source, path=str(folder),
                     orbit=orbit_direction(ds["los_e"].values))
     if geometry_note:

@@ -312,8 +312,9 @@ def write_cog(dataarray, path: str | os.PathLike, *, blocksize: int = 512, compr
     da.attrs = {k: str(v) for k, v in dataarray.attrs.items()
                 if k in ("units", "long_name", "standard_name", "description", "frame_id")}
     # Transform first, nodata last: both return new objects, and nodata must be the last word on the array.
-    da = da.rio.write_transform(_grid_transform(da))
-    da = da.rio.write_nodata(np.nan, encoded=False)
+    # in place: da is this function's own copy, and rioxarray's default deep-copies the raster each time
+    da = da.rio.write_transform(_grid_transform(da), inplace=True)
+    da = da.rio.write_nodata(np.nan, encoded=False, inplace=True)
     if resampling is None:
         resampling = "NEAREST" if is_bool else "AVERAGE"
     # NUM_THREADS: GDAL compresses the tiles and computes the overviews on all cores (same bytes, 1.9x faster

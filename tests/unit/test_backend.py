@@ -110,3 +110,26 @@ def test_host_to_gpu_copy_checks_free_memory(gpu_xp, monkeypatch):
         backend.asarray(np.zeros(100_000, np.float32), xp=backend._backend_namespace("cupy"))
     monkeypatch.setattr(backend, "_device_free_bytes", lambda: 1 << 30)
     assert backend.asarray(np.zeros(100_000, np.float32), xp=backend._backend_namespace("cupy")).shape == (100_000,)
+
+
+def test_trim_host_memory_frees_rasters_held_in_reference_cycles():
+    """A raster owned by objects in a reference cycle (as xarray objects often are) is freed between stages,
+    not whenever the collector's next full pass happens to run."""
+    import gc
+    import weakref
+
+    class Holder:
+        pass
+
+    gc.disable()  # no automatic pass may free the cycle in between
+    try:
+        a, b = Holder(), Holder()
+        a.other, b.other = b, a
+        a.raster = np.ones((256, 256), np.float32)
+        ref = weakref.ref(a)
+        del a, b
+        assert ref() is not None  # only the cycle keeps it alive now
+        backend.trim_host_memory()
+        assert ref() is None
+    finally:
+        gc.enable()

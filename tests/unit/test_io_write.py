@@ -315,3 +315,13 @@ def test_cog_keeps_the_carried_transform_exactly(tmp_path):
         assert c.transform.f == pytest.approx(39.0 - 5 * 0.05, abs=1e-12)
         assert c.transform.a == pytest.approx(0.05, rel=1e-12)
         np.testing.assert_array_equal(c.read(1), sub.values)
+
+
+def test_cog_leaves_the_callers_array_untouched(tmp_path):
+    """write_cog writes georeferencing and nodata into its own copy (in place, to spare a deep copy of the raster
+    per call): the caller's DataArray keeps its values, attributes and coordinates."""
+    da = _frame_like()
+    before = da.copy(deep=True)
+    write_cog(da, tmp_path / "vel.tif")
+    xr.testing.assert_identical(da, before)
+    assert "_FillValue" not in da.attrs and "_FillValue" not in da.encoding

@@ -36,3 +36,15 @@ def test_frame_km_by_rows_equals_the_per_pixel_coordinates(crs, x0, y0, dx):
         np.testing.assert_allclose(yb, yr_ref[5:17], rtol=0, atol=1e-9)
     # a frame some 20 km across: x and y span it (not a degenerate grid)
     assert np.ptp(xb) > 10 and np.ptp(yr_ref) > 10
+
+
+def test_frame_rasters_are_wrapped_without_a_copy():
+    """A per-frame raster wrapped for the mosaic is the same memory (a plain's frames at 100 m hold ~10^8
+    pixels: each copy would cost ~0.5 GB), with the frame's grid and CRS."""
+    fr = _frame("EPSG:4326", 114.0, 39.0, 0.01)
+    values = np.arange(fr["los_velocity"].size, dtype=np.float32).reshape(fr["los_velocity"].shape)
+    da = P._frame_da(fr, values, "vertical")
+    assert np.shares_memory(da.values, values)
+    assert da.rio.crs.to_epsg() == 4326
+    np.testing.assert_array_equal(da["x"].values, fr["x"].values)
+    assert da.rio.transform() == fr.rio.transform()
