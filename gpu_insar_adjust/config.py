@@ -86,7 +86,7 @@ class MosaicConfig(_Section):
     bounds: tuple[float, float, float, float] | None = Field(
         None, description="Target bounds (left, bottom, right, top) in target-CRS units (default: union of frames).")
     feather_km: float = Field(10.0, ge=0, description="Width of the feathered frame edges in the merge (km).")
-    tile_size: int = Field(4096, ge=64, description="Mosaic tile size in pixels (bounds memory on large grids).")
+    tile_size: int = Field(2048, ge=64, description="Mosaic tile size in pixels (bounds memory on large grids).")
 
 
 class TimeSeriesConfig(_Section):

@@ -625,7 +625,7 @@ def _check_merge_args(values: list, stds: list, feather_km: float, tile_size: in
                          fix="give the feathering width in km (0 turns it off)")
     if tile_size < 1:
         raise InputError(f"tile_size={tile_size!r} must be a positive number of pixels.", field="tile_size",
-                         fix="use e.g. 4096")
+                         fix="use e.g. 2048")
     _resampling_enum(resampling)
 
 
@@ -648,7 +648,7 @@ def _tile_bytes(n_frames: int, tile: int) -> int:
 
 
 def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, feather_km: float = 10.0,
-                 resampling: Resampling = "bilinear", tile_size: int = 4096,
+                 resampling: Resampling = "bilinear", tile_size: int = 2048,
                  memory_budget_bytes: int | None = None, extra: Sequence | None = None) -> MergeResult:
     """Inverse-variance weighted merge of frames with feathered edges, tile by tile.
 
@@ -884,7 +884,7 @@ class MergePlan:
     """
 
     def __init__(self, templates: Sequence, std_list: Sequence, grid: TargetGrid, *, feather_km: float = 10.0,
-                 resampling: Resampling = "bilinear", tile_size: int = 4096):
+                 resampling: Resampling = "bilinear", tile_size: int = 2048):
         templates, std_list = list(templates), list(std_list)
         _check_merge_args(templates, std_list, feather_km, tile_size, resampling, "templates")
         self.grid, self.feather_km, self.resampling = grid, float(feather_km), resampling
