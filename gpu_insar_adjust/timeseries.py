@@ -190,10 +190,11 @@ def _output_names(names: list[str]) -> list[str]:
     return out
 
 
-def _amplitude(xp, x, cov, s0, i_s: int, i_c: int, period_days: float):
+def _amplitude(xp, x, c_ss, c_cc, c_sc, s0, i_s: int, i_c: int, period_days: float):
+    """Amplitude, its sigma and peak day of ``s·sin + c·cos`` from the fit and the (sin, cos) cofactors."""
     s, c = x[i_s, :], x[i_c, :]
     amp = xp.sqrt(s * s + c * c)
-    var = (s * s * cov[:, i_s, i_s] + c * c * cov[:, i_c, i_c] + 2.0 * s * c * cov[:, i_s, i_c])
+    var = (s * s * c_ss + c * c * c_cc + 2.0 * s * c * c_sc)
     std = xp.sqrt(var * s0) / xp.where(amp > 0, amp, xp.nan)
     # s·sin(ωt) + c·cos(ωt) = amp·cos(ωt − φ), φ = atan2(s, c): maximum at ωt = φ (mod 2π)
     phi = xp.atan2(s, c)
@@ -202,22 +203,116 @@ def _amplitude(xp, x, cov, s0, i_s: int, i_c: int, period_days: float):
     return amp, std, frac * period_days
 
 
-def _fit_columns(Y, A_np: np.ndarray, names: list[str], weights=None):
-    """Fit the columns of ``Y`` (T, N) of any backend; returns (n_out, N) float64 on that backend."""
+class _ColumnFit:
+    """Per-column least-squares results: ``x`` (n, k), ``sigma0_sq``, ``residual_rms``, ``n_valid`` (k,) and
+    ``cof(i, j)``, the (i, j) cofactor ((AᵀWA)⁻¹, so that cov = cof × sigma0_sq) of every column (k,)."""
+
+    def __init__(self, x, sigma0_sq, residual_rms, n_valid, cof):
+        self.x, self.sigma0_sq, self.residual_rms, self.n_valid, self.cof = x, sigma0_sq, residual_rms, n_valid, cof
+
+
+def _generic_fit(xp, A, Y, weights) -> _ColumnFit:
     from .linalg import lstsq_shared
 
+    res = lstsq_shared(A, Y, weights)
+    return _ColumnFit(res.x, res.sigma0_sq, xp.astype(res.residual_rms, xp.float64),
+                      xp.astype(res.n_valid, xp.float64), lambda i, j: res.cov[:, i, j])
+
+
+def _complete_fit(xp, A, Y, w):
+    """Columns observed at every epoch share one normal matrix: its inverse times ``AᵀW`` is a small (n, T)
+    pseudo-inverse, and the fit is one matrix product with the cube (no per-pixel solve). Returns None when that
+    shared system is not determined (the per-pixel solver then marks the columns)."""
+    from .linalg import DEFAULT_RCOND
+
+    T, n = A.shape
+    if T < n:
+        return None
+    colnorm = xp.sqrt(xp.sum(A * A, axis=0))
+    scale = xp.where(colnorm > 0, 1.0 / xp.where(colnorm > 0, colnorm, 1.0), 1.0)
+    As = A * scale  # equilibrated, as the per-pixel solver does
+    wcol = xp.ones((T,), dtype=xp.float64) if w is None else w
+    N = xp.matmul(xp.matrix_transpose(As) * wcol, As)
+    eig = xp.linalg.eigvalsh(N)
+    if not float(xp.min(eig)) > DEFAULT_RCOND * float(xp.max(eig)):
+        return None
+    inv = xp.linalg.inv(N)
+    pinv = xp.matmul(inv, xp.matrix_transpose(As) * wcol) * scale[:, None]  # (n, T), original parameter units
+    cof = inv * (scale[:, None] * scale[None, :])
+    x = xp.matmul(pinv, Y)
+    R = Y - xp.matmul(A, x)
+    wrr = xp.sum(wcol[:, None] * R * R, axis=0)
+    dof = T - n
+    s0 = wrr / dof if dof > 0 else xp.full_like(wrr, xp.nan)
+    rms = xp.sqrt(wrr / xp.sum(wcol))
+    return _ColumnFit(x, s0, rms, xp.full_like(wrr, float(T)), lambda i, j: cof[i, j])
+
+
+def _merge_fits(xp, complete, observed, fast: _ColumnFit, idx, rest: _ColumnFit | None) -> _ColumnFit:
+    """Columns where ``complete`` from ``fast`` (fitted on all columns), the other observed ones from ``rest``
+    (fitted on the columns ``idx``, in order), never-observed ones NaN with ``n_valid`` 0 (as the per-pixel
+    solver gives them)."""
+    gappy = observed & ~complete
+    nan = xp.asarray(xp.nan, dtype=xp.float64)
+    if rest is None:
+        def pick(a_fast, a_rest, axis=0):
+            return xp.where(complete, a_fast, nan)
+    else:
+        # position of each gappy column in ``rest`` (clipped: the other columns take ``fast`` or NaN anyway)
+        pos = xp.clip(xp.cumulative_sum(xp.astype(gappy, xp.int64)) - 1, 0, max(int(idx.shape[0]) - 1, 0))
+
+        def pick(a_fast, a_rest, axis=0):
+            return xp.where(gappy, xp.take(a_rest, pos, axis=axis), xp.where(complete, a_fast, nan))
+
+    return _ColumnFit(pick(fast.x, None if rest is None else rest.x, axis=1),
+                      pick(fast.sigma0_sq, None if rest is None else rest.sigma0_sq),
+                      pick(fast.residual_rms, None if rest is None else rest.residual_rms),
+                      xp.where(observed, pick(fast.n_valid, None if rest is None else rest.n_valid), 0.0),
+                      lambda i, j: pick(xp.broadcast_to(fast.cof(i, j), complete.shape),
+                                        None if rest is None else rest.cof(i, j)))
+
+
+def _fit_columns(Y, A_np: np.ndarray, names: list[str], weights=None):
+    """Fit the columns of ``Y`` (T, N) of any backend; returns (n_out, N) float64 on that backend.
+
+    Columns without gaps (with no weights or per-epoch weights) are fitted with the shared pseudo-inverse
+    (:func:`_complete_fit`); the rest, and per-observation weights, go through
+    :func:`gpu_insar_adjust.linalg.lstsq_shared`, which solves every column's own normal equations. The two
+    agree to rounding (about 1e-12 relative), and each column's result depends on that column only.
+    """
     xp = backend.namespace(Y, weights)
     A = backend.asarray(A_np, xp=xp, dtype=xp.float64)
-    res = lstsq_shared(A, Y if xp.isdtype(Y.dtype, "real floating") else xp.astype(Y, xp.float64), weights)
+    Y = Y if xp.isdtype(Y.dtype, "real floating") else xp.astype(Y, xp.float64)
+    w = None
+    per_epoch = weights is None or (weights.ndim == 1 or (weights.ndim == 2 and weights.shape[1] == 1))
+    if weights is not None and per_epoch:
+        w = xp.reshape(xp.astype(weights, xp.float64), (-1,))
+        per_epoch = bool(xp.all(xp.isfinite(w) & (w > 0)))  # a dropped epoch: per-pixel path
+    fit = None
+    if per_epoch:
+        finite = xp.isfinite(Y)
+        complete, observed = xp.all(finite, axis=0), xp.any(finite, axis=0)
+        fast = _complete_fit(xp, A, xp.where(complete[None, :], xp.astype(Y, xp.float64), 0.0), w)
+        if fast is not None:
+            if bool(xp.all(complete)):
+                fit = fast
+            else:
+                # sea and other never-observed pixels need no solve: NaN, as the per-pixel solver gives them
+                idx = xp.nonzero(observed & ~complete)[0]
+                rest = _generic_fit(xp, A, xp.take(Y, idx, axis=1), weights) if int(idx.shape[0]) else None
+                fit = _merge_fits(xp, complete, observed, fast, idx, rest)
+    if fit is None:
+        fit = _generic_fit(xp, A, Y, weights)
     n = len(names)
-    x, cov, s0 = res.x, res.cov, res.sigma0_sq
+    x, s0 = fit.x, fit.sigma0_sq
     rows = [x[i, :] for i in range(n)]
-    rows += [xp.sqrt(cov[:, i, i] * s0) for i in range(n)]
-    rows += [xp.astype(res.residual_rms, xp.float64), xp.astype(res.n_valid, xp.float64)]
+    rows += [xp.sqrt(fit.cof(i, i) * s0) for i in range(n)]
+    rows += [fit.residual_rms, fit.n_valid]
     if "annual_sin" in names:
         for key, period in (("annual", DAYS_PER_YEAR), ("semiannual", DAYS_PER_YEAR / 2.0)):
-            amp, std, peak = _amplitude(xp, x, cov, s0, names.index(f"{key}_sin"), names.index(f"{key}_cos"),
-                                        period)
+            i_s, i_c = names.index(f"{key}_sin"), names.index(f"{key}_cos")
+            amp, std, peak = _amplitude(xp, x, fit.cof(i_s, i_s), fit.cof(i_c, i_c), fit.cof(i_s, i_c), s0,
+                                        i_s, i_c, period)
             rows += [amp, std, peak]
     return xp.stack(rows, axis=0)
 

@@ -126,6 +126,64 @@ def test_fit_annual_velocities_recovers_planted_annual_rates(xp):
     assert np.all((0.9 < np.std(z, axis=1)) & (np.std(z, axis=1) < 1.1))
 
 
+@pytest.mark.parametrize("weights", ["none", "per_epoch", "per_epoch_with_a_dropped_epoch", "per_pixel"])
+def test_gap_free_pixels_by_shared_pseudo_inverse_equal_the_per_pixel_solver(xp, weights):
+    """Pixels observed at every epoch are fitted with one shared (n, T) pseudo-inverse times the cube; pixels
+    with gaps, pixels never observed and per-observation weights keep the per-pixel normal equations. Every
+    output (rates, sigmas, seasonal amplitudes and their sigmas, residual RMS, counts) equals
+    ``lstsq_shared``'s, column by column."""
+    rng = np.random.default_rng(21)
+    cube, _ = _planted(npix=600, seed=13)
+    full = np.where(np.isfinite(cube), cube, 0.0) + rng.normal(0.0, NOISE_MM, cube.shape) * np.isnan(cube)
+    cube = np.where(rng.random(cube.shape[1]) < 0.6, full, cube)  # 60 % of the pixels gap-free
+    cube[:, 7] = np.nan  # never observed
+    cube[:-5, 11] = np.nan  # fewer epochs than unknowns
+    assert 300 < np.isfinite(cube).all(axis=0).sum() < 420
+    w = {"none": None, "per_epoch": rng.uniform(0.5, 2.0, TIMES.size),
+         "per_epoch_with_a_dropped_epoch": np.r_[0.0, rng.uniform(0.5, 2.0, TIMES.size - 1)],
+         "per_pixel": rng.uniform(0.5, 2.0, cube.shape)}[weights]
+    A, names = ts.design_matrix(TIMES, "annual_rates+seasonal")
+    got = ts._fit_columns(xp.asarray(cube), A, names, None if w is None else xp.asarray(w))
+    # the reference: the per-pixel solver on every column, outputs formed as in _fit_columns
+    from gpu_insar_adjust.linalg import lstsq_shared
+
+    ref = lstsq_shared(A, cube, w)
+    n = len(names)
+    rows = [ref.x[i] for i in range(n)] + [np.sqrt(ref.cov[:, i, i] * ref.sigma0_sq) for i in range(n)]
+    rows += [ref.residual_rms, ref.n_valid.astype(float)]
+    for key in ("annual", "semiannual"):
+        i_s, i_c = names.index(f"{key}_sin"), names.index(f"{key}_cos")
+        rows += list(ts._amplitude(np, ref.x, ref.cov[:, i_s, i_s], ref.cov[:, i_c, i_c], ref.cov[:, i_s, i_c],
+                                   ref.sigma0_sq, i_s, i_c, 365.25 if key == "annual" else 365.25 / 2))
+    expected = np.stack(rows)
+    got = to_numpy(got)
+    assert got.shape == expected.shape == (len(ts._output_names(names)), cube.shape[1])
+    out_names = ts._output_names(names)
+    for r, name in enumerate(out_names):
+        tol = 1e-6 if name.endswith("peak_doy") else 1e-10  # peak day: atan2 of small amplitudes, in days
+        assert_matches_reference(got[r], expected[r], rtol=tol), name
+    assert np.isnan(got[:n, 7]).all() and got[out_names.index("n_valid"), 7] == 0
+    assert np.isnan(got[:n, 11]).all() and got[out_names.index("n_valid"), 11] == 5
+
+
+def test_gap_free_and_never_observed_pixels_only(xp):
+    """A merged cube is mostly gap-free land and never-observed sea: no per-pixel solve at all, same results."""
+    from gpu_insar_adjust.linalg import lstsq_shared
+
+    rng = np.random.default_rng(4)
+    A, names = ts.design_matrix(TIMES, "annual_rates")
+    cube = A @ rng.uniform(-50.0, 5.0, (A.shape[1], 200)) + rng.normal(0.0, NOISE_MM, (TIMES.size, 200))
+    cube[:, 150:] = np.nan
+    got = to_numpy(ts._fit_columns(xp.asarray(cube), A, names))
+    ref = lstsq_shared(A, cube)
+    n = len(names)
+    assert_matches_reference(got[:n], ref.x, rtol=1e-10)
+    assert_matches_reference(got[n:2 * n], np.sqrt(np.diagonal(ref.cov, axis1=1, axis2=2).T * ref.sigma0_sq),
+                             rtol=1e-10)
+    np.testing.assert_array_equal(got[-1], np.r_[np.full(150, TIMES.size), np.zeros(50)])
+    assert np.isnan(got[:-1, 150:]).all()
+
+
 def test_chunked_equals_unchunked_exactly():
     cube, _ = _planted(npix=1000, seed=7)
     whole = ts.fit_velocity(cube, TIMES, seasonal=True, chunk_pixels=10**9)
