@@ -331,6 +331,17 @@ def _warp(src: np.ndarray, src_crs, src_transform, grid: TargetGrid, resampling:
 
     r0, r1, c0, c1 = window if window is not None else (0, grid.height, 0, grid.width)
     dst = np.full((r1 - r0, c1 - c0), np.nan, dtype=np.float32)
+    method = _resampling_enum(resampling)
+    offset = _lattice_offset(src_crs, src_transform, src.shape, grid)
+    if offset is not None:
+        # the frame's pixels are grid pixels: every resampling returns them as they are (GDAL's result too,
+        # bit for bit), so the warp is a copy of the overlapping block
+        dr, dc = offset
+        a0, a1 = max(r0, dr), min(r1, dr + src.shape[0])
+        b0, b1 = max(c0, dc), min(c1, dc + src.shape[1])
+        if a0 < a1 and b0 < b1:
+            dst[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = src[a0 - dr:a1 - dr, b0 - dc:b1 - dc]
+        return dst
     # The destination starts as NaN and NaN is the nodata of both sides: uncovered pixels stay NaN (never 0)
     # and interpolation only uses valid source pixels. For bilinear, XSCALE=YSCALE=1 keeps GDAL from widening
     # the kernel when the target is coarser than the source (that low-pass is slightly asymmetric and biases a
@@ -339,8 +350,38 @@ def _warp(src: np.ndarray, src_crs, src_transform, grid: TargetGrid, resampling:
     # num_threads: GDAL's warper splits the destination between threads (the same pixels; 1.7x on two cores)
     reproject(np.ascontiguousarray(src, dtype=np.float32), dst, src_transform=src_transform, src_crs=src_crs,
               src_nodata=np.nan, dst_transform=grid.window_transform(r0, c0), dst_crs=grid.crs,
-              dst_nodata=np.nan, resampling=_resampling_enum(resampling), num_threads=_host_threads(), **opts)
+              dst_nodata=np.nan, resampling=method, num_threads=_host_threads(), **opts)
     return dst
+
+
+def _lattice_offset(src_crs, src_transform, src_shape, grid: TargetGrid) -> tuple[int, int] | None:
+    """(row, col) of a raster's first pixel on ``grid`` when its pixels are grid pixels (same CRS, same pixel
+    size, origin a whole number of pixels away, to 1e-6 pixel across the whole raster); else None."""
+    from affine import Affine
+
+    t, g = Affine(*tuple(src_transform)[:6]), grid.transform
+    if t.b != 0 or t.d != 0:
+        return None
+    h, w = src_shape[-2:]
+    tol = 1e-6
+    if abs(t.a - g.a) * max(w, 1) > tol * abs(g.a) or abs(t.e - g.e) * max(h, 1) > tol * abs(g.e):
+        return None
+    col, row = (t.c - g.c) / g.a, (t.f - g.f) / g.e
+    dc, dr = round(col), round(row)
+    if abs(col - dc) > tol or abs(row - dr) > tol:
+        return None
+    if src_crs is None or grid.crs is None or not (src_crs == grid.crs or _same_crs(src_crs, grid.crs)):
+        return None
+    return int(dr), int(dc)
+
+
+def _same_crs(a, b) -> bool:
+    from rasterio.crs import CRS
+
+    try:
+        return CRS.from_user_input(a) == CRS.from_user_input(b)
+    except Exception:  # an unreadable CRS: let GDAL decide
+        return False
 
 
 def _host_threads() -> int:

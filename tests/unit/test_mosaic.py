@@ -129,6 +129,48 @@ def test_resample_nan_stays_nodata_and_values_exact_inside():
     assert np.abs(v[ok] - plane(X, Y)[ok]).max() < 20 * 0.01 + 1e-3       # edges: within one pixel's gradient
 
 
+@pytest.mark.parametrize("resampling", ["bilinear", "nearest", "average"])
+def test_a_frame_on_the_grid_lattice_is_copied_bitwise_as_gdal_warps_it(monkeypatch, resampling):
+    """A frame whose pixels are grid pixels (same CRS and spacing, origin whole pixels away: LiCSAR frames on a
+    common lattice, frames cut from one grid) is copied instead of warped, and the copy is GDAL's result bit for
+    bit, NaN holes, edges and windows that run past the frame included. A frame off the lattice is warped."""
+    rng = np.random.default_rng(3)
+    src = rng.normal(0.0, 10.0, (37, 53)).astype(np.float32)
+    src[5:9, 10:30] = np.nan
+    src[:, :3] = np.nan
+    res = 0.01
+    g = M.TargetGrid("EPSG:4326", (res, 0, 113.9, 0, -res, 38.2), 90, 80)
+    # 0.1 - 3e-17 style origins: what float32 GeoTIFF headers and sums of pixel sizes produce
+    t_on = (res, 0, 113.9 + 12 * res + 1e-12, 0, -res, 38.2 - 7 * res - 1e-12)
+    assert M._lattice_offset("EPSG:4326", t_on, src.shape, g) == (7, 12)
+    t_off = (res, 0, 113.9 + 12.5 * res, 0, -res, 38.2 - 7 * res)
+    assert M._lattice_offset("EPSG:4326", t_off, src.shape, g) is None
+    assert M._lattice_offset("EPSG:32650", t_on, src.shape, g) is None  # another CRS
+    assert M._lattice_offset("EPSG:4326", (res * (1 + 1e-5), 0, *t_on[2:]), src.shape, g) is None  # spacing
+    t_exact = (res, 0, 113.9 + 12 * res, 0, -res, 38.2 - 7 * res)
+    windows = [None, (0, 20, 0, 30), (10, 60, 40, 80), (44, 90, 0, 80), (0, 5, 0, 5)]
+    fast = {t: [M._warp(src, "EPSG:4326", t, g, resampling, w) for w in windows] for t in (t_exact, t_on)}
+    monkeypatch.setattr(M, "_lattice_offset", lambda *a: None)  # GDAL for everything
+    for w, got_exact, got_on in zip(windows, fast[t_exact], fast[t_on]):
+        gdal = M._warp(src, "EPSG:4326", t_exact, g, resampling, w)
+        if resampling == "average":
+            # GDAL's average repeats a frame's first row and column one pixel outward on an aligned grid; the
+            # copy keeps the frame's footprint. Where both have data they agree bit for bit
+            both = np.isfinite(gdal) & np.isfinite(got_exact)
+            np.testing.assert_array_equal(got_exact[both], gdal[both])
+            assert not (np.isfinite(got_exact) & ~np.isfinite(gdal)).any()
+        else:
+            np.testing.assert_array_equal(got_exact, gdal)
+        if resampling != "average":
+            # 1e-10 pixel off the lattice GDAL mixes in its neighbours at weight ~1e-10 (float32 rounding)
+            np.testing.assert_allclose(got_on, M._warp(src, "EPSG:4326", t_on, g, resampling, w), rtol=1e-6,
+                                       atol=1e-6)
+        np.testing.assert_array_equal(got_on, got_exact)
+    assert np.isfinite(fast[t_exact][0]).sum() == np.isfinite(src).sum()
+    with pytest.raises(InputError, match="resampling"):
+        M._warp(src, "EPSG:4326", t_exact, g, "cubic")
+
+
 def test_resample_std_as_variance_mask_nearest():
     f = make_frame(114.0, 38.0, 20, 10, 0.01, 1.0)
     s = np.where(np.arange(20) < 10, 2.0, 4.0).astype(np.float32)
