@@ -130,22 +130,36 @@ def frame_vertical_equivalent(frame, los, los_std, hfield):
     arrays: computed in float64, stored as the frames are).
 
     ``hfield`` holds ``ve, vn`` (and optionally ``se, sn``) on the frame grid in the frame's reference (ITRF).
+    Computed by blocks of rows: the float64 temporaries (a dozen per pixel) stay in cache, and the result is
+    the whole-frame computation's, element for element.
     """
     from .mosaic import decompose_vertical
 
-    e, n, u = (np.asarray(backend.to_numpy(frame[v].data), np.float64) for v in ("los_e", "los_n", "los_u"))
-    ve = np.asarray(hfield["ve"].values, np.float64)
-    vn = np.asarray(hfield["vn"].values, np.float64)
-    se = np.asarray(hfield["se"].values, np.float64) if "se" in hfield else None
-    sn = np.asarray(hfield["sn"].values, np.float64) if "sn" in hfield else None
-    L = np.asarray(backend.to_numpy(los), np.float64)
-    ok = np.isfinite(L) & np.isfinite(ve) & np.isfinite(vn) & np.isfinite(u)
-    L = np.where(ok, L, np.nan)
-    S = np.where(ok, np.asarray(backend.to_numpy(los_std), np.float64), np.nan)
-    res = decompose_vertical(L, S, e, n, u, np.where(ok, ve, 0.0), np.where(ok, vn, 0.0),
-                             None if se is None else np.where(ok, se, 0.0), None if sn is None else
-                             np.where(ok, sn, 0.0))
-    return np.asarray(backend.to_numpy(res.vu), np.float32), np.asarray(backend.to_numpy(res.vu_std), np.float32)
+    def host(a):
+        return np.asarray(backend.to_numpy(a.data if hasattr(a, "dims") else a))  # DataArray or array
+
+    e_all, n_all, u_all = (host(frame[v]) for v in ("los_e", "los_n", "los_u"))
+    ve_all, vn_all = host(hfield["ve"]), host(hfield["vn"])
+    se_all = host(hfield["se"]) if "se" in hfield else None
+    sn_all = host(hfield["sn"]) if "sn" in hfield else None
+    los_all, std_all = host(los), host(los_std)
+    ny, nx = los_all.shape
+    vu_out, std_out = np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32)
+    step = max(1, _DECOMPOSE_BLOCK_PIXELS // max(nx, 1))
+    for r0 in range(0, ny, step):
+        rs = slice(r0, min(r0 + step, ny))
+        e, n, u = (np.asarray(a[rs], np.float64) for a in (e_all, n_all, u_all))
+        ve, vn = np.asarray(ve_all[rs], np.float64), np.asarray(vn_all[rs], np.float64)
+        L = np.asarray(los_all[rs], np.float64)
+        ok = np.isfinite(L) & np.isfinite(ve) & np.isfinite(vn) & np.isfinite(u)
+        L = np.where(ok, L, np.nan)
+        S = np.where(ok, np.asarray(std_all[rs], np.float64), np.nan)
+        res = decompose_vertical(L, S, e, n, u, np.where(ok, ve, 0.0), np.where(ok, vn, 0.0),
+                                 None if se_all is None else np.where(ok, np.asarray(se_all[rs], np.float64), 0.0),
+                                 None if sn_all is None else np.where(ok, np.asarray(sn_all[rs], np.float64), 0.0))
+        vu_out[rs] = backend.to_numpy(res.vu)
+        std_out[rs] = backend.to_numpy(res.vu_std)
+    return vu_out, std_out
 
 
 def _apply_mask(frame):

@@ -48,3 +48,33 @@ def test_frame_rasters_are_wrapped_without_a_copy():
     assert da.rio.crs.to_epsg() == 4326
     np.testing.assert_array_equal(da["x"].values, fr["x"].values)
     assert da.rio.transform() == fr.rio.transform()
+
+
+def test_frame_vertical_equivalent_by_row_blocks_equals_the_whole_frame_formula(monkeypatch):
+    """Blocks of rows (for cache and memory) give the whole-frame result element for element, NaN pattern and
+    the horizontal field's sigmas included."""
+    from gpu_insar_adjust.mosaic import decompose_vertical
+
+    rng = np.random.default_rng(8)
+    fr = _frame("EPSG:4326", 114.0, 39.0, 0.01, nx=41, ny=29)
+    shape = fr["los_velocity"].shape
+    e, n = -0.62 + 0.01 * rng.random(shape), -0.11 + 0.01 * rng.random(shape)
+    u = np.sqrt(1 - e**2 - n**2)
+    for name, a in (("los_e", e), ("los_n", n), ("los_u", u)):
+        fr[name] = (("y", "x"), a.astype(np.float32))
+    hf = xr.Dataset({k: (("y", "x"), (rng.normal(0, 3, shape) + off).astype(np.float32))
+                     for k, off in (("ve", 25.0), ("vn", -8.0), ("se", 5.0), ("sn", 5.0))})
+    hf["ve"][3, 4] = np.nan
+    los = rng.normal(-10, 20, shape).astype(np.float32)
+    los[10:12, :] = np.nan
+    std = rng.uniform(0.5, 3.0, shape).astype(np.float32)
+    monkeypatch.setattr(P, "_DECOMPOSE_BLOCK_PIXELS", 3 * 41 + 5)  # blocks of 3 rows, the last one short
+    vu, vs = P.frame_vertical_equivalent(fr, los, std, hf)
+    f64 = {k: hf[k].values.astype(np.float64) for k in hf}
+    ok = np.isfinite(los) & np.isfinite(f64["ve"]) & np.isfinite(f64["vn"])
+    ref = decompose_vertical(np.where(ok, los.astype(np.float64), np.nan), np.where(ok, std.astype(np.float64), np.nan),
+                             *(fr[c].values.astype(np.float64) for c in ("los_e", "los_n", "los_u")),
+                             *(np.where(ok, f64[c], 0.0) for c in ("ve", "vn", "se", "sn")))
+    np.testing.assert_array_equal(vu, ref.vu)
+    np.testing.assert_array_equal(vs, ref.vu_std)
+    assert np.isnan(vu[3, 4]) and np.isnan(vu[10:12]).all() and np.isfinite(vu).sum() == ok.sum()
