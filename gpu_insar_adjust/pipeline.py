@@ -596,7 +596,7 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             if adj is not None:
                 _save_adjustment(work, frames[k].attrs["frame_id"], keys[k], adj)
             adjustments[k] = adj
-            backend.trim_host_memory()  # the frame's working arrays, freed on a fragmented heap
+            backend.trim_host_memory(full_collection=False)  # the frame's working arrays, freed on a fragmented heap
 
         pc = cfg.parallel
         client = None
