@@ -596,7 +596,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             if adj is not None:
                 _save_adjustment(work, frames[k].attrs["frame_id"], keys[k], adj)
             adjustments[k] = adj
-            backend.trim_host_memory(full_collection=False)  # the frame's working arrays, freed on a fragmented heap
+            # the frame's working arrays, freed on a fragmented heap
+            backend.trim_host_memory(full_collection=False)
 
         pc = cfg.parallel
         client = None
@@ -813,8 +814,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             for orbit, members in sorted(groups.items()):
                 los_das = [_frame_da(frames[k], los_adj[k], "los") for k in members]
                 # float32 product: exactly the float64 one rounded (a product of two float32 fits in a float64)
-                lstd = [_frame_da(frames[k], vstds[k] * np.asarray(frames[k]["los_u"].values, np.float32), "los_std")
-                        for k in members]
+                lstd = [_frame_da(frames[k], vstds[k] * np.asarray(frames[k]["los_u"].values, np.float32),
+                                  "los_std") for k in members]
                 # unit vectors merged with the LOS weights (merge_frames masks them with the LOS's valid pixels),
                 # so that the merged LOS is exactly the merged unit vector times the motion
                 comps = [[frames[k][var].values for var in ("los_e", "los_n", "los_u")] for k in members]

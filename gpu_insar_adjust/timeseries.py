@@ -208,7 +208,8 @@ class _ColumnFit:
     ``cof(i, j)``, the (i, j) cofactor ((AᵀWA)⁻¹, so that cov = cof × sigma0_sq) of every column (k,)."""
 
     def __init__(self, x, sigma0_sq, residual_rms, n_valid, cof):
-        self.x, self.sigma0_sq, self.residual_rms, self.n_valid, self.cof = x, sigma0_sq, residual_rms, n_valid, cof
+        self.x, self.sigma0_sq, self.residual_rms = x, sigma0_sq, residual_rms
+        self.n_valid, self.cof = n_valid, cof
 
 
 def _generic_fit(xp, A, Y, weights) -> _ColumnFit:

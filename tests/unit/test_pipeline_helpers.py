@@ -72,7 +72,8 @@ def test_frame_vertical_equivalent_by_row_blocks_equals_the_whole_frame_formula(
     vu, vs = P.frame_vertical_equivalent(fr, los, std, hf)
     f64 = {k: hf[k].values.astype(np.float64) for k in hf}
     ok = np.isfinite(los) & np.isfinite(f64["ve"]) & np.isfinite(f64["vn"])
-    ref = decompose_vertical(np.where(ok, los.astype(np.float64), np.nan), np.where(ok, std.astype(np.float64), np.nan),
+    ref = decompose_vertical(np.where(ok, los.astype(np.float64), np.nan),
+                             np.where(ok, std.astype(np.float64), np.nan),
                              *(fr[c].values.astype(np.float64) for c in ("los_e", "los_n", "los_u")),
                              *(np.where(ok, f64[c], 0.0) for c in ("ve", "vn", "se", "sn")))
     np.testing.assert_array_equal(vu, ref.vu)
