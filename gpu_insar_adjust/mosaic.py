@@ -370,18 +370,10 @@ def _lattice_offset(src_crs, src_transform, src_shape, grid: TargetGrid) -> tupl
     dc, dr = round(col), round(row)
     if abs(col - dc) > tol or abs(row - dr) > tol:
         return None
-    if src_crs is None or grid.crs is None or not (src_crs == grid.crs or _same_crs(src_crs, grid.crs)):
+    # grid.crs is a rasterio CRS: its == reads the other side (a CRS, "EPSG:4326", WKT), False if unreadable
+    if src_crs is None or not grid.crs == src_crs:
         return None
     return int(dr), int(dc)
-
-
-def _same_crs(a, b) -> bool:
-    from rasterio.crs import CRS
-
-    try:
-        return CRS.from_user_input(a) == CRS.from_user_input(b)
-    except Exception:  # an unreadable CRS: let GDAL decide
-        return False
 
 
 def _host_threads() -> int:

@@ -46,6 +46,14 @@ __all__ = ["run", "RunResult", "frame_vertical_equivalent", "plane_average_basel
 _DECOMPOSE_BLOCK_PIXELS = 1 << 18
 _ROW_BLOCK_PIXELS = 1 << 20
 
+
+def _row_blocks(height: int, width: int, block_pixels: int):
+    """Slices of consecutive rows of a (height, width) raster, about ``block_pixels`` pixels each (one row at
+    least): per-pixel float64 work by such blocks stays in cache and holds a block's worth of temporaries."""
+    step = max(1, block_pixels // max(width, 1))
+    for r0 in range(0, height, step):
+        yield slice(r0, min(r0 + step, height))
+
 MANIFEST = "manifest.json"
 
 
@@ -145,9 +153,7 @@ def frame_vertical_equivalent(frame, los, los_std, hfield):
     los_all, std_all = host(los), host(los_std)
     ny, nx = los_all.shape
     vu_out, std_out = np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32)
-    step = max(1, _DECOMPOSE_BLOCK_PIXELS // max(nx, 1))
-    for r0 in range(0, ny, step):
-        rs = slice(r0, min(r0 + step, ny))
+    for rs in _row_blocks(ny, nx, _DECOMPOSE_BLOCK_PIXELS):
         e, n, u = (np.asarray(a[rs], np.float64) for a in (e_all, n_all, u_all))
         ve, vn = np.asarray(ve_all[rs], np.float64), np.asarray(vn_all[rs], np.float64)
         L = np.asarray(los_all[rs], np.float64)
@@ -155,8 +161,8 @@ def frame_vertical_equivalent(frame, los, los_std, hfield):
         L = np.where(ok, L, np.nan)
         S = np.where(ok, np.asarray(std_all[rs], np.float64), np.nan)
         res = decompose_vertical(L, S, e, n, u, np.where(ok, ve, 0.0), np.where(ok, vn, 0.0),
-                                 None if se_all is None else np.where(ok, np.asarray(se_all[rs], np.float64), 0.0),
-                                 None if sn_all is None else np.where(ok, np.asarray(sn_all[rs], np.float64), 0.0))
+                                 *(None if a is None else np.where(ok, np.asarray(a[rs], np.float64), 0.0)
+                                   for a in (se_all, sn_all)))
         vu_out[rs] = backend.to_numpy(res.vu)
         std_out[rs] = backend.to_numpy(res.vu_std)
     return vu_out, std_out
@@ -634,8 +640,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                   else np.full(la.shape, 2.0))
             # a product sigma of 0 (or missing) is not credible: floor it at 0.1 mm/yr
             noise = np.square(np.where(np.isfinite(ls) & (ls > 0.1), ls, np.where(np.isfinite(ls), 0.1, 2.0)))
-            # overlaps see pixel noise and the correction's formal sigma; the long-wavelength error the chosen model
-            # left (its CV RMSE) is what the network estimates, so it weighs only the merge of the frames (below)
+            # overlaps see pixel noise and the correction's formal sigma; the long-wavelength error the chosen
+            # model left (its CV RMSE) is what the network estimates, so it weighs only the merge of the frames
             sigma = np.sqrt(noise + np.square(np.nan_to_num(cs), dtype=np.float64))
             v, s_noise = frame_vertical_equivalent(fr, la, sigma, hf)
             verts.append(v), vstds_noise.append(s_noise), los_adj.append(la)
@@ -734,29 +740,29 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
 
     with stage("network corrections", log):
         # a frame with no usable GNSS station and no overlap with a GNSS-tied frame cannot be referenced at all
-        lost = [ids[k] for k in range(len(frames)) if adjustments[k] is None and net.held_by[k] in ("prior", "disabled")]
+        lost = [ids[k] for k in range(len(frames))
+                if adjustments[k] is None and net.held_by[k] in ("prior", "disabled")]
         if lost:
-            raise AdjustmentError(f"{len(lost)} frame(s) have no usable GNSS station and no overlap with a frame that "
-                                  f"has: {', '.join(lost)}.", file=frames_dir, field="frames",
-                                  fix="add GNSS stations inside these frames or frames that connect them to GNSS, or "
-                                      "remove them from --frames")
+            raise AdjustmentError(f"{len(lost)} frame(s) have no usable GNSS station and no overlap with a frame "
+                                  f"that has: {', '.join(lost)}.", file=frames_dir, field="frames",
+                                  fix="add GNSS stations inside these frames or frames that connect them to GNSS, "
+                                      "or remove them from --frames")
 
-        # apply the network corrections: vertical-equivalent and LOS (LOS correction = u × vertical correction).
-        # Merge sigma: the noise plus the error the formal sigma does not see — the chosen model's CV RMSE (LOS, so
-        # its variance divides by u²) and, with misfit weights, the frame's misfit with its neighbours (before the
-        # spline bent it toward them), the larger of the two
+        # apply the network corrections: vertical-equivalent and LOS (LOS correction = u × vertical
+        # correction). Merge sigma: the noise plus the error the formal sigma does not see — the chosen model's CV
+        # RMSE (LOS, so its variance divides by u²) and, with misfit weights, the frame's misfit with its
+        # neighbours (before the spline bent it toward them), the larger of the two
         use_misfit = nc.enabled and nc.misfit_weights
         final_corr, vstds = [], []
         for k, fr in enumerate(frames):
             # by blocks of rows: the float64 work (coordinates, correction surface) stays a block's worth
             ny, nx = verts[k].shape
             u_all = np.asarray(backend.to_numpy(fr["los_u"].data))
-            ml_all = None if adjustments[k] is None else np.asarray(backend.to_numpy(adjustments[k].correction.data))
+            ml_all = (None if adjustments[k] is None
+                      else np.asarray(backend.to_numpy(adjustments[k].correction.data)))
             fc, vs = np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32)
             cv = _cv_rmse(adjustments[k])
-            step = max(1, _ROW_BLOCK_PIXELS // max(nx, 1))
-            for r0 in range(0, ny, step):
-                rs = slice(r0, min(r0 + step, ny))
+            for rs in _row_blocks(ny, nx, _ROW_BLOCK_PIXELS):
                 xk, yk = _frame_km_rows(fr, rs.start, rs.stop)
                 c_vert = net.correction(k, xk.ravel(), yk.ravel()).reshape(xk.shape)
                 u = np.asarray(u_all[rs], np.float64)
@@ -775,11 +781,11 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             if net_poly is not None:
                 p_stat["rms_after_polynomial"] = net_poly.pairs[k]["rms_after"]
             if nc.enabled:
-                # the network's figures are over the samples it used (slow ground only with max_rate_mm_yr); these
-                # are over the whole overlap, fast ground included
+                # the network's figures are over the samples it used (slow ground only with max_rate_mm_yr);
+                # these are over the whole overlap, fast ground included
                 w = tied[k].window
-                smp = sample_overlap(on_grid[p.i].crop(w), on_grid[p.j].crop(w), tied[k].mask, grid=grid, window=w,
-                                     rng=0, max_samples=100_000)
+                smp = sample_overlap(on_grid[p.i].crop(w), on_grid[p.j].crop(w), tied[k].mask, grid=grid,
+                                     window=w, rng=0, max_samples=100_000)
                 if smp.diff.size:
                     ci = net.correction(p.i, *_frame_km(frames[p.i], smp.lon, smp.lat))
                     cj = net.correction(p.j, *_frame_km(frames[p.j], smp.lon, smp.lat))
@@ -845,9 +851,7 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             # per pixel, so by blocks of rows: the decomposition's float64 temporaries (some 40 per pixel) stay a
             # block's worth instead of the whole grid's
             n_ill, n_use = 0, 0
-            block = max(1, _DECOMPOSE_BLOCK_PIXELS // grid.width)
-            for r0 in range(0, grid.height, block):
-                rs = slice(r0, min(r0 + block, grid.height))
+            for rs in _row_blocks(grid.height, grid.width, _DECOMPOSE_BLOCK_PIXELS):
                 ue = decompose_up_east(*(np.stack([a[rs] for a in stacks[c]]) for c in ("los", "std", "e", "n", "u")),
                                        np.nan_to_num(hgrid["vn"][rs]), np.nan_to_num(hgrid["sn"][rs]),
                                        ve=np.nan_to_num(hgrid["ve"][rs]),
@@ -1077,6 +1081,7 @@ def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: 
     log.info("time series: %d epochs of %d frame(s) merged into %s (tiles of %d x %d pixels)", times.size,
              len(readers), store, *tile)
     fix = sums.correction(np.asarray(vertical, np.float64)) if vertical is not None else None
+    del readers, plan, sums  # the frames' epoch caches and the merge plan: not needed by the fits below
     # the same cube twice, lazily: all epochs per block for the per-pixel fits and the products, one epoch per
     # block for the figures that need only a few epochs (cumulative displacement, groundwater periods)
     cube_v = _open_epoch_store(store, times, ys, xs, {"time": -1, "y": tile[0], "x": tile[1]}, fix, t_yr, grid)

@@ -27,7 +27,8 @@ velocities (Hooper/Agram studies of InSAR time-series noise). Treat them as rela
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -203,13 +204,15 @@ def _amplitude(xp, x, c_ss, c_cc, c_sc, s0, i_s: int, i_c: int, period_days: flo
     return amp, std, frac * period_days
 
 
-class _ColumnFit:
+class _ColumnFit(NamedTuple):
     """Per-column least-squares results: ``x`` (n, k), ``sigma0_sq``, ``residual_rms``, ``n_valid`` (k,) and
     ``cof(i, j)``, the (i, j) cofactor ((AᵀWA)⁻¹, so that cov = cof × sigma0_sq) of every column (k,)."""
 
-    def __init__(self, x, sigma0_sq, residual_rms, n_valid, cof):
-        self.x, self.sigma0_sq, self.residual_rms = x, sigma0_sq, residual_rms
-        self.n_valid, self.cof = n_valid, cof
+    x: Any
+    sigma0_sq: Any
+    residual_rms: Any
+    n_valid: Any
+    cof: Callable[[int, int], Any]
 
 
 def _generic_fit(xp, A, Y, weights) -> _ColumnFit:
@@ -249,28 +252,24 @@ def _complete_fit(xp, A, Y, w):
     return _ColumnFit(x, s0, rms, xp.full_like(wrr, float(T)), lambda i, j: cof[i, j])
 
 
-def _merge_fits(xp, complete, observed, fast: _ColumnFit, idx, rest: _ColumnFit | None) -> _ColumnFit:
+def _merge_fits(xp, complete, observed, fast: _ColumnFit, rest: _ColumnFit | None) -> _ColumnFit:
     """Columns where ``complete`` from ``fast`` (fitted on all columns), the other observed ones from ``rest``
-    (fitted on the columns ``idx``, in order), never-observed ones NaN with ``n_valid`` 0 (as the per-pixel
+    (fitted on those columns only, in order), never-observed ones NaN with ``n_valid`` 0 (as the per-pixel
     solver gives them)."""
     gappy = observed & ~complete
     nan = xp.asarray(xp.nan, dtype=xp.float64)
-    if rest is None:
-        def pick(a_fast, a_rest, axis=0):
-            return xp.where(complete, a_fast, nan)
-    else:
+    if rest is not None:
         # position of each gappy column in ``rest`` (clipped: the other columns take ``fast`` or NaN anyway)
-        pos = xp.clip(xp.cumulative_sum(xp.astype(gappy, xp.int64)) - 1, 0, max(int(idx.shape[0]) - 1, 0))
+        pos = xp.clip(xp.cumulative_sum(xp.astype(gappy, xp.int64)) - 1, 0, int(rest.x.shape[1]) - 1)
 
-        def pick(a_fast, a_rest, axis=0):
-            return xp.where(gappy, xp.take(a_rest, pos, axis=axis), xp.where(complete, a_fast, nan))
+    def pick(a_fast, a_rest, axis=0):
+        out = xp.where(complete, a_fast, nan)
+        return out if rest is None else xp.where(gappy, xp.take(a_rest(), pos, axis=axis), out)
 
-    return _ColumnFit(pick(fast.x, None if rest is None else rest.x, axis=1),
-                      pick(fast.sigma0_sq, None if rest is None else rest.sigma0_sq),
-                      pick(fast.residual_rms, None if rest is None else rest.residual_rms),
-                      xp.where(observed, pick(fast.n_valid, None if rest is None else rest.n_valid), 0.0),
-                      lambda i, j: pick(xp.broadcast_to(fast.cof(i, j), complete.shape),
-                                        None if rest is None else rest.cof(i, j)))
+    return _ColumnFit(pick(fast.x, lambda: rest.x, axis=1), pick(fast.sigma0_sq, lambda: rest.sigma0_sq),
+                      pick(fast.residual_rms, lambda: rest.residual_rms),
+                      xp.where(observed, pick(fast.n_valid, lambda: rest.n_valid), 0.0),
+                      lambda i, j: pick(xp.broadcast_to(fast.cof(i, j), complete.shape), lambda: rest.cof(i, j)))
 
 
 def _fit_columns(Y, A_np: np.ndarray, names: list[str], weights=None):
@@ -301,7 +300,7 @@ def _fit_columns(Y, A_np: np.ndarray, names: list[str], weights=None):
                 # sea and other never-observed pixels need no solve: NaN, as the per-pixel solver gives them
                 idx = xp.nonzero(observed & ~complete)[0]
                 rest = _generic_fit(xp, A, xp.take(Y, idx, axis=1), weights) if int(idx.shape[0]) else None
-                fit = _merge_fits(xp, complete, observed, fast, idx, rest)
+                fit = _merge_fits(xp, complete, observed, fast, rest)
     if fit is None:
         fit = _generic_fit(xp, A, Y, weights)
     n = len(names)
