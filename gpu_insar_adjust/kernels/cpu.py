@@ -683,18 +683,26 @@ def _solve_small_spd(nrm_packed: np.ndarray, rhs: np.ndarray, cnt: np.ndarray, n
     full[:, iu[0], iu[1]] = nrm_packed
     full[:, iu[1], iu[0]] = nrm_packed
     out = np.full((T, 6), np.nan)
-    for t in range(T):
-        if cnt[t] < n_terms:
-            continue
-        Nt = full[t, :n_terms, :n_terms]
-        try:
-            Lc = np.linalg.cholesky(Nt)
-        except np.linalg.LinAlgError:
-            continue
-        d = np.diag(Lc) ** 2
-        if not np.all(d > 1e-13 * np.diag(Nt)):
-            continue
-        out[t, :n_terms] = np.linalg.solve(Nt, rhs[t, :n_terms])
+    rows = np.flatnonzero(cnt >= n_terms)
+    if rows.size == 0:
+        return out
+    Ns = full[rows, :n_terms, :n_terms]
+    try:  # all epochs at once (one LAPACK call each, in one loop inside NumPy)
+        Lc = np.linalg.cholesky(Ns)
+    except np.linalg.LinAlgError:  # some epoch is not positive definite: epoch by epoch, skipping those
+        for t in rows:
+            Nt = full[t, :n_terms, :n_terms]
+            try:
+                Lt = np.linalg.cholesky(Nt)
+            except np.linalg.LinAlgError:
+                continue
+            if np.all(np.diag(Lt) ** 2 > 1e-13 * np.diag(Nt)):
+                out[t, :n_terms] = np.linalg.solve(Nt, rhs[t, :n_terms])
+        return out
+    diag_l = np.diagonal(Lc, axis1=1, axis2=2)
+    good = np.all(diag_l ** 2 > 1e-13 * np.diagonal(Ns, axis1=1, axis2=2), axis=1)
+    if good.any():
+        out[rows[good], :n_terms] = np.linalg.solve(Ns[good], rhs[rows[good], :n_terms, None])[..., 0]
     return out
 
 

@@ -33,10 +33,23 @@ def _grid(n: int) -> int:
     return int(max(1, min((n + _THREADS - 1) // _THREADS, sms * 32)))
 
 
+_UNROLL = 4  # pixels per thread and loop trip in ramps.cu (UNROLL there)
+_MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y: the epoch kernels take the epochs in batches of this many
+
+
+def _epoch_grid(T: int, N: int) -> int:
+    """Blocks per epoch for the (pixels, epochs) grids of ramps.cu: about 8 blocks per multiprocessor in all."""
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    per_thread = _THREADS * _UNROLL
+    return int(max(1, min((N + per_thread - 1) // per_thread, (8 * sms + T - 1) // max(1, T))))
+
+
 def _centred(x, y):
-    x0 = 0.5 * (float(x.min()) + float(x.max()))
-    y0 = 0.5 * (float(y.min()) + float(y.max()))
-    s = max(float(x.max()) - x0, float(y.max()) - y0)
+    # one transfer for the four extremes (each float() of a device scalar is a synchronisation)
+    xmin, xmax, ymin, ymax = (float(e) for e in cp.stack([x.min(), x.max(), y.min(), y.max()]).get())
+    x0 = 0.5 * (xmin + xmax)
+    y0 = 0.5 * (ymin + ymax)
+    s = max(xmax - x0, ymax - y0)
     s = s if s > 0 else 1.0
     u = (x.astype(cp.float64) - x0) / s
     v = (y.astype(cp.float64) - y0) / s
@@ -60,14 +73,14 @@ def fit_epoch_ramps(cube, x, y, *, order=1, weights=None, mask=None):
             w = cp.where(mask, w, 0.0)
         else:
             m8 = cp.ascontiguousarray(mask).view(cp.uint8)
-    out = cp.zeros((T, 22), cp.float64)
-    blocks_x = max(1, min((N + _THREADS - 1) // _THREADS, 4 * cp.cuda.Device().attributes["MultiProcessorCount"]
-                          // max(1, min(T, 64)) + 1))
-    _module("ramps").get_function("ramp_moments")(
-        (blocks_x, T), (_THREADS,),
-        (cube, u, v, w, m8, wt, np.int32(mask is not None and mask.ndim == 2),
-         np.int32(weights is not None and weights.ndim == 2), np.int64(N), out))
-    h = cp.asnumpy(out)
+    fn = _module("ramps").get_function("ramp_moments")
+    blocks_x = _epoch_grid(T, N)
+    part = cp.empty((T, blocks_x, 22), cp.float64)  # every block writes its own partial sums (no atomics)
+    for t0 in range(0, T, _MAX_GRID_Y):
+        fn((blocks_x, min(T - t0, _MAX_GRID_Y)), (_THREADS,),
+           (cube, u, v, w, m8, wt, np.int32(mask is not None and mask.ndim == 2),
+            np.int32(weights is not None and weights.ndim == 2), np.int64(N), np.int64(t0), part))
+    h = cp.asnumpy(part).sum(axis=1)  # a fixed order on the host: reproducible ramps
     nrm = h[:, :15][:, cpu._PAIR_TO_MOMENT]
     c6 = cpu._solve_small_spd(nrm, h[:, 15:21], h[:, 21], ref.n_poly_terms(order))
     return cp.asarray(cpu._from_centred_coeffs(c6, x0, y0, s, order))
@@ -85,8 +98,11 @@ def subtract_epoch_ramps(cube, coeffs, x, y, order, *, out=None):
         return res
     if out is None:
         out = cp.empty_like(cube)
-    _module("ramps").get_function("ramp_subtract")(
-        (_grid(T * N),), (_THREADS,), (cp.ascontiguousarray(cube), c6, u, v, np.int64(N), np.int64(T * N), out))
+    cube = cp.ascontiguousarray(cube)
+    fn = _module("ramps").get_function("ramp_subtract")
+    blocks_x = _epoch_grid(T, N)
+    for t0 in range(0, T, _MAX_GRID_Y):
+        fn((blocks_x, min(T - t0, _MAX_GRID_Y)), (_THREADS,), (cube, c6, u, v, np.int64(N), np.int64(t0), out))
     return out
 
 

@@ -6,8 +6,36 @@
 #define N_TERMS 4
 #endif
 #define N_PAIR (N_TERMS * (N_TERMS + 1) / 2)
+// Epochs whose loads are issued before any of them is used: one 4-byte load in flight per thread cannot cover
+// the device memory's latency, UNROLL of them can. The sums still run over t in order (results do not change).
+#define UNROLL 8
 
-extern "C" __global__ void shared_fit(const double* __restrict__ A,      // (T, n) column-scaled design
+// Adds observation (y, w) at epoch t to the normal equations; an unusable one (NaN, zero weight) adds nothing.
+__device__ __forceinline__ void add_obs(double (&nrm)[N_PAIR], double (&rhs)[N_TERMS], double& cnt,
+                                        const double* __restrict__ a, const float y, const double w) {
+    if (!(y == y) || !(w > 0.0)) return;
+    cnt += 1.0;
+    int q = 0;
+#pragma unroll
+    for (int j = 0; j < N_TERMS; ++j) {
+        const double wa = w * a[j];
+        rhs[j] += wa * (double)y;
+#pragma unroll
+        for (int k = j; k < N_TERMS; ++k) nrm[q++] += wa * a[k];
+    }
+}
+
+__device__ __forceinline__ void add_residual(double& ss, const double* __restrict__ a, const double (&xs)[N_TERMS],
+                                             const float y, const double w) {
+    if (!(y == y) || !(w > 0.0)) return;
+    double pred = 0.0;
+#pragma unroll
+    for (int k = 0; k < N_TERMS; ++k) pred += a[k] * xs[k];
+    const double r = (double)y - pred;
+    ss += r * r;
+}
+
+extern "C" __global__ void __launch_bounds__(256) shared_fit(const double* __restrict__ A,      // (T, n) column-scaled design
                                       const double* __restrict__ ew,     // (T,) epoch weights (0 drops)
                                       const float* __restrict__ Y,       // (T, N)
                                       const double* __restrict__ wt,     // (T, N) per-observation weights
@@ -25,21 +53,20 @@ extern "C" __global__ void shared_fit(const double* __restrict__ A,      // (T, 
 #pragma unroll
     for (int k = 0; k < N_TERMS; ++k) rhs[k] = 0.0;
     double cnt = 0.0;
-    for (int t = 0; t < T; ++t) {
-        const float y = Y[(long long)t * N + p];
-        const double w = has_wt ? ew[t] * wt[(long long)t * N + p] : ew[t];
-        if (!(y == y) || !(w > 0.0)) continue;
-        cnt += 1.0;
-        const double* a = A + t * N_TERMS;
-        int q = 0;
+    int t = 0;
+    for (; t + UNROLL <= T; t += UNROLL) {
+        float y[UNROLL];
+        double w[UNROLL];
 #pragma unroll
-        for (int j = 0; j < N_TERMS; ++j) {
-            const double wa = w * a[j];
-            rhs[j] += wa * (double)y;
+        for (int s = 0; s < UNROLL; ++s) y[s] = Y[(long long)(t + s) * N + p];
 #pragma unroll
-            for (int k = j; k < N_TERMS; ++k) nrm[q++] += wa * a[k];
-        }
+        for (int s = 0; s < UNROLL; ++s) w[s] = has_wt ? ew[t + s] * wt[(long long)(t + s) * N + p] : ew[t + s];
+#pragma unroll
+        for (int s = 0; s < UNROLL; ++s) add_obs(nrm, rhs, cnt, A + (t + s) * N_TERMS, y[s], w[s]);
     }
+    for (; t < T; ++t)
+        add_obs(nrm, rhs, cnt, A + t * N_TERMS, Y[(long long)t * N + p],
+                has_wt ? ew[t] * wt[(long long)t * N + p] : ew[t]);
     n_out[p] = (long long)cnt;
     double L[N_TERMS][N_TERMS];
     bool good = cnt >= N_TERMS;
@@ -81,16 +108,21 @@ extern "C" __global__ void shared_fit(const double* __restrict__ A,      // (T, 
     for (int k = 0; k < N_TERMS; ++k) x_out[(long long)k * N + p] = good ? xs[k] / colscale[k] : nan;
     if (want_rms) {
         double ss = 0.0;
-        for (int t = 0; t < T; ++t) {
-            const float y = Y[(long long)t * N + p];
-            const double w = has_wt ? ew[t] * wt[(long long)t * N + p] : ew[t];
-            if (!(y == y) || !(w > 0.0)) continue;
-            double pred = 0.0;
+        int t = 0;
+        for (; t + UNROLL <= T; t += UNROLL) {
+            float y[UNROLL];
+            double w[UNROLL];
 #pragma unroll
-            for (int k = 0; k < N_TERMS; ++k) pred += A[t * N_TERMS + k] * xs[k];
-            const double r = (double)y - pred;
-            ss += r * r;
+            for (int s = 0; s < UNROLL; ++s) y[s] = Y[(long long)(t + s) * N + p];
+#pragma unroll
+            for (int s = 0; s < UNROLL; ++s)
+                w[s] = has_wt ? ew[t + s] * wt[(long long)(t + s) * N + p] : ew[t + s];
+#pragma unroll
+            for (int s = 0; s < UNROLL; ++s) add_residual(ss, A + (t + s) * N_TERMS, xs, y[s], w[s]);
         }
+        for (; t < T; ++t)
+            add_residual(ss, A + t * N_TERMS, xs, Y[(long long)t * N + p],
+                         has_wt ? ew[t] * wt[(long long)t * N + p] : ew[t]);
         rms_out[p] = good ? sqrt(ss / cnt) : nan;
     }
 }
