@@ -444,10 +444,19 @@ def bench_b3(rows: int, cols: int, stations: int, sklearn_points: int, backend: 
 
     ours()
     t_ours = (ours_timer or time_best)(ours, repeats, sync=sync)
-    surf = to_numpy(state.pop("s"))
-    out = np.empty_like(surf)
-    t_floor = time_best(lambda: np.copyto(out, surf), repeats)
-    del out
+    if concrete == "cupy":  # the floor on the device the surface was computed on
+        import cupy
+
+        surf_d = state.pop("s")
+        out_d = cupy.empty_like(surf_d)
+        t_floor = time_best(lambda: cupy.copyto(out_d, surf_d), repeats, sync=sync)
+        surf = to_numpy(surf_d)
+        del out_d, surf_d
+    else:
+        surf = to_numpy(state.pop("s"))
+        out = np.empty_like(surf)
+        t_floor = time_best(lambda: np.copyto(out, surf), repeats)
+        del out
     n_pts = min(sklearn_points, rows * cols)
     idx = rng.choice(rows * cols, n_pts, replace=False)
     pts = np.column_stack([xs[idx % cols], ys[idx // cols]])
