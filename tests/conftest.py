@@ -11,6 +11,7 @@ Every numerical test that takes the ``xp`` fixture runs on
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,28 @@ def pytest_addoption(parser):
                      help="fail (instead of skip) every cupy-backend test when no GPU is usable")
 
 
+def _share_cores_between_xdist_workers() -> None:
+    """Under ``pytest -n N`` give each worker its own 1/N of the cores (CPU affinity, numba and BLAS threads).
+
+    numba, OpenBLAS, GDAL and the package's thread pools each size themselves to every core of the process: N
+    workers on N cores would run N² threads, and on a 16-core GPU host the suite then crawls past any timeout.
+    """
+    n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if n < 2 or not worker.startswith("gw") or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // n)
+    first = (int(worker[2:]) % n) * per % len(cores)  # a replaced worker (gw16, ...) takes its slot's cores
+    os.sched_setaffinity(0, cores[first:first + per])
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(per))  # read when numba is first imported (not yet here)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=per)  # BLAS/OpenMP pools already loaded with NumPy
+
+
 def pytest_configure(config):
+    _share_cores_between_xdist_workers()
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (cupy backend)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
     config.addinivalue_line("markers", "real_data: reads ../shared/data/real")
