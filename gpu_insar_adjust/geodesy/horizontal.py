@@ -375,7 +375,13 @@ def _signal_cross_kernel(signal, X, Xs):
 def _finish(m):
     """(ve, vn, se, sn) from moments (ve, vn, var_e, var_n): a sequence of arrays or an array (..., 4)."""
     ve, vn, var_e, var_n = (m[..., k] for k in range(4)) if isinstance(m, np.ndarray) else m
-    return ve, vn, np.sqrt(np.clip(var_e, 0.0, None)), np.sqrt(np.clip(var_n, 0.0, None))
+    return ve, vn, _sqrt_nonnegative(var_e), _sqrt_nonnegative(var_n)
+
+
+def _sqrt_nonnegative(var) -> np.ndarray:
+    """sqrt(max(var, 0)) with one temporary (the variances may be shared: never written)."""
+    out = np.maximum(var, 0.0)
+    return np.sqrt(out, out=out)
 
 
 def _pixel_size(c: np.ndarray) -> float:
@@ -394,10 +400,23 @@ def _lattice_splines(yn: np.ndarray, xn: np.ndarray, values: np.ndarray) -> list
 
 def _on_grid(spline, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """A lattice spline at the grid ``ys`` × ``xs`` (pixel coordinates in any order, e.g. y decreasing)."""
+    sy, sx = _monotonic(ys), _monotonic(xs)
+    if sy is not None and sx is not None:  # raster axes: reverse by views, no scatter of every pixel
+        return spline(ys[sy], xs[sx])[sy, sx]
     oy, ox = np.argsort(ys, kind="stable"), np.argsort(xs, kind="stable")
     out = np.empty((ys.size, xs.size))
     out[np.ix_(oy, ox)] = spline(ys[oy], xs[ox])
     return out
+
+
+def _monotonic(c: np.ndarray):
+    """The slice that makes ``c`` increasing when it is strictly monotonic (itself or reversed), else None."""
+    d = np.diff(c)
+    if np.all(d > 0):
+        return slice(None)
+    if np.all(d < 0):
+        return slice(None, None, -1)
+    return None
 
 
 _KEY_OFFSET = 1 << 30  # lattice indices within ±2^30 pack into one int64 key
