@@ -160,6 +160,28 @@ class SplineBasis:
             out[a:a + chunk] = acc
         return out.reshape(x.shape)
 
+    def evaluate_rows(self, coef, x_km, y_km_rows) -> np.ndarray:
+        """:meth:`evaluate` on raster rows whose points share their ``y``: ``x_km`` ``(R, C)``, ``y_km_rows``
+        ``(R,)``. The four B-spline rows of each raster row are combined once per row, then every point gathers
+        four values instead of sixteen (the same surface; sums in another order, within 1e-15 relative)."""
+        x = np.asarray(x_km, np.float64)
+        yr = np.asarray(y_km_rows, np.float64).ravel()
+        if x.ndim != 2 or yr.size != x.shape[0]:
+            raise ArrayArgumentError(f"evaluate_rows needs x (rows, cols) and one y per row; got x {x.shape}, "
+                                     f"y {yr.shape}.", field="y_km_rows", fix="use evaluate() for scattered points")
+        c = np.asarray(coef, np.float64).reshape(self.shape)
+        cy, wy = self._axis(yr, self.y0_km, self.n_cells_y)
+        row_ctrl = c[cy] * wy[:, :1]  # (R, nxc): the control values of each raster row
+        for i in range(1, 4):
+            row_ctrl += c[cy + i] * wy[:, i:i + 1]
+        cx, wx = self._axis(x.ravel(), self.x0_km, self.n_cells_x)
+        base = (np.arange(x.shape[0], dtype=np.int64)[:, None] * row_ctrl.shape[1] + cx.reshape(x.shape)).ravel()
+        flat = row_ctrl.ravel()
+        acc = flat[base] * wx[:, 0]
+        for j in range(1, 4):
+            acc += flat[base + j] * wx[:, j]
+        return acc.reshape(x.shape)
+
 
 @dataclass
 class OverlapSamples:
@@ -228,6 +250,24 @@ class NetworkSolution:
         c = poly_terms(x_km, y_km, self.order) @ self.params[frame]
         if self.splines is not None and self.splines[frame] is not None:
             c = c + self.splines[frame].evaluate(self.spline_coef[frame], x_km, y_km)
+        return c
+
+    def correction_rows(self, frame: int, x_km, y_km_rows) -> np.ndarray:
+        """:meth:`correction` on raster rows whose points share their ``y`` (a geographic frame's rows):
+        ``x_km`` ``(R, C)``, ``y_km_rows`` ``(R,)``. The polynomial goes by Horner in x with per-row
+        coefficients and the spline through :meth:`SplineBasis.evaluate_rows`: a few operations per point
+        instead of a design row and sixteen gathers (the same surface within 1e-15 relative)."""
+        x = np.asarray(x_km, np.float64) / COORD_SCALE_KM
+        y = (np.asarray(y_km_rows, np.float64) / COORD_SCALE_KM).reshape(-1, 1)
+        p = np.asarray(self.params[frame], np.float64)
+        if self.order == 0:
+            c = np.full(x.shape, p[0])
+        elif self.order == 1:
+            c = (p[0] + p[2] * y) + p[1] * x
+        else:  # terms [1, x, y, x², xy, y²]
+            c = (p[0] + y * (p[2] + p[5] * y)) + x * ((p[1] + p[4] * y) + p[3] * x)
+        if self.splines is not None and self.splines[frame] is not None:
+            c += self.splines[frame].evaluate_rows(self.spline_coef[frame], x_km, y_km_rows)
         return c
 
     def spline_rms(self, frame: int) -> float:

@@ -764,7 +764,10 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             cv = _cv_rmse(adjustments[k])
             for rs in _row_blocks(ny, nx, _ROW_BLOCK_PIXELS):
                 xk, yk = _frame_km_rows(fr, rs.start, rs.stop)
-                c_vert = net.correction(k, xk.ravel(), yk.ravel()).reshape(xk.shape)
+                if yk.ndim == 2 and yk.strides[1] == 0:  # geographic rows: one y per row (a broadcast view)
+                    c_vert = net.correction_rows(k, xk, yk[:, 0])
+                else:
+                    c_vert = net.correction(k, xk.ravel(), yk.ravel()).reshape(xk.shape)
                 u = np.asarray(u_all[rs], np.float64)
                 verts[k][rs] = verts[k][rs] - c_vert
                 los_adj[k][rs] = los_adj[k][rs] - u * c_vert

@@ -212,3 +212,32 @@ def test_spline_arguments_are_checked():
         solve_network(3, overlaps, ties, splines=[b, b, b], spline_sigma_mm_yr=np.array([1.0, np.nan, 1.0]))
     with pytest.raises(errors.ArrayArgumentError):
         SplineBasis.covering([0, 1], [0, 1], 0.0)
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_row_evaluation_equals_the_scattered_points(order):
+    """A geographic frame's raster rows share their y: the corrections evaluated row by row (per-row polynomial
+    coefficients, four B-spline rows combined once per row) equal the point-by-point evaluation, points outside
+    the spline's rectangle (clamped to its edge) included."""
+    from gpu_insar_adjust.network import NetworkSolution, SplineBasis
+
+    rng = np.random.default_rng(order)
+    basis = SplineBasis(x0_km=-50.0, y0_km=-40.0, spacing_km=20.0, n_cells_x=5, n_cells_y=4)
+    nt = (1, 3, 6)[order]
+    sol = NetworkSolution.zeros(2, order=order)
+    sol.params[:] = rng.normal(0, 5, (2, nt))
+    sol.splines = [basis, None]
+    sol.spline_coef = [rng.normal(0, 2, basis.size), None]
+    y_rows = np.linspace(-60.0, 60.0, 37)  # beyond the rectangle at both ends
+    x = np.linspace(-70.0, 70.0, 53)[None, :] * np.cos(np.radians(35.0 + y_rows / 111.0))[:, None]
+    y = np.broadcast_to(y_rows[:, None], x.shape)
+    for frame in (0, 1):
+        want = sol.correction(frame, x.ravel(), y.ravel()).reshape(x.shape)
+        got = sol.correction_rows(frame, x, y_rows)
+        assert got.shape == x.shape
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.max(np.abs(want)))
+    spline_only = basis.evaluate_rows(sol.spline_coef[0], x, y_rows)
+    np.testing.assert_allclose(spline_only, basis.evaluate(sol.spline_coef[0], x, y), rtol=0, atol=1e-13)
+    assert np.ptp(spline_only) > 1.0  # a surface, not a constant
+    with pytest.raises(errors.GiaError):
+        basis.evaluate_rows(sol.spline_coef[0], x, y_rows[:-1])
