@@ -515,8 +515,15 @@ class LowPassSurface(SurfaceModel):
         xp = _namespace_of(features)
         x = _as_float64(xp, features["x_km"])
         yy = _as_float64(xp, features["y_km"])
-        P = backend.asarray(self.train_xy_, xp=xp, dtype=xp.float64)
         sigma = self.wavelength_km_ / 2.0
+        if backend.backend_name(xp) == "numpy":
+            from ..kernels import cpu as _kcpu
+
+            if _kcpu.cpu_engine() == "numba":  # one fused pass per pixel instead of (pixels × stations) arrays
+                return self.trend_.evaluate(features) + _kcpu.gaussian_weighted_average(
+                    x, yy, self.train_xy_[:, 0], self.train_xy_[:, 1], self.train_w_, self.train_resid_, sigma,
+                    float(self.prior_weight))
+        P = backend.asarray(self.train_xy_, xp=xp, dtype=xp.float64)
         dx = (x[:, None] - P[None, :, 0]) / sigma
         dy = (yy[:, None] - P[None, :, 1]) / sigma
         K = xp.exp(-0.5 * (dx * dx + dy * dy)) * backend.asarray(self.train_w_, xp=xp, dtype=xp.float64)

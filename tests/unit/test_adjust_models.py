@@ -162,6 +162,25 @@ def test_lowpass_wavelength_is_mean_station_spacing():
     assert m.evaluate(far)[0] == pytest.approx(m.trend_.evaluate(far)[0], abs=1e-9)
 
 
+def test_lowpass_fused_kernel_equals_the_array_form(monkeypatch):
+    """On NumPy with numba the low-pass surface is one fused pass per pixel; it equals the array-API form
+    (pixels × stations temporaries) near stations, between them and far from all of them."""
+    pytest.importorskip("numba")
+    X, rng = station_set(n=45, seed=8)
+    y = _smooth_field(X) + rng.normal(0, 0.3, len(X))
+    m = models.LowPassSurface().fit(X, y, rng.uniform(0.5, 2.0, len(X)))
+    pts = {"x_km": np.r_[X.x_km.to_numpy(), rng.uniform(-150, 150, 3000), 4000.0],
+           "y_km": np.r_[X.y_km.to_numpy(), rng.uniform(-150, 150, 3000), -4000.0]}
+    monkeypatch.setenv("GIA_CPU_KERNELS", "numba")
+    fused = m.evaluate(pts)
+    monkeypatch.setenv("GIA_CPU_KERNELS", "numpy")
+    arrays = m.evaluate(pts)
+    np.testing.assert_allclose(fused, arrays, rtol=1e-12, atol=1e-12)
+    assert np.ptp(fused) > 1.0
+    assert fused[-1] == pytest.approx(m.trend_.evaluate({"x_km": np.array([4000.0]),
+                                                         "y_km": np.array([-4000.0])})[0], abs=1e-9)
+
+
 @pytest.mark.parametrize("method", ["rf", "gbr"])
 def test_tree_ensembles_fit_residual_field_on_trend(method):
     X, rng = station_set(n=120, seed=8)
