@@ -353,14 +353,34 @@ class GaussianProcessSurface(SurfaceModel):
         d = xp.sqrt(dx * dx + dy * dy) / self.length_scale_km_
         return self.amplitude_ ** 2 * _matern(xp, d, float(self.nu))
 
+    def _fused(self, xp, features, with_var: bool):
+        """(mean, var) by the fused CPU kernel for NumPy inputs with numba, else None (array-API form)."""
+        if backend.backend_name(xp) != "numpy":
+            return None
+        from ..kernels import cpu as _kcpu
+
+        if _kcpu.cpu_engine() != "numba":
+            return None
+        return _kcpu.matern_gp_surface(_as_float64(xp, features["x_km"]), _as_float64(xp, features["y_km"]),
+                                       self.train_xy_[:, 0], self.train_xy_[:, 1], self.dual_coef_,
+                                       self.amplitude_, self.length_scale_km_, float(self.nu),
+                                       self.K_inv_ if with_var else None)
+
     def evaluate(self, features):
         xp = _namespace_of(features)
+        fused = self._fused(xp, features, False)
+        if fused is not None:  # one pass per pixel instead of a (pixels × stations) covariance array
+            return self.trend_.evaluate(features) + fused[0]
         Ks = self._cross_cov(xp, features)
         a = backend.asarray(self.dual_coef_, xp=xp, dtype=xp.float64)
         return self.trend_.evaluate(features) + xp.sum(Ks * a, axis=-1)
 
     def evaluate_std(self, features):
         xp = _namespace_of(features)
+        fused = self._fused(xp, features, True)
+        if fused is not None:
+            tstd = self.trend_.evaluate_std(features)
+            return xp.sqrt(xp.maximum(fused[1], 0.0) + tstd * tstd)
         Ks = self._cross_cov(xp, features)
         Kinv = backend.asarray(self.K_inv_, xp=xp, dtype=xp.float64)
         var = self.amplitude_ ** 2 - xp.sum(xp.matmul(Ks, Kinv) * Ks, axis=-1)
@@ -456,12 +476,19 @@ class ThinPlateSplineSurface(SurfaceModel):
             return xp_out
         u, v = self._scaled(xp, features)
         n = nodes.shape[0]
-        N = backend.asarray(nodes * eps, xp=xp, dtype=xp.float64)
-        du = u[:, None] * eps - N[None, :, 0]
-        dv = v[:, None] * eps - N[None, :, 1]
-        r = xp.sqrt(du * du + dv * dv)
-        phi = xp.where(r > 0, r * r * xp.log(xp.where(r > 0, r, 1.0)), 0.0)
-        out = xp.sum(phi * backend.asarray(coeffs[:n], xp=xp, dtype=xp.float64), axis=-1)
+        out = None
+        if backend.backend_name(xp) == "numpy":
+            from ..kernels import cpu as _kcpu
+
+            if _kcpu.cpu_engine() == "numba":  # one fused pass per pixel instead of (pixels × nodes) arrays
+                out = _kcpu.thin_plate_kernel_sum(u, v, nodes, coeffs[:n], eps)
+        if out is None:
+            N = backend.asarray(nodes * eps, xp=xp, dtype=xp.float64)
+            du = u[:, None] * eps - N[None, :, 0]
+            dv = v[:, None] * eps - N[None, :, 1]
+            r = xp.sqrt(du * du + dv * dv)
+            phi = xp.where(r > 0, r * r * xp.log(xp.where(r > 0, r, 1.0)), 0.0)
+            out = xp.sum(phi * backend.asarray(coeffs[:n], xp=xp, dtype=xp.float64), axis=-1)
         us = (u - float(shift[0])) / float(pscale[0])
         vs = (v - float(shift[1])) / float(pscale[1])
         for c, (pu, pv) in zip(coeffs[n:], powers):

@@ -181,6 +181,42 @@ def test_lowpass_fused_kernel_equals_the_array_form(monkeypatch):
                                                          "y_km": np.array([-4000.0])})[0], abs=1e-9)
 
 
+@pytest.mark.parametrize("nu", [0.5, 1.5, 2.5, np.inf])
+def test_gp_fused_kernel_equals_the_array_form(monkeypatch, nu):
+    """On NumPy with numba the GP mean and σ come from one fused pass per pixel; they equal the array-API form
+    (the cross-covariance matrix, its product with K⁻¹) for every Matérn ν, at stations and far from them."""
+    pytest.importorskip("numba")
+    X, rng = station_set(n=40, seed=9)
+    y = _smooth_field(X) + rng.normal(0, 0.3, len(X))
+    m = models.GaussianProcessSurface(nu=nu).fit(X, y, np.full(len(X), 1 / 0.3 ** 2))
+    pts = {"x_km": np.r_[X.x_km.to_numpy(), rng.uniform(-150, 150, 2500), 3000.0],
+           "y_km": np.r_[X.y_km.to_numpy(), rng.uniform(-150, 150, 2500), 0.0]}
+    monkeypatch.setenv("GIA_CPU_KERNELS", "numba")
+    mean, sd = m.evaluate(pts), m.evaluate_std(pts)
+    monkeypatch.setenv("GIA_CPU_KERNELS", "numpy")
+    np.testing.assert_allclose(mean, m.evaluate(pts), rtol=1e-12, atol=1e-11)
+    np.testing.assert_allclose(sd, m.evaluate_std(pts), rtol=1e-9, atol=1e-9)
+    assert np.ptp(mean) > 1.0
+    assert sd[0] < 0.5 < m.amplitude_ * 0.9 < sd[-1]  # known at a station, the prior far away
+
+
+def test_tps_fused_kernel_equals_the_array_form_and_scipy(monkeypatch):
+    """On NumPy with numba the thin-plate spline's kernel part is one fused pass per pixel: equal to the
+    array-API form and to scipy's interpolator, at the nodes (r = 0) and between them."""
+    pytest.importorskip("numba")
+    X, rng = station_set(n=30, seed=10)
+    y = _smooth_field(X) + rng.normal(0, 0.3, len(X))
+    m = models.ThinPlateSplineSurface().fit(X, y)
+    pts = {"x_km": np.r_[X.x_km.to_numpy(), rng.uniform(-150, 150, 2000)],
+           "y_km": np.r_[X.y_km.to_numpy(), rng.uniform(-150, 150, 2000)]}
+    monkeypatch.setenv("GIA_CPU_KERNELS", "numba")
+    fused = m.evaluate(pts)
+    monkeypatch.setenv("GIA_CPU_KERNELS", "numpy")
+    np.testing.assert_allclose(fused, m.evaluate(pts), rtol=1e-11, atol=1e-10)
+    u = (np.column_stack([pts["x_km"], pts["y_km"]]) - m.centre_) / m.scale_
+    np.testing.assert_allclose(fused, m.interpolator_(u), atol=1e-9)
+
+
 @pytest.mark.parametrize("method", ["rf", "gbr"])
 def test_tree_ensembles_fit_residual_field_on_trend(method):
     X, rng = station_set(n=120, seed=8)
