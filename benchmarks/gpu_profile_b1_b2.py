@@ -50,7 +50,7 @@ for b in (bx, 2 * bx, 4 * bx):
                                               np.int64(0), part))))
 nrm = np.tile(np.eye(6)[np.triu_indices(6)], (T, 1))  # packed upper triangles of T identity systems
 print("host solves ms", best_ms(lambda: kc.cpu._solve_small_spd(nrm, np.ones((T, 6)), np.full(T, 1e6), 6)))
-del flat, out
+flat = out = None  # free the B1 cube before B2 (the lambdas above have run)
 A, Y_h = make_b2_cube(250, 2000, 2000)
 Y, Ad = cp.asarray(Y_h), cp.asarray(A)
 o2 = cp.empty_like(Y)
