@@ -116,7 +116,7 @@ def _split_funnels(labels: np.ndarray, n: int, rate: np.ndarray, core_mm_yr: flo
     cores, n_cores = ndimage.label(np.isfinite(rate) & (rate >= core_mm_yr), structure=_EIGHT)
     if n_cores < 2:
         return labels, n
-    sizes = ndimage.sum(np.ones_like(rate), cores, np.arange(1, n_cores + 1))
+    sizes = np.bincount(cores.ravel(), minlength=n_cores + 1)[1:]
     small = np.flatnonzero(sizes < max(1, min_pixels)) + 1
     cores[np.isin(cores, small)] = 0
     # nearest core of every pixel, then keep it only inside the region that holds that core
@@ -148,7 +148,8 @@ def find_hotspots(rate: np.ndarray, area: np.ndarray, x: np.ndarray, y: np.ndarr
     (isolated noisy pixels) are left out.
 
     Each hotspot: ``area_km2``, ``peak_subsidence_rate_mm_yr``, ``mean_subsidence_rate_mm_yr`` (area-weighted),
-    ``volume_rate_m3_yr``, ``centroid_lon``/``centroid_lat`` (area-weighted centroid), ``peak_lon``/``peak_lat``,
+    ``volume_rate_m3_yr``, ``centroid_lon``/``centroid_lat`` (area-weighted centroid), ``peak_lon``/``peak_lat``
+    (the region's first pixel in raster order at its peak rate),
     ``nearest_station`` and ``nearest_station_distance_km`` (geodesic from the peak, WGS84) when ``stations``
     is given.
     """
@@ -161,19 +162,31 @@ def find_hotspots(rate: np.ndarray, area: np.ndarray, x: np.ndarray, y: np.ndarr
     if split_funnels:
         labels, n = _split_funnels(labels, n, rate, core_factor * threshold_mm_yr, min_pixels)
     idx = np.arange(1, n + 1)
-    r = np.where(beyond, rate, 0.0)
-    a = np.where(beyond, area, 0.0)
-    areas = ndimage.sum(a, labels, idx)
-    vol = ndimage.sum(r * a / 1e3, labels, idx)
-    peak = ndimage.maximum(r, labels, idx)
-    peak_pos = ndimage.maximum_position(r, labels, idx)
-    yy, xx = np.meshgrid(np.asarray(y, float), np.asarray(x, float), indexing="ij")
-    cx = ndimage.sum(a * xx, labels, idx) / areas
-    cy = ndimage.sum(a * yy, labels, idx) / areas
+    # per-region sums over the labelled pixels only, in raster order (the sums scipy.ndimage.sum forms over the
+    # whole raster, bit for bit), and the peak by one scatter-max instead of ndimage's sort of every pixel
+    sel = np.flatnonzero(labels.ravel())
+    lab = labels.ravel()[sel]
+    rows, cols = np.divmod(sel, labels.shape[1])
+    r = np.asarray(rate, np.float64).ravel()[sel]
+    a = np.broadcast_to(np.asarray(area, np.float64), labels.shape).ravel()[sel]
+
+    def per_region(weights):
+        return np.bincount(lab, weights=weights, minlength=n + 1)[1:]
+
+    areas = per_region(a)
+    vol = per_region(r * a / 1e3)
+    cx = per_region(a * np.asarray(x, float)[cols]) / areas
+    cy = per_region(a * np.asarray(y, float)[rows]) / areas
+    n_pix = np.bincount(lab, minlength=n + 1)[1:]
+    peak_all = np.full(n + 1, -np.inf)
+    np.maximum.at(peak_all, lab, r)
+    peak = peak_all[1:]
+    at_peak = np.flatnonzero(r == peak_all[lab])
+    _, first = np.unique(lab[at_peak], return_index=True)  # the first peak pixel of each region, raster order
+    peak_pix = at_peak[first]
     clon, clat = _lonlat(cx, cy, crs)
-    plon, plat = _lonlat(np.array([x[p[1]] for p in peak_pos]), np.array([y[p[0]] for p in peak_pos]), crs)
+    plon, plat = _lonlat(np.asarray(x, float)[cols[peak_pix]], np.asarray(y, float)[rows[peak_pix]], crs)
     order = np.argsort(-areas, kind="stable")
-    n_pix = ndimage.sum(np.ones_like(r), labels, idx)
     out = []
     for k in order:
         if areas[k] / 1e6 < min_area_km2 or n_pix[k] < min_pixels:

@@ -140,3 +140,42 @@ def test_annual_subsidence_peak_year_and_easing(peaks, peak_year, easing):
     expect_slope = np.polyfit(years[-3:], [p * g_mean for p in peaks[-3:]], 1)[0]
     assert abs(out["trend_slope_mm_yr2"] - expect_slope) < 0.01 * abs(expect_slope)
     assert out["trend_years"] == years[-3:]
+
+
+def test_hotspot_sums_equal_scipy_ndimage_bit_for_bit_and_a_tied_peak_is_the_first_in_raster_order():
+    """Per-hotspot sums (area, volume, centroid, pixel count) are formed over the labelled pixels only; they equal
+    scipy.ndimage's sums over the whole raster bit for bit, and the peak its maximum. Of two pixels at the same
+    peak rate the first in raster order locates the peak."""
+    from scipy import ndimage
+
+    from gpu_insar_adjust.analysis.subsidence import _EIGHT, find_hotspots
+    from gpu_insar_adjust.geodesy.grids import cell_area_m2
+
+    y, x = _grid()
+    vu = _bowl(80.0, y, x, sigma=4_000.0) + _bowl(60.0, y, x, LON0 + 0.2, LAT0 - 0.1, sigma=5_000.0)
+    vu = vu.astype(np.float32).astype(np.float64)
+    rate = -vu
+    i, j = np.unravel_index(np.argmax(rate), rate.shape)
+    rate[i + 1, j + 2] = rate[i, j]  # a tie at the first funnel's peak, later in raster order
+    rate[3:6, 3:6] = np.nan
+    area = cell_area_m2(y, x, "EPSG:4326")
+    hs = find_hotspots(rate, area, x, y, 20.0, split_funnels=False, max_hotspots=None)
+    labels, n = ndimage.label(np.isfinite(rate) & (rate >= 20.0), structure=_EIGHT)
+    assert len(hs) == n == 2
+    idx = np.arange(1, n + 1)
+    a = np.where(labels > 0, area, 0.0)
+    r = np.where(labels > 0, rate, 0.0)
+    xx = np.broadcast_to(x[None, :], rate.shape)
+    ref = {"area_km2": ndimage.sum(a, labels, idx) / 1e6,
+           "volume_rate_m3_yr": ndimage.sum(r * a / 1e3, labels, idx),
+           "n_pixels": ndimage.sum(np.ones_like(r), labels, idx),
+           "peak_subsidence_rate_mm_yr": ndimage.maximum(r, labels, idx)}
+    cx = ndimage.sum(a * xx, labels, idx) / ndimage.sum(a, labels, idx)
+    for h in hs:
+        k = h["id"] - 1
+        for key, want in ref.items():
+            assert h[key] == want[k], key
+        assert h["centroid_lon"] == pytest.approx(cx[k], abs=1e-12)  # (through the CRS transform)
+    first = next(h for h in hs if h["peak_subsidence_rate_mm_yr"] == rate[i, j])
+    assert first["peak_lon"] == pytest.approx(x[j], abs=1e-12)
+    assert first["peak_lat"] == pytest.approx(y[i], abs=1e-12)
