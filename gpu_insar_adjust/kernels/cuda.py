@@ -3,6 +3,10 @@
 Imported only when a kernel is called with CuPy arrays (never by ``import gpu_insar_adjust``). The small
 per-epoch systems (T × 6) and the coefficient changes of variables are solved on the host; everything that
 touches the cube stays on the device.
+
+Ramps of pixels on a row-major grid (as from ``meshgrid``, the layout of every raster) take row kernels: per row
+the moments need sums in u alone, and v is one number, so a pixel costs a few additions and reads no
+cube-sized coordinate array. Scattered pixels, per-pixel weights and masks take the pixel kernels.
 """
 
 from __future__ import annotations
@@ -56,9 +60,65 @@ def _centred(x, y):
     return cp.ascontiguousarray(u), cp.ascontiguousarray(v), (x0, y0, s)
 
 
+_MIN_GRID_COLS = 32  # one warp per row: narrower rows would leave lanes idle; they take the pixel kernels
+
+
+def _grid_axes(x, y):
+    """``(x axis (cols,), y axis (rows,))`` on the host when the flattened pixels form a row-major grid (x
+    constant down a column, y along a row, as from ``meshgrid``) at least ``_MIN_GRID_COLS`` wide, else None.
+    Two synchronisations: where y first changes, then one transfer of the verdict and the axes."""
+    N = int(x.size)
+    if N == 0 or int(y.size) != N:
+        return None
+    cols = int(cp.argmax(y != y[0])) or N  # the first change of y starts the second row
+    if cols < _MIN_GRID_COLS or N % cols:
+        return None
+    rows = N // cols
+    X, Y = x.reshape(rows, cols), y.reshape(rows, cols)
+    is_grid = cp.all(X == X[:1]) & cp.all(Y == Y[:, :1])
+    h = cp.concatenate([is_grid.astype(cp.float64).reshape(1), X[0].astype(cp.float64),
+                        Y[:, 0].astype(cp.float64)]).get()
+    if h[0] != 1.0:
+        return None
+    return h[1:1 + cols], h[1 + cols:]
+
+
+def _grid_blocks(rows: int) -> int:
+    return max(1, -(-rows // (_THREADS // 32)))  # one warp per row
+
+
+def _fit_grid(cube, axes, order):
+    """Moments and right-hand sides per row (ramp_row_partials), summed per epoch on the device in a fixed
+    order (ramp_row_reduce): one read of the cube, a few additions per pixel, no cube-sized coordinate reads."""
+    T, N = cube.shape
+    xc, yr = axes
+    rows, cols = yr.size, xc.size
+    x0, y0, s = ref.centre_scale(xc, yr)  # the extremes of a grid are those of its axes
+    uc = (xc - x0) / s
+    u12 = cp.asarray(np.ascontiguousarray(np.stack([uc, uc * uc])))
+    vr = cp.asarray((yr - y0) / s)
+    part = cp.empty((T, rows, 9), cp.float64)
+    sums = cp.empty((T, 22), cp.float64)
+    mod = _module("ramps")
+    partials, reduce = mod.get_function("ramp_row_partials"), mod.get_function("ramp_row_reduce")
+    for t0 in range(0, T, _MAX_GRID_Y):
+        nt = min(T - t0, _MAX_GRID_Y)
+        partials((_grid_blocks(rows), nt), (_THREADS,), (cube, u12, np.int64(rows), np.int64(cols), np.int64(t0),
+                                                         part))
+        reduce((nt,), (_THREADS,), (part, vr, np.int64(rows), np.int64(t0), sums))
+    h = cp.asnumpy(sums)
+    nrm = h[:, :15][:, cpu._PAIR_TO_MOMENT]
+    c6 = cpu._solve_small_spd(nrm, h[:, 15:21], h[:, 21], ref.n_poly_terms(order))
+    return cp.asarray(cpu._from_centred_coeffs(c6, x0, y0, s, order))
+
+
 def fit_epoch_ramps(cube, x, y, *, order=1, weights=None, mask=None):
     T, N = cube.shape
     cube = cp.ascontiguousarray(cube, dtype=cp.float32)
+    if weights is None and mask is None:
+        axes = _grid_axes(x, y)
+        if axes is not None:
+            return _fit_grid(cube, axes, order)
     u, v, (x0, y0, s) = _centred(x, y)
     w = cp.ones(N, cp.float64)
     wt = cp.zeros(1, cp.float64)
@@ -88,6 +148,21 @@ def fit_epoch_ramps(cube, x, y, *, order=1, weights=None, mask=None):
 
 def subtract_epoch_ramps(cube, coeffs, x, y, order, *, out=None):
     T, N = cube.shape
+    axes = _grid_axes(x, y) if cube.dtype == cp.float32 else None
+    if axes is not None:  # per row the ramp is a + u (b + c3 u): one cached column table, no u, v arrays
+        xc, yr = axes
+        x0, y0, s = ref.centre_scale(xc, yr)
+        c6 = cp.asarray(cpu._to_centred_coeffs(cp.asnumpy(coeffs).astype(np.float64), x0, y0, s, order))
+        cube = cp.ascontiguousarray(cube)
+        fn = _module("ramps").get_function("ramp_grid_subtract")
+        uc, vr = cp.asarray((xc - x0) / s), cp.asarray((yr - y0) / s)
+
+        def run(dst):
+            for t0 in range(0, T, _MAX_GRID_Y):
+                fn((_grid_blocks(yr.size), min(T - t0, _MAX_GRID_Y)), (_THREADS,),
+                   (cube, c6, uc, vr, np.int64(yr.size), np.int64(xc.size), np.int64(t0), dst))
+
+        return _into(out, cube.shape, run)
     u, v, (x0, y0, s) = _centred(x, y)
     c6 = cp.asarray(cpu._to_centred_coeffs(cp.asnumpy(coeffs).astype(np.float64), x0, y0, s, order))
     if cube.dtype != cp.float32:
@@ -96,13 +171,27 @@ def subtract_epoch_ramps(cube, coeffs, x, y, order, *, out=None):
             out[...] = res
             return out
         return res
-    if out is None:
-        out = cp.empty_like(cube)
     cube = cp.ascontiguousarray(cube)
     fn = _module("ramps").get_function("ramp_subtract")
     blocks_x = _epoch_grid(T, N)
-    for t0 in range(0, T, _MAX_GRID_Y):
-        fn((blocks_x, min(T - t0, _MAX_GRID_Y)), (_THREADS,), (cube, c6, u, v, np.int64(N), np.int64(t0), out))
+
+    def run(dst):
+        for t0 in range(0, T, _MAX_GRID_Y):
+            fn((blocks_x, min(T - t0, _MAX_GRID_Y)), (_THREADS,), (cube, c6, u, v, np.int64(N), np.int64(t0), dst))
+
+    return _into(out, cube.shape, run)
+
+
+def _into(out, shape, run):
+    """``run(dst)`` with a C-contiguous float32 ``dst`` (the kernels write rows of one), which is ``out`` when
+    ``out`` is one; otherwise the result is copied into ``out`` (or returned when ``out`` is None). The copy
+    also covers an ``out`` that is the caller's non-contiguous cube: the kernel read a contiguous copy of it."""
+    direct = out is not None and out.dtype == cp.float32 and out.flags.c_contiguous and tuple(out.shape) == shape
+    dst = out if direct else cp.empty(shape, cp.float32)
+    run(dst)
+    if out is None or direct:
+        return dst
+    out[...] = dst
     return out
 
 

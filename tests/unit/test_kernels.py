@@ -241,7 +241,8 @@ def test_cuda_sources_compile(tmp_path, source, defines):
                            "-o", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     ptx = out.read_text()
-    names = {"ramps.cu": ["ramp_moments", "ramp_subtract", "poly_eval_f32"], "surfaces.cu": ["kernel_surface"],
+    names = {"ramps.cu": ["ramp_moments", "ramp_subtract", "poly_eval_f32", "ramp_row_partials", "ramp_row_reduce",
+                          "ramp_grid_subtract"], "surfaces.cu": ["kernel_surface"],
              "shared_fit.cu": ["shared_fit"]}[source]
     for name in names:
         assert f".entry {name}(" in ptx
@@ -320,6 +321,28 @@ def test_cuda_unrolled_loops_tails_weights_and_reproducibility(gpu_xp):
     two = kernels.subtract_epoch_ramps(cd, c_two, xd, yd, 2)
     assert np.array_equal(cp.asnumpy(c_fused), cp.asnumpy(c_two))
     assert np.array_equal(cp.asnumpy(fused), cp.asnumpy(two), equal_nan=True)
+
+
+def test_cuda_grid_ramps_match_reference(gpu_xp):
+    """Pixels on a meshgrid take the row kernels (ramp_row_partials/reduce, ramp_grid_subtract) on the device."""
+    import cupy as cp
+
+    _, cube, x, y = _grid_ramp_data(T=9, rows=37, cols=203)
+    cd, xd, yd = cp.asarray(cube), cp.asarray(x), cp.asarray(y)
+    from gpu_insar_adjust.kernels import cuda
+
+    assert cuda._grid_axes(xd.ravel(), yd.ravel()) is not None
+    got = cp.asnumpy(kernels.fit_epoch_ramps(cd, xd, yd, order=2))
+    want = ref.fit_epoch_ramps(cube, x, y, order=2)
+    assert np.all(np.isnan(got[3]))
+    ok = [0, 1, 2, 4, 5, 6, 7, 8]
+    assert_matches_reference(ref.eval_polynomial_surface(got[ok], x, y, 2),
+                             ref.eval_polynomial_surface(want[ok], x, y, 2), rtol=1e-9)
+    again = cp.asnumpy(kernels.fit_epoch_ramps(cd, xd, yd, order=2))
+    assert np.array_equal(got, again, equal_nan=True)
+    sub = kernels.subtract_epoch_ramps(cd[ok], cp.asarray(want[ok]), xd, yd, 2)
+    assert_matches_reference(sub, ref.subtract_epoch_ramps(cube[ok], want[ok], x, y, 2), dtype="float32",
+                             atol=2e-6)
 
 
 # ---------------------------------------------------------------- grid fast paths -----------------------------
