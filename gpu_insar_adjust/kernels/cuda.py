@@ -211,6 +211,23 @@ def eval_polynomial_surface(coeffs, x, y, order, *, dtype="float32"):
     return out.reshape(shape)
 
 
+def _epoch_chunks(As, ew):
+    """Per 32 epochs: the packed upper triangle of sum w a a^T over the epochs with w > 0, and those epochs as
+    bits (shared_fit.cu subtracts the missing epochs' outer products from the first)."""
+    T, n = As.shape
+    n_chunks = -(-T // 32)
+    iu = np.triu_indices(n)
+    keep = ew > 0
+    per_epoch = np.where(keep[:, None], ew[:, None] * As[:, iu[0]] * As[:, iu[1]], 0.0)
+    padded = np.zeros((n_chunks * 32, per_epoch.shape[1]))
+    padded[:T] = per_epoch
+    bits = np.zeros(n_chunks * 32, np.uint64)
+    bits[:T] = keep
+    weights = np.uint64(1) << (np.arange(n_chunks * 32, dtype=np.uint64) % np.uint64(32))
+    chunk_epochs = (bits * weights).reshape(n_chunks, 32).sum(axis=1).astype(np.uint32)
+    return np.ascontiguousarray(padded.reshape(n_chunks, 32, -1).sum(axis=1)), chunk_epochs
+
+
 def shared_design_fit(A, Y, weights=None, *, residual_rms=False):
     T, N = Y.shape
     A_h = cp.asnumpy(A).astype(np.float64)
@@ -225,10 +242,12 @@ def shared_design_fit(A, Y, weights=None, *, residual_rms=False):
     x = cp.empty((n, N), cp.float64)
     n_valid = cp.empty(N, cp.int64)
     rms = cp.empty(N if residual_rms else 1, cp.float64)
+    chunk_nrm, chunk_epochs = _epoch_chunks(A_h / colscale, ew)
     fn = _module("shared_fit", (f"N_TERMS={n}",)).get_function("shared_fit")
     fn(((N + _THREADS - 1) // _THREADS,), (_THREADS,),
        (As, cp.asarray(ew), Yc, wt, np.int32(weights is not None and weights.ndim == 2), np.int32(residual_rms),
-        np.int32(T), np.int64(N), cp.asarray(colscale), x, n_valid, rms))
+        np.int32(T), np.int64(N), cp.asarray(colscale), cp.asarray(chunk_nrm), cp.asarray(chunk_epochs), x,
+        n_valid, rms))
     return x, n_valid, (rms if residual_rms else None)
 
 

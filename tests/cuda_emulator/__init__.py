@@ -29,6 +29,7 @@ _KERNEL_RE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+'
 _SCALARS = {"int": np.int32, "long long": np.int64, "double": np.float64, "float": np.float32,
             "unsigned int": np.uint32}
 _POINTEES = {"float": np.float32, "double": np.float64, "unsigned char": np.uint8, "long long": np.int64,
+             "unsigned": np.uint32, "unsigned int": np.uint32,
              "int": np.int32}
 
 

@@ -107,6 +107,9 @@ inline double __longlong_as_double(long long bits) {
     return d;
 }
 
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+
 inline void __syncthreads() { gia_emu::block->all->arrive_and_wait(); }
 
 // Value of the lane `offset` above this one in the warp (own value past the warp's end), as on the device.

@@ -192,6 +192,7 @@ def test_shared_design_fit_with_epoch_tails_and_weights(emu):
     Y = (A @ rng.normal(0, 10, (n, N)) + rng.normal(0, 1, (T, N))).astype(np.float32)
     Y[rng.random((T, N)) < 0.1] = np.nan
     Y[:, 7] = np.nan  # a pixel with no data: NaN parameters, count 0
+    Y[:, 200:240][rng.random((T, 40)) < 0.7] = np.nan  # missing more than half: usable epochs summed directly
     ew = rng.uniform(0.5, 2.0, T)
     ew[[0, 17, 40]] = 0.0
     wo = np.where(rng.random((T, N)) < 0.05, 0.0, rng.uniform(0.5, 2.0, (T, N)))
