@@ -36,6 +36,7 @@ print("B1 fit ms", best_ms(lambda: kernels.fit_epoch_ramps(flat, x, y, order=2))
 c = kernels.fit_epoch_ramps(flat, x, y, order=2)
 print("B1 subtract (out) ms", best_ms(lambda: kernels.subtract_epoch_ramps(flat, c, x, y, 2, out=out)))
 print("B1 centred coordinates ms", best_ms(lambda: kc._centred(x, y)))
+# the pixel kernel (scattered pixels, weights, masks), timed on the same cube
 u, v, _ = kc._centred(x, y)
 w = cp.ones(N, cp.float64)
 m8 = cp.zeros(1, cp.uint8)
@@ -48,6 +49,23 @@ for b in (bx, 2 * bx, 4 * bx):
     print(" moment kernel ms, blocks per epoch", b,
           best_ms(lambda: fn((b, T), (256,), (flat, u, v, w, m8, wt, np.int32(0), np.int32(0), np.int64(N),
                                               np.int64(0), part))))
+# the row kernels (pixels on a grid, as here), each part on its own
+print("B1 grid detection ms", best_ms(lambda: kc._grid_axes(x, y)))
+xc, yr = kc._grid_axes(x, y)
+rows, cols = yr.size, xc.size
+u12 = cp.asarray(np.stack([xc, xc * xc]) / max(np.ptp(xc), 1.0))
+vr = cp.asarray(yr / max(np.ptp(yr), 1.0))
+part = cp.empty((T, rows, 9), cp.float64)
+sums = cp.empty((T, 22), cp.float64)
+mod = kc._module("ramps")
+fp, fr, fs = (mod.get_function(k) for k in ("ramp_row_partials", "ramp_row_reduce", "ramp_grid_subtract"))
+print(" row partials kernel ms", best_ms(lambda: fp((kc._grid_blocks(rows), T), (256,),
+                                                    (flat, u12, np.int64(rows), np.int64(cols), np.int64(0), part))))
+print(" row reduce kernel ms", best_ms(lambda: fr((T,), (256,), (part, vr, np.int64(rows), np.int64(0), sums))))
+c6 = cp.zeros((T, 6), cp.float64)
+print(" grid subtract kernel ms", best_ms(lambda: fs((kc._grid_blocks(rows), T), (256,),
+                                                     (flat, c6, u12[0].copy(), vr, np.int64(rows), np.int64(cols),
+                                                      np.int64(0), out))))
 nrm = np.tile(np.eye(6)[np.triu_indices(6)], (T, 1))  # packed upper triangles of T identity systems
 print("host solves ms", best_ms(lambda: kc.cpu._solve_small_spd(nrm, np.ones((T, 6)), np.full(T, 1e6), 6)))
 flat = out = None  # free the B1 cube before B2 (the lambdas above have run)
