@@ -228,9 +228,10 @@ def _traced_peak(fn) -> int:
 
 def test_peak_memory_does_not_grow_with_epochs(setup_fine, tmp_path, monkeypatch):
     s = setup_fine
-    # small blocks (all epochs × 8192 pixels at 33 epochs, × 4096 pixels at 66: a few blocks per grid), so that the blocks, not the whole grid, bound the temporal fits at these small sizes. Not smaller:
-    # the store holds one chunk per epoch and block, so the chunks' bookkeeping (a few kB each) grows as the
-    # square of the epochs when blocks shrink with them, and would be measured instead of the pixels.
+    # small blocks (all epochs × 8192 pixels at 33 epochs, × 4096 pixels at 66: a few blocks per grid), so that
+    # the blocks, not the whole grid, bound the temporal fits at these small sizes. Not smaller: the store holds
+    # one chunk per epoch and block, so the chunks' bookkeeping (a few kB each) grows as the square of the
+    # epochs when blocks shrink with them, and would be measured instead of the pixels.
     monkeypatch.setattr(pipeline, "_TS_BLOCK_BYTES", 4 * 66 * 4096)
     dense = [_densify(p, tmp_path / f"dense{k}.h5") for k, p in enumerate(s["cube_paths"])]
     cfg = GiaConfig()
