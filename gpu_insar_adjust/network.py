@@ -80,8 +80,13 @@ def poly_terms(x_km, y_km, order: int) -> np.ndarray:
 
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
     """Uniform cubic B-spline weights (n, 4) at local parameter ``t`` in [0, 1]."""
+    return np.stack(_cubic_weight_columns(t), axis=-1)
+
+
+def _cubic_weight_columns(t: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The four columns of :func:`_cubic_weights`, each contiguous (no interleaving copy)."""
     t2, t3 = t * t, t * t * t
-    return np.stack([(1 - t) ** 3, 3 * t3 - 6 * t2 + 4, -3 * t3 + 3 * t2 + 3 * t + 1, t3], axis=-1) / 6.0
+    return tuple(w / 6.0 for w in ((1 - t) ** 3, 3 * t3 - 6 * t2 + 4, -3 * t3 + 3 * t2 + 3 * t + 1, t3))
 
 
 @dataclass(frozen=True)
@@ -123,10 +128,15 @@ class SplineBasis:
         return (self.n_cells_y + 3) * (self.n_cells_x + 3)
 
     def _axis(self, v, v0, n_cells):
+        cell, t = self._axis_cells(v, v0, n_cells)
+        return cell, _cubic_weights(t)
+
+    def _axis_cells(self, v, v0, n_cells):
+        """Cell index and local parameter in [0, 1] of each coordinate along one axis."""
         u = (np.asarray(v, np.float64) - v0) / self.spacing_km
         u = np.clip(np.nan_to_num(u, nan=0.0), 0.0, float(n_cells))
         cell = np.minimum(np.floor(u).astype(np.int64), n_cells - 1)
-        return cell, _cubic_weights(u - cell)
+        return cell, u - cell
 
     def design(self, x_km, y_km) -> tuple[np.ndarray, np.ndarray]:
         """Column indices (n, 16) and values (n, 16) of the basis at the points."""
@@ -174,12 +184,13 @@ class SplineBasis:
         row_ctrl = c[cy] * wy[:, :1]  # (R, nxc): the control values of each raster row
         for i in range(1, 4):
             row_ctrl += c[cy + i] * wy[:, i:i + 1]
-        cx, wx = self._axis(x.ravel(), self.x0_km, self.n_cells_x)
+        cx, tx = self._axis_cells(x.ravel(), self.x0_km, self.n_cells_x)
+        wx = _cubic_weight_columns(tx)
         base = (np.arange(x.shape[0], dtype=np.int64)[:, None] * row_ctrl.shape[1] + cx.reshape(x.shape)).ravel()
         flat = row_ctrl.ravel()
-        acc = flat[base] * wx[:, 0]
+        acc = flat[base] * wx[0]
         for j in range(1, 4):
-            acc += flat[base + j] * wx[:, j]
+            acc += flat[base + j] * wx[j]
         return acc.reshape(x.shape)
 
 

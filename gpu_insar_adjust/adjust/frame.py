@@ -114,8 +114,11 @@ def pixel_features(frame, names, origin, xp, rows=None, cols=None) -> dict:
     LAT = backend.asarray(lat[rows], xp=xp, dtype=xp.float64)[:, None]
     LON = backend.asarray(lon[cols], xp=xp, dtype=xp.float64)[None, :]
     shape = (rows.size, cols.size)
-    x, y = local_xy_km(xp.broadcast_to(LON, shape), xp.broadcast_to(LAT, shape), origin[0], origin[1], xp=xp)
-    out = {"x_km": xp.reshape(x, (-1,)), "y_km": xp.reshape(y, (-1,))}
+    # on the axes, broadcast by the arithmetic: the radii and cos φ once per row instead of once per pixel
+    # (the same operations on the same numbers: bit for bit the per-pixel evaluation)
+    x, y = local_xy_km(LON, LAT, origin[0], origin[1], xp=xp)
+    out = {"x_km": xp.reshape(xp.broadcast_to(x, shape), (-1,)),
+           "y_km": xp.reshape(xp.broadcast_to(y, shape), (-1,))}
 
     def _sub(var):
         a = backend.asarray(frame[var].data, xp=xp)

@@ -28,8 +28,11 @@ broadcast together raise :class:`~gpu_insar_adjust.errors.ArrayArgumentError` na
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
+
+import numpy as np
 
 from .. import backend
 from ..errors import ArrayArgumentError, GeometryError
@@ -152,6 +155,38 @@ def _check_incidence(xp, inc, *, field: str, file=None) -> None:
                 "radians with numpy.degrees, and use 90 - elevation if the file stores the elevation angle")
 
 
+def _unit_vectors_pass(e, n, u, tolerance: float) -> bool:
+    """True when every (e, n, u) passes :func:`check_unit_vector`'s tests, decided in one fused pass (numba, NumPy
+    arrays of one dtype and shape, the same arithmetic in that dtype as the array form); False when a test fails
+    or the fused pass does not apply, and the array form then decides and reports."""
+    if not all(isinstance(a, np.ndarray) for a in (e, n, u)) or not (e.dtype == n.dtype == u.dtype) \
+            or not (e.shape == n.shape == u.shape) or e.dtype not in (np.float32, np.float64):
+        return False
+    from ..kernels import cpu
+
+    if cpu.cpu_engine() != "numba":
+        return False
+    one, tol = e.dtype.type(1.0), e.dtype.type(tolerance)
+    return bool(_unit_kernel()(np.ravel(e), np.ravel(n), np.ravel(u), one, tol))
+
+
+@functools.lru_cache(maxsize=1)
+def _unit_kernel():
+    import numba as nb
+
+    @nb.njit(cache=True, nogil=True)
+    def all_unit(e, n, u, one, tol):
+        # as the array form: the norm in the arrays' dtype; NaN fails no comparison (no data is never flagged)
+        for i in range(e.size):
+            a, b, c = e[i], n[i], u[i]
+            norm = np.sqrt(a * a + b * b + c * c)
+            if abs(norm - one) > tol or c < 0:
+                return False
+        return True
+
+    return all_unit
+
+
 def check_unit_vector(e, n, u, *, tolerance: float = NORM_TOLERANCE, file=None, field: str = "los_e/los_n/los_u"):
     """Raise :class:`GeometryError` where the norm of (e, n, u) differs from 1 by more than ``tolerance``.
 
@@ -159,6 +194,8 @@ def check_unit_vector(e, n, u, *, tolerance: float = NORM_TOLERANCE, file=None, 
     error, since the LOS convention needs the ground→satellite direction.
     """
     xp, e, n, u = _floats(e=e, n=n, u=u)
+    if _unit_vectors_pass(e, n, u, tolerance):
+        return
     norm = xp.sqrt(e * e + n * n + u * u)
     bad = xp.abs(norm - 1.0) > tolerance
     if _finite_any(xp, bad):
@@ -283,7 +320,7 @@ def orbit_direction(e, n=None, u=None) -> str:
     looks east, so the ground→satellite vector points west), else ``"descending"``."""
     xp, e = _floats(e=e)
     valid = ~xp.isnan(e)
-    count = int(xp.sum(xp.astype(valid, xp.int64)))
+    count = int(xp.count_nonzero(valid))
     if count == 0:
         raise GeometryError("The LOS east component has no valid value.", field="los_e",
                             fix="check that the E.geo.tif / geometry file of the frame holds data")

@@ -215,3 +215,39 @@ def test_integers_are_converted_to_float(xp):
                              rtol=1e-14)
     # a list of numbers works like the array
     assert_matches_reference(los.azimuth_from_heading([-12, 12.5]), [102.0, 77.5])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_unit_vector_check_decides_as_the_array_form(dtype, monkeypatch):
+    """The one-pass check (numba) accepts exactly what the array form accepts, in the arrays' own dtype: norms
+    on both sides of the tolerance, NaN (no data), an up component below zero."""
+    from gpu_insar_adjust.kernels import cpu
+
+    if cpu.cpu_engine() != "numba":
+        pytest.skip("the fused check needs numba")
+    rng = np.random.default_rng(3)
+    d = np.concatenate([rng.uniform(-0.03, 0.03, 2000), [0.02, -0.02, 0.0199999, 0.0200001, np.nan]])
+    u = (1.0 + d).astype(dtype)
+    z = np.zeros_like(u)
+
+    def array_form(e, n, u):
+        norm = np.sqrt(e * e + n * n + u * u)
+        return not (np.any(np.abs(norm - 1.0) > 0.02) or np.any(u < 0.0))
+
+    for k in range(u.size):
+        one = u[k:k + 1]
+        assert los._unit_vectors_pass(z[:1], z[:1], one, 0.02) == array_form(z[:1], z[:1], one), (k, one)
+    assert los._unit_vectors_pass(z[:1], z[:1], -np.ones(1, dtype), 0.02) is False
+    assert los._unit_vectors_pass(z[:1], z[:1], np.full(1, np.nan, dtype), 0.02) is True
+    # a failing pixel among valid ones: the array form reports it, with its count
+    inc, az = rng.uniform(30, 45, 5000), rng.uniform(0, 360, 5000)
+    e, n, u = (a.astype(dtype) for a in los.unit_vector_from_incidence_azimuth(inc, az))
+    los.check_unit_vector(e, n, u)
+    e[17] = 0.95
+    with pytest.raises(GeometryError, match="1 LOS unit vectors"):
+        los.check_unit_vector(e, n, u)
+    # without numba the array form alone decides, the same way
+    monkeypatch.setenv("GIA_CPU_KERNELS", "numpy")
+    assert los._unit_vectors_pass(e, n, u, 0.02) is False
+    with pytest.raises(GeometryError, match="1 LOS unit vectors"):
+        los.check_unit_vector(e, n, u)
