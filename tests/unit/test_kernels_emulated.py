@@ -238,3 +238,26 @@ def test_the_emulator_refuses_arguments_the_device_would_misread(emu):
         args[i] = bad
         with pytest.raises(TypeError):
             fn((1, 2), (64,), tuple(args))
+
+
+@pytest.mark.parametrize("grid", [True, False])
+def test_epoch_batches_beyond_the_grid_limit(emu, monkeypatch, grid):
+    """CUDA grids hold at most 65 535 blocks in y: the epoch kernels run in batches from epoch t0. With the
+    batch cut to 3 epochs, 8 epochs take three launches per kernel (t0 = 0, 3, 6) and give the one-batch result."""
+    cuda, cp = emu
+    rng, cube, x, y = _grid_cube(T=8, rows=7, cols=40)
+    if not grid:
+        perm = rng.permutation(x.size)
+        cube, x, y = cube[:, perm], x[perm], y[perm]
+    args = (cp.asarray(cube), cp.asarray(x), cp.asarray(y))
+    whole = cuda.fit_epoch_ramps(*args, order=2)
+    sub_whole = cuda.subtract_epoch_ramps(args[0], np.nan_to_num(whole), args[1], args[2], 2)
+    monkeypatch.setattr(cuda, "_MAX_GRID_Y", 3)
+    cp.launches.clear()
+    batched = cuda.fit_epoch_ramps(*args, order=2)
+    sub_batched = cuda.subtract_epoch_ramps(args[0], np.nan_to_num(batched), args[1], args[2], 2)
+    kinds = ["ramp_row_partials", "ramp_row_reduce"] if grid else ["ramp_moments"]
+    sub = "ramp_grid_subtract" if grid else "ramp_subtract"
+    assert cp.launches == kinds * 3 + [sub] * 3
+    assert np.array_equal(batched, whole, equal_nan=True)
+    assert np.array_equal(sub_batched, sub_whole, equal_nan=True)
