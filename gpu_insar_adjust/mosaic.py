@@ -1275,8 +1275,8 @@ def decompose_up_east(los_stack, std_stack, e_stack, n_stack, u_stack, vn, sn=No
 
     f32 = xp.float32
     cov = xp.stack([xp.stack([east_var, cov_eu], axis=-1), xp.stack([cov_eu, up_var], axis=-1)], axis=-2)
-    n_ill = int(xp.sum(xp.astype(ill, xp.int64)))
-    n_vo = int(xp.sum(xp.astype(method == 1, xp.int64)))
+    n_ill = int(xp.count_nonzero(ill))
+    n_vo = int(xp.count_nonzero(method == 1))
     if n_ill and warn:
         log.warning("up/east: %d pixel(s) with two or more geometries are ill-conditioned (condition > %g); "
                     "east left undetermined there", n_ill, max_condition)

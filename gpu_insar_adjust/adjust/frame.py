@@ -384,8 +384,8 @@ def adjust_frame(frame: xr.Dataset, stations: pd.DataFrame, config: AdjustConfig
 
     los = frame["los_velocity"].data
     valid = xp.isfinite(los)
-    n_valid = int(xp.sum(xp.astype(valid, xp.int64)))
-    n_bad = int(xp.sum(xp.astype(valid & ~xp.isfinite(corr), xp.int64)))
+    n_valid = int(xp.count_nonzero(valid))
+    n_bad = int(xp.count_nonzero(valid & ~xp.isfinite(corr)))
     if n_valid > 0 and n_bad == n_valid:
         raise AdjustmentError(f"The {chosen} correction of frame {fid} is not finite on any valid pixel.",
                               file=frame.attrs.get("path"), field=", ".join(model.required_features),
@@ -396,7 +396,7 @@ def adjust_frame(frame: xr.Dataset, stations: pd.DataFrame, config: AdjustConfig
                               attrs={"units": "mm/yr", "model": chosen, "frame_id": fid})
     correction_std = xr.DataArray(xp.astype(std, xp.float32), dims=("y", "x"), coords=coords,
                                   name="correction_std", attrs={"units": "mm/yr", "method": std_method})
-    adjusted = xr.DataArray(xp.astype(los, xp.float32) - corr32, dims=("y", "x"), coords=coords,
+    adjusted = xr.DataArray(xp.astype(los, xp.float32, copy=False) - corr32, dims=("y", "x"), coords=coords,
                             name="los_velocity", attrs={"units": "mm/yr", "adjusted_with": chosen})
     try:
         crs = frame.rio.crs

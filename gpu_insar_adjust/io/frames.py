@@ -282,7 +282,7 @@ def read_geotiff(path: Path, *, field: str) -> tuple[np.ndarray, _Grid]:
     except rasterio.errors.RasterioIOError as exc:
         raise FrameError(f"Cannot read the GeoTIFF: {exc}", file=path, field=field,
                          fix="check that the file is a complete, readable GeoTIFF") from exc
-    out = data.astype(np.float32)
+    out = data.astype(np.float32, copy=False)  # a float32 band is already the caller's own array: no copy
     if nodata is not None and not math.isnan(nodata):
         # The file declares this value as "no data": honour it (it is not a measured zero).
         out[data == nodata] = np.nan
