@@ -175,6 +175,9 @@ def test_pixel_ramps_with_tails_and_large_gaps(emu):
     assert_matches_reference(sub, ref.subtract_epoch_ramps(cube, want, x, y, 2), dtype="float32", atol=2e-6)
     surf = cuda.eval_polynomial_surface(cp.asarray(want[0]), cp.asarray(x), cp.asarray(y), 2)
     assert_matches_reference(surf, ref.eval_polynomial_surface(want[0], x, y, 2), dtype="float32")
+    surf64 = cuda.eval_polynomial_surface(cp.asarray(want[0]), cp.asarray(x), cp.asarray(y), 2, dtype="float64")
+    assert surf64.dtype == np.float64
+    assert_matches_reference(surf64, ref.eval_polynomial_surface(want[0], x, y, 2), rtol=1e-12)
 
 
 def _annual_design(T=41):
