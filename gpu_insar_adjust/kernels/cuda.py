@@ -87,16 +87,22 @@ def _grid_blocks(rows: int) -> int:
     return max(1, -(-rows // (_THREADS // 32)))  # one warp per row
 
 
+def _grid_centring(axes):
+    """``(x0, y0, s, u per column, v per row)`` (host float64) of a grid: the extremes of a grid are those of
+    its axes, so the centring is the pixel kernels' own."""
+    xc, yr = axes
+    x0, y0, s = ref.centre_scale(xc, yr)
+    return x0, y0, s, (xc - x0) / s, (yr - y0) / s
+
+
 def _fit_grid(cube, axes, order):
     """Moments and right-hand sides per row (ramp_row_partials), summed per epoch on the device in a fixed
     order (ramp_row_reduce): one read of the cube, a few additions per pixel, no cube-sized coordinate reads."""
     T, N = cube.shape
-    xc, yr = axes
-    rows, cols = yr.size, xc.size
-    x0, y0, s = ref.centre_scale(xc, yr)  # the extremes of a grid are those of its axes
-    uc = (xc - x0) / s
-    u12 = cp.asarray(np.ascontiguousarray(np.stack([uc, uc * uc])))
-    vr = cp.asarray((yr - y0) / s)
+    x0, y0, s, uc, vr_h = _grid_centring(axes)
+    rows, cols = vr_h.size, uc.size
+    u12 = cp.asarray(np.stack([uc, uc * uc]))
+    vr = cp.asarray(vr_h)
     part = cp.empty((T, rows, 9), cp.float64)
     sums = cp.empty((T, 22), cp.float64)
     mod = _module("ramps")
@@ -150,17 +156,16 @@ def subtract_epoch_ramps(cube, coeffs, x, y, order, *, out=None):
     T, N = cube.shape
     axes = _grid_axes(x, y) if cube.dtype == cp.float32 else None
     if axes is not None:  # per row the ramp is a + u (b + c3 u): one cached column table, no u, v arrays
-        xc, yr = axes
-        x0, y0, s = ref.centre_scale(xc, yr)
+        x0, y0, s, uc_h, vr_h = _grid_centring(axes)
         c6 = cp.asarray(cpu._to_centred_coeffs(cp.asnumpy(coeffs).astype(np.float64), x0, y0, s, order))
         cube = cp.ascontiguousarray(cube)
         fn = _module("ramps").get_function("ramp_grid_subtract")
-        uc, vr = cp.asarray((xc - x0) / s), cp.asarray((yr - y0) / s)
+        uc, vr = cp.asarray(uc_h), cp.asarray(vr_h)
 
         def run(dst):
             for t0 in range(0, T, _MAX_GRID_Y):
-                fn((_grid_blocks(yr.size), min(T - t0, _MAX_GRID_Y)), (_THREADS,),
-                   (cube, c6, uc, vr, np.int64(yr.size), np.int64(xc.size), np.int64(t0), dst))
+                fn((_grid_blocks(vr_h.size), min(T - t0, _MAX_GRID_Y)), (_THREADS,),
+                   (cube, c6, uc, vr, np.int64(vr_h.size), np.int64(uc_h.size), np.int64(t0), dst))
 
         return _into(out, cube.shape, run)
     u, v, (x0, y0, s) = _centred(x, y)
@@ -221,11 +226,11 @@ def _epoch_chunks(As, ew):
     per_epoch = np.where(keep[:, None], ew[:, None] * As[:, iu[0]] * As[:, iu[1]], 0.0)
     padded = np.zeros((n_chunks * 32, per_epoch.shape[1]))
     padded[:T] = per_epoch
-    bits = np.zeros(n_chunks * 32, np.uint64)
+    bits = np.zeros(n_chunks * 32, bool)
     bits[:T] = keep
-    weights = np.uint64(1) << (np.arange(n_chunks * 32, dtype=np.uint64) % np.uint64(32))
-    chunk_epochs = (bits * weights).reshape(n_chunks, 32).sum(axis=1).astype(np.uint32)
-    return np.ascontiguousarray(padded.reshape(n_chunks, 32, -1).sum(axis=1)), chunk_epochs
+    # bit s of chunk c is epoch 32 c + s: little-endian bytes of little-endian bits
+    chunk_epochs = np.packbits(bits.reshape(n_chunks, 32), axis=1, bitorder="little").view("<u4").ravel()
+    return padded.reshape(n_chunks, 32, -1).sum(axis=1), np.ascontiguousarray(chunk_epochs, np.uint32)
 
 
 def shared_design_fit(A, Y, weights=None, *, residual_rms=False):

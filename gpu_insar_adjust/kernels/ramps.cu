@@ -27,6 +27,26 @@ __device__ __forceinline__ void add_moments(double (&acc)[N_ACC], const float y,
     acc[21] += ok ? 1.0 : 0.0;
 }
 
+// Sums each of a block's per-thread accumulators over the block (warp shuffles, then the warps' partials in
+// a fixed order) and stores them in out[0:N_ACC]. Every thread of the block must call it.
+__device__ __forceinline__ void store_block_sums(const double (&acc)[N_ACC], double* __restrict__ out) {
+    __shared__ double part[32][N_ACC];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
+#pragma unroll
+    for (int k = 0; k < N_ACC; ++k) {
+        const double s = warp_sum(acc[k]);
+        if (lane == 0) part[warp][k] = s;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        for (int k = 0; k < N_ACC; ++k) {
+            double s = (lane < n_warps) ? part[lane][k] : 0.0;
+            s = warp_sum(s);
+            if (lane == 0) out[k] = s;
+        }
+    }
+}
+
 // Pixels per thread and loop trip whose loads are issued before any of them is used: one 4-byte load in flight
 // per thread cannot cover the device memory's latency, UNROLL of them can.
 #define UNROLL 4
@@ -66,21 +86,7 @@ ramp_moments(const float* __restrict__ cube, const double* __restrict__ u, const
     for (; i < n_pix; i += stride)
         add_moments(acc, row[i], has_wt ? wt[t * n_pix + i] : w[i], u[i], v[i],
                     has_mask ? (mask[t * n_pix + i] != 0) : true);
-    __shared__ double part[32][N_ACC];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
-#pragma unroll
-    for (int k = 0; k < N_ACC; ++k) {
-        const double s = warp_sum(acc[k]);
-        if (lane == 0) part[warp][k] = s;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        for (int k = 0; k < N_ACC; ++k) {
-            double s = (lane < n_warps) ? part[lane][k] : 0.0;
-            s = warp_sum(s);
-            if (lane == 0) out[(t * gridDim.x + blockIdx.x) * N_ACC + k] = s;
-        }
-    }
+    store_block_sums(acc, out + (t * gridDim.x + blockIdx.x) * N_ACC);
 }
 
 // ---- pixels on a row-major grid: u depends on the column only, v on the row only -------------------------
@@ -156,21 +162,7 @@ ramp_row_reduce(const double* __restrict__ part, const double* __restrict__ vr, 
         acc[15] += s0; acc[16] += s1; acc[17] += v1 * s0; acc[18] += s2; acc[19] += v1 * s1; acc[20] += v2 * s0;
         acc[21] += p[3];
     }
-    __shared__ double red[32][N_ACC];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
-#pragma unroll
-    for (int k = 0; k < N_ACC; ++k) {
-        const double s = warp_sum(acc[k]);
-        if (lane == 0) red[warp][k] = s;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        for (int k = 0; k < N_ACC; ++k) {
-            double s = (lane < n_warps) ? red[lane][k] : 0.0;
-            s = warp_sum(s);
-            if (lane == 0) out[t * N_ACC + k] = s;
-        }
-    }
+    store_block_sums(acc, out + t * N_ACC);
 }
 
 // grid: (blocks over rows, epochs); out[t, r, c] = cube[t, r, c] - ramp_t(uc[c], vr[r]) for t = t0 + blockIdx.y,

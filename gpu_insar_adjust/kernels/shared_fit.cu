@@ -16,6 +16,12 @@
 // the device memory's latency, UNROLL of them can. The sums still run over t in order (results do not change).
 #define UNROLL 8
 
+// Weight of pixel p's observation at epoch t: the epoch's weight, times the observation's own when given.
+__device__ __forceinline__ double obs_weight(const double* __restrict__ ew, const double* __restrict__ wt,
+                                            const int has_wt, const int t, const long long N, const long long p) {
+    return has_wt ? ew[t] * wt[(long long)t * N + p] : ew[t];
+}
+
 // Adds observation (y, w) at epoch t to the normal equations; an unusable one (NaN, zero weight) adds nothing.
 __device__ __forceinline__ void add_obs(double (&nrm)[N_PAIR], double (&rhs)[N_TERMS], double& cnt,
                                         const double* __restrict__ a, const float y, const double w) {
@@ -80,12 +86,12 @@ extern "C" __global__ void __launch_bounds__(256) shared_fit(const double* __res
 #pragma unroll
             for (int s = 0; s < UNROLL; ++s) y[s] = Y[(long long)(t + s) * N + p];
 #pragma unroll
-            for (int s = 0; s < UNROLL; ++s) w[s] = ew[t + s] * wt[(long long)(t + s) * N + p];
+            for (int s = 0; s < UNROLL; ++s) w[s] = obs_weight(ew, wt, 1, t + s, N, p);
 #pragma unroll
             for (int s = 0; s < UNROLL; ++s) add_obs(nrm, rhs, cnt, A + (t + s) * N_TERMS, y[s], w[s]);
         }
         for (; t < T; ++t)
-            add_obs(nrm, rhs, cnt, A + t * N_TERMS, Y[(long long)t * N + p], ew[t] * wt[(long long)t * N + p]);
+            add_obs(nrm, rhs, cnt, A + t * N_TERMS, Y[(long long)t * N + p], obs_weight(ew, wt, 1, t, N, p));
     } else {
         for (int c0 = 0; c0 < T; c0 += 32) {
             unsigned usable = 0;  // bit s: epoch c0 + s has a value and a positive weight
@@ -172,14 +178,12 @@ extern "C" __global__ void __launch_bounds__(256) shared_fit(const double* __res
 #pragma unroll
             for (int s = 0; s < UNROLL; ++s) y[s] = Y[(long long)(t + s) * N + p];
 #pragma unroll
-            for (int s = 0; s < UNROLL; ++s)
-                w[s] = has_wt ? ew[t + s] * wt[(long long)(t + s) * N + p] : ew[t + s];
+            for (int s = 0; s < UNROLL; ++s) w[s] = obs_weight(ew, wt, has_wt, t + s, N, p);
 #pragma unroll
             for (int s = 0; s < UNROLL; ++s) add_residual(ss, A + (t + s) * N_TERMS, xs, y[s], w[s]);
         }
         for (; t < T; ++t)
-            add_residual(ss, A + t * N_TERMS, xs, Y[(long long)t * N + p],
-                         has_wt ? ew[t] * wt[(long long)t * N + p] : ew[t]);
+            add_residual(ss, A + t * N_TERMS, xs, Y[(long long)t * N + p], obs_weight(ew, wt, has_wt, t, N, p));
         rms_out[p] = good ? sqrt(ss / cnt) : nan;
     }
 }
