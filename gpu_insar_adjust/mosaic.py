@@ -850,11 +850,9 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
 
 def _fused_accumulate(xp) -> bool:
     """Whether the merge sums go through the one-pass numba kernel (NumPy arrays, numba CPU engine)."""
-    if backend.backend_name(xp) != "numpy":
-        return False
-    from .kernels.cpu import cpu_engine
+    from .kernels.cpu import fused_for
 
-    return cpu_engine() == "numba"
+    return fused_for(xp)
 
 
 def _accumulate(xp, v, var, rp, ex, t, sw, swv, sw2v, cnt, esw, eswv, fused: bool) -> None:

@@ -355,11 +355,9 @@ class GaussianProcessSurface(SurfaceModel):
 
     def _fused(self, xp, features, with_var: bool):
         """(mean, var) by the fused CPU kernel for NumPy inputs with numba, else None (array-API form)."""
-        if backend.backend_name(xp) != "numpy":
-            return None
         from ..kernels import cpu as _kcpu
 
-        if _kcpu.cpu_engine() != "numba":
+        if not _kcpu.fused_for(xp):
             return None
         return _kcpu.matern_gp_surface(_as_float64(xp, features["x_km"]), _as_float64(xp, features["y_km"]),
                                        self.train_xy_[:, 0], self.train_xy_[:, 1], self.dual_coef_,
@@ -476,13 +474,11 @@ class ThinPlateSplineSurface(SurfaceModel):
             return xp_out
         u, v = self._scaled(xp, features)
         n = nodes.shape[0]
-        out = None
-        if backend.backend_name(xp) == "numpy":
-            from ..kernels import cpu as _kcpu
+        from ..kernels import cpu as _kcpu
 
-            if _kcpu.cpu_engine() == "numba":  # one fused pass per pixel instead of (pixels × nodes) arrays
-                out = _kcpu.thin_plate_kernel_sum(u, v, nodes, coeffs[:n], eps)
-        if out is None:
+        if _kcpu.fused_for(xp):  # one fused pass per pixel instead of (pixels × nodes) arrays
+            out = _kcpu.thin_plate_kernel_sum(u, v, nodes, coeffs[:n], eps)
+        else:
             N = backend.asarray(nodes * eps, xp=xp, dtype=xp.float64)
             du = u[:, None] * eps - N[None, :, 0]
             dv = v[:, None] * eps - N[None, :, 1]
@@ -543,13 +539,12 @@ class LowPassSurface(SurfaceModel):
         x = _as_float64(xp, features["x_km"])
         yy = _as_float64(xp, features["y_km"])
         sigma = self.wavelength_km_ / 2.0
-        if backend.backend_name(xp) == "numpy":
-            from ..kernels import cpu as _kcpu
+        from ..kernels import cpu as _kcpu
 
-            if _kcpu.cpu_engine() == "numba":  # one fused pass per pixel instead of (pixels × stations) arrays
-                return self.trend_.evaluate(features) + _kcpu.gaussian_weighted_average(
-                    x, yy, self.train_xy_[:, 0], self.train_xy_[:, 1], self.train_w_, self.train_resid_, sigma,
-                    float(self.prior_weight))
+        if _kcpu.fused_for(xp):  # one fused pass per pixel instead of (pixels × stations) arrays
+            return self.trend_.evaluate(features) + _kcpu.gaussian_weighted_average(
+                x, yy, self.train_xy_[:, 0], self.train_xy_[:, 1], self.train_w_, self.train_resid_, sigma,
+                float(self.prior_weight))
         P = backend.asarray(self.train_xy_, xp=xp, dtype=xp.float64)
         dx = (x[:, None] - P[None, :, 0]) / sigma
         dy = (yy[:, None] - P[None, :, 1]) / sigma

@@ -68,6 +68,14 @@ def cpu_engine(engine: str | None = None) -> str:
     return "numba" if numba_available() else "numpy"
 
 
+def fused_for(xp) -> bool:
+    """Whether arrays of namespace ``xp`` take the fused numba kernels: NumPy arrays with the numba engine (other
+    backends, and NumPy without numba, keep their array-API form)."""
+    from .. import backend
+
+    return backend.backend_name(xp) == "numpy" and cpu_engine() == "numba"
+
+
 def _n_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
