@@ -102,11 +102,20 @@ class TimeSeriesConfig(_Section):
 
 
 class ParallelConfig(_Section):
-    workers: int = Field(0, ge=0, description="Dask workers for the per-frame stage on a local cluster (0: run in "
-                                              "this process).")
+    workers: int | Literal["auto"] = Field(
+        "auto", description="Dask workers for the per-frame stage on a local cluster (0: run in this process; "
+                            "'auto': one per core, as many as the free memory holds, on machines with at least "
+                            "4 cores when at least 4 frames are to be adjusted, else in this process).")
     scheduler: str | None = Field(None, description="Address of an existing Dask scheduler (tcp://HOST:PORT); "
                                                     "overrides workers.")
     worker_memory: str = Field("auto", description="Memory limit per local worker (e.g. '4GiB').")
+
+    @field_validator("workers")
+    @classmethod
+    def _non_negative(cls, v):
+        if isinstance(v, int) and v < 0:
+            raise ValueError("workers must be 0 (this process), a positive count or 'auto'")
+        return v
 
 
 class AnalysisConfig(_Section):

@@ -532,6 +532,58 @@ def _adjust_one(folder, *, stations, config, holdout):
         return None
 
 
+#: Host memory one worker needs to adjust a frame, per frame pixel, plus its process (imports, numba, GDAL):
+#: the frame's rasters, the pixel features and the candidate's float64 surface and σ in row chunks
+_WORKER_BYTES_PER_PIXEL = 160
+_WORKER_BASE_BYTES = 400 * 2**20
+
+
+def _frame_workers(workers, frames) -> int:
+    """Local Dask workers for the per-frame stage: ``workers`` as configured, or for ``"auto"`` one per core
+    (single-threaded, as the station-level fits that dominate a frame are) when the machine has at least 4 cores
+    and at least 4 frames are to be adjusted, capped by the frames and by the memory available now; 0 (this
+    process) otherwise, or when the distributed scheduler is not installed."""
+    if workers != "auto":
+        return int(workers)
+    if len(frames) < 4:
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    if cores < 4:
+        return 0
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        log.info("per-frame stage in this process: install gpu_insar_adjust[dask] to adjust frames in parallel")
+        return 0
+    import psutil
+
+    largest = max(fr.sizes["y"] * fr.sizes["x"] for fr in frames)
+    per_worker = _WORKER_BASE_BYTES + _WORKER_BYTES_PER_PIXEL * largest
+    by_memory = int(psutil.virtual_memory().available // per_worker)
+    n = min(len(frames), cores, by_memory)
+    return n if n >= 2 else 0
+
+
+def _adjust_cost(frame, stations) -> float:
+    """A frame's expected adjustment cost, for ordering the frame tasks: the cross-validation of the candidate
+    surfaces dominates it and grows with the stations in the frame (every candidate on every fold), the dense
+    evaluation with its pixels. Stations inside the frame's bounding box stand for the ones used."""
+    lon = stations["lon"].to_numpy(float)
+    lat = stations["lat"].to_numpy(float)
+    crs = frame.rio.crs
+    if crs is not None and not crs.is_geographic:  # a projected frame (e.g. UTM): stations into its CRS
+        from pyproj import Transformer
+
+        lon, lat = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform(lon, lat)
+    x, y = np.asarray(frame["x"].values, float), np.asarray(frame["y"].values, float)
+    inside = ((lon >= x.min()) & (lon <= x.max()) & (lat >= y.min()) & (lat <= y.max()))
+    n = int(np.count_nonzero(inside))
+    return float(n * n) + frame.sizes["y"] * frame.sizes["x"] * 1e-4
+
+
 def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_frame, out: Path, cfg: GiaConfig,
                 checksums: dict[str, str] | None = None):
     import xarray as xr
@@ -607,14 +659,16 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
 
         pc = cfg.parallel
         client = None
-        if todo and (pc.scheduler or pc.workers > 0):
+        n_workers = _frame_workers(pc.workers, [frames[k] for k in todo]) if not pc.scheduler else 0
+        if todo and (pc.scheduler or n_workers > 0):
             from .parallel import get_client
 
-            client = get_client(pc.scheduler, n_workers=pc.workers or None, memory_limit=pc.worker_memory)
+            client = get_client(pc.scheduler, n_workers=n_workers or None, memory_limit=pc.worker_memory)
         try:
             from .parallel import map_frames
 
-            map_frames(_adjust_one, [folders[k] for k in todo], client=client, on_result=finished,
+            costs = [_adjust_cost(frames[k], stations_itrf) for k in todo] if client is not None else None
+            map_frames(_adjust_one, [folders[k] for k in todo], client=client, on_result=finished, costs=costs,
                        stations=stations_itrf, config=adj_cfg, holdout=holdout_itrf)
         finally:
             if client is not None and not pc.scheduler:

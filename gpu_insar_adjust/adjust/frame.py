@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from threadpoolctl import threadpool_limits
 
 from .. import backend
 from ..errors import AdjustmentError
@@ -339,35 +340,41 @@ def adjust_frame(frame: xr.Dataset, stations: pd.DataFrame, config: AdjustConfig
     y = res["residual"].to_numpy(dtype=np.float64)
     w = res["weight"].to_numpy(dtype=np.float64)
 
-    keep, flagged = flag_outliers(X, y, w, threshold=cfg.outlier_threshold, max_fraction=cfg.outlier_max_fraction)
-    for f in flagged:
-        f["station"] = str(res["station"].iloc[f.pop("index")])
-    Xk, yk, wk = X[keep].reset_index(drop=True), y[keep], w[keep]
+    # The station-level fits (outlier screening, every candidate on every fold, the final fit) are small
+    # (tens to hundreds of stations): BLAS threads only add hand-offs to them (~12 % of the per-frame time on
+    # two cores), and they would compete with frames adjusted in parallel processes
+    with threadpool_limits(limits=1, user_api="blas"):
+        keep, flagged = flag_outliers(X, y, w, threshold=cfg.outlier_threshold,
+                                      max_fraction=cfg.outlier_max_fraction)
+        for f in flagged:
+            f["station"] = str(res["station"].iloc[f.pop("index")])
+        Xk, yk, wk = X[keep].reset_index(drop=True), y[keep], w[keep]
 
-    splitter, cv_info = make_splitter(Xk, cv=cfg.cv, loo_below=cfg.loo_below, block_size_km=cfg.block_size_km,
-                                      n_splits=cfg.n_splits) if len(yk) >= 2 else (None, {"scheme": "none"})
-    scores = {}
-    fallback = None
-    if splitter is not None:
-        scores = cross_validate_candidates(Xk, yk, wk, candidates=cfg.candidates, splitter=splitter,
-                                           min_stations=cfg.min_stations, available_features=available)
-    chosen, reason = _select_plausible(scores, Xk, yk, wk, frame, origin, cfg)
-    if chosen is None:
-        for name in ("poly1", "poly0"):
-            try:
-                _models.make_candidate(name).fit(Xk, yk, wk)
-            except AdjustmentError as exc:
-                fallback = str(exc).splitlines()[0]
-                continue
-            chosen = name
-            break
-        fallback = (f"no candidate could be cross-validated with {len(yk)} station(s); fell back to {chosen}"
-                    + (f" ({fallback})" if fallback else ""))
-        reason = fallback
-    model = _models.make_candidate(chosen)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.fit(Xk, yk, wk)
+        splitter, cv_info = make_splitter(Xk, cv=cfg.cv, loo_below=cfg.loo_below,
+                                          block_size_km=cfg.block_size_km, n_splits=cfg.n_splits) \
+            if len(yk) >= 2 else (None, {"scheme": "none"})
+        scores = {}
+        fallback = None
+        if splitter is not None:
+            scores = cross_validate_candidates(Xk, yk, wk, candidates=cfg.candidates, splitter=splitter,
+                                               min_stations=cfg.min_stations, available_features=available)
+        chosen, reason = _select_plausible(scores, Xk, yk, wk, frame, origin, cfg)
+        if chosen is None:
+            for name in ("poly1", "poly0"):
+                try:
+                    _models.make_candidate(name).fit(Xk, yk, wk)
+                except AdjustmentError as exc:
+                    fallback = str(exc).splitlines()[0]
+                    continue
+                chosen = name
+                break
+            fallback = (f"no candidate could be cross-validated with {len(yk)} station(s); fell back to {chosen}"
+                        + (f" ({fallback})" if fallback else ""))
+            reason = fallback
+        model = _models.make_candidate(chosen)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(Xk, yk, wk)
 
     corr = evaluate_on_frame(model, frame, origin, chunk_pixels=cfg.chunk_pixels)
     xp = _frame_xp(frame)
@@ -376,7 +383,8 @@ def adjust_frame(frame: xr.Dataset, stations: pd.DataFrame, config: AdjustConfig
     if std is None:
         splits = list(splitter.split(Xk, yk)) if splitter is not None else []
         if len(splits) >= 2:
-            std = _jackknife_std(chosen, Xk, yk, wk, splits, frame, origin, cfg.std_grid)
+            with threadpool_limits(limits=1, user_api="blas"):
+                std = _jackknife_std(chosen, Xk, yk, wk, splits, frame, origin, cfg.std_grid)
             std_method = f"jackknife over {len(splits)} CV folds (coarse grid, bilinear)"
         else:
             std = xp.full(corr.shape, xp.nan, dtype=xp.float64)

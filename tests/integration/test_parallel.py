@@ -68,3 +68,46 @@ def test_unreachable_scheduler_is_a_clear_error():
     with pytest.raises(SchedulerError, match="did not answer") as exc:
         get_client("tcp://127.0.0.1:9", timeout_s=1.0)
     assert isinstance(exc.value, errors.GiaError)
+
+
+def _timed_job(item: int) -> dict:
+    import time
+
+    start = time.monotonic()
+    time.sleep(0.05)
+    return {"item": item, "start": start}
+
+
+def test_costly_frames_start_first_and_results_keep_their_order():
+    """With one worker the frames run one at a time: in descending cost, and the results come back in input
+    order."""
+    costs = [1.0, 5.0, 3.0, 6.0, 2.0, 4.0]
+    c = get_client(n_workers=1, memory_limit="400MiB")
+    try:
+        res = map_frames(_timed_job, list(range(6)), client=c, costs=costs)
+    finally:
+        c.close()
+        c.cluster.close()
+    assert [r["item"] for r in res] == list(range(6))
+    started = [r["item"] for r in sorted(res, key=lambda r: r["start"])]
+    assert started == [3, 1, 5, 2, 4, 0]
+    with pytest.raises(ValueError, match="costs has 2 entries for 6 items"):
+        map_frames(_timed_job, list(range(6)), client=object(), costs=[1.0, 2.0])
+
+
+def _thread_counts(_) -> dict:
+    import numba
+    from threadpoolctl import threadpool_info
+
+    return {"numba": numba.get_num_threads(),
+            "blas": sorted({p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"})}
+
+
+def test_local_workers_are_single_threaded(client):
+    """A local worker runs one task at a time on one core: numba, BLAS and OpenMP each with one thread (many
+    threads per worker process would spin against each other's cores)."""
+    pytest.importorskip("numba")
+    counts = client.gather(client.map(_thread_counts, [0, 1], pure=False))
+    for c in counts:
+        assert c["numba"] == 1
+        assert c["blas"] in ([], [1])

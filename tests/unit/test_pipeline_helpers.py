@@ -79,3 +79,39 @@ def test_frame_vertical_equivalent_by_row_blocks_equals_the_whole_frame_formula(
     np.testing.assert_array_equal(vu, ref.vu)
     np.testing.assert_array_equal(vs, ref.vu_std)
     assert np.isnan(vu[3, 4]) and np.isnan(vu[10:12]).all() and np.isfinite(vu).sum() == ok.sum()
+
+
+class _Memory:
+    def __init__(self, available: int):
+        self.available = available
+
+
+@pytest.mark.parametrize("cores,n_frames,available,expected", [
+    (16, 18, 64 * 2**30, 16),   # one worker per core, fewer than the frames
+    (16, 6, 64 * 2**30, 6),     # no more workers than frames
+    (2, 18, 64 * 2**30, 0),     # a 2-core laptop: in this process
+    (16, 3, 64 * 2**30, 0),     # too few frames to pay for starting workers
+    (16, 18, 9 * 2**29, 3),     # the free memory (4.5 GiB) holds three 6000 x 1100 frames' workers
+    (16, 18, 1 * 2**30, 0),     # not even two: in this process
+])
+def test_auto_frame_workers_follow_cores_frames_and_memory(monkeypatch, cores, n_frames, available, expected):
+    pytest.importorskip("distributed")
+    import psutil
+
+    monkeypatch.setattr(P.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: _Memory(available))
+    frames = [_frame("EPSG:4326", 114.0, 39.0, 0.001, nx=6000, ny=1100) for _ in range(n_frames)]
+    # 6.6 M pixels: 400 MiB + 160 B/pixel = 1.38 GiB per worker
+    assert P._frame_workers("auto", frames) == expected
+    assert P._frame_workers(5, frames) == 5 and P._frame_workers(0, frames) == 0
+
+
+def test_adjust_cost_counts_the_stations_inside_the_frame():
+    import pandas as pd
+
+    geo = _frame("EPSG:4326", 114.0, 39.0, 0.01)  # 114.0-114.37 E, 38.77-39.0 N
+    utm = _frame("EPSG:32650", 400_000.0, 4_300_000.0, 500.0)  # about 115.85-116.06 E, 38.74-38.84 N
+    stations = pd.DataFrame({"lon": [114.1, 114.2, 114.3, 115.0, 115.9, 116.0, 116.0],
+                             "lat": [38.9, 38.8, 38.95, 38.9, 38.8, 38.78, 38.7]})
+    assert P._adjust_cost(geo, stations) == pytest.approx(9 + 37 * 23 * 1e-4)
+    assert P._adjust_cost(utm, stations) == pytest.approx(4 + 37 * 23 * 1e-4)
