@@ -480,10 +480,13 @@ def measure_process(cmd: Sequence[str], log_path: str | os.PathLike, poll_s: flo
                     timeout_s: float | None = None, env: dict | None = None) -> dict[str, Any]:
     """Run ``cmd`` in a child process; return wall time (s), exit code, peak RSS (MiB) and peak RSS per stage.
 
-    The peak RSS of the whole run comes from the kernel (``os.wait4`` rusage of that one child: ``ru_maxrss``).
-    The per-stage peaks come from sampling the child's RSS every ``poll_s`` seconds (psutil) and attributing
-    each sample to the last stage the log announced (``logs.stage`` writes ``"<stage> ..."`` when one starts), so
-    a stage shorter than ``poll_s`` may be missed. stdout and stderr go to ``log_path``.
+    The peak RSS of the child comes from the kernel (``os.wait4`` rusage of that one child: ``ru_maxrss``). The
+    per-stage peaks come from sampling every ``poll_s`` seconds (psutil) the RSS of the child plus all its
+    descendants (local Dask workers adjusting frames) and attributing each sample to the last stage the log
+    announced (``logs.stage`` writes ``"<stage> ..."`` when one starts), so a stage shorter than ``poll_s`` may be
+    missed. ``peak_rss_mib`` is the larger of the kernel's peak of the child and the largest sampled sum over
+    the process tree (an upper bound when processes share pages); ``peak_rss_workers_mib`` is the largest
+    sampled sum over the descendants alone (0 when the run started none). stdout and stderr go to ``log_path``.
     """
     import threading
 
@@ -512,8 +515,16 @@ def measure_process(cmd: Sequence[str], log_path: str | os.PathLike, poll_s: flo
                         if m:
                             state["stage"] = m.group(1).strip()
                     if ps is not None:
-                        rss = ps.memory_info().rss / 2**20
+                        workers = 0.0
+                        for child in ps.children(recursive=True):
+                            try:
+                                workers += child.memory_info().rss / 2**20
+                            except psutil.Error:  # exited between the listing and the reading
+                                pass
+                        rss = ps.memory_info().rss / 2**20 + workers
                         per_stage[state["stage"]] = max(per_stage.get(state["stage"], 0.0), rss)
+                        state["tree"] = max(state.get("tree", 0.0), rss)
+                        state["workers"] = max(state.get("workers", 0.0), workers)
                 except Exception:
                     pass
                 if timeout_s is not None and time.perf_counter() - t0 > timeout_s and not state["timed_out"]:
@@ -531,7 +542,8 @@ def measure_process(cmd: Sequence[str], log_path: str | os.PathLike, poll_s: flo
     tail = log_path.read_text(errors="replace").splitlines()[-15:]
     # ru_maxrss is in KiB on Linux
     return {"wall_s": wall, "returncode": proc.returncode, "timed_out": state["timed_out"],
-            "peak_rss_mib": ru.ru_maxrss / 1024, "peak_rss_mib_by_stage": per_stage,
+            "peak_rss_mib": max(ru.ru_maxrss / 1024, state.get("tree", 0.0)), "peak_rss_mib_by_stage": per_stage,
+            "peak_rss_workers_mib": state.get("workers", 0.0),
             "last_stage_started": state["stage"], "log_tail": tail if proc.returncode else []}
 
 

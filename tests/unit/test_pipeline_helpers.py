@@ -91,7 +91,7 @@ class _Memory:
     (16, 6, 64 * 2**30, 6),     # no more workers than frames
     (2, 18, 64 * 2**30, 0),     # a 2-core laptop: in this process
     (16, 3, 64 * 2**30, 0),     # too few frames to pay for starting workers
-    (16, 18, 9 * 2**29, 3),     # the free memory (4.5 GiB) holds three 6000 x 1100 frames' workers
+    (16, 18, 5 * 2**30, 3),     # the free memory (5 GiB) holds three 6000 x 1100 frames' workers
     (16, 18, 1 * 2**30, 0),     # not even two: in this process
 ])
 def test_auto_frame_workers_follow_cores_frames_and_memory(monkeypatch, cores, n_frames, available, expected):
@@ -101,7 +101,7 @@ def test_auto_frame_workers_follow_cores_frames_and_memory(monkeypatch, cores, n
     monkeypatch.setattr(P.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: _Memory(available))
     frames = [_frame("EPSG:4326", 114.0, 39.0, 0.001, nx=6000, ny=1100) for _ in range(n_frames)]
-    # 6.6 M pixels: 400 MiB + 160 B/pixel = 1.38 GiB per worker
+    # 6.6 M pixels: 400 MiB + 200 B/pixel = 1.62 GiB per worker
     assert P._frame_workers("auto", frames) == expected
     assert P._frame_workers(5, frames) == 5 and P._frame_workers(0, frames) == 0
 
