@@ -519,17 +519,41 @@ def _cv_rmse(adj) -> float:
     return float(cv) if cv is not None and np.isfinite(cv) else 0.0
 
 
-def _adjust_one(folder, *, stations, config, holdout):
-    """One frame's adjustment from its folder (runs in-process or as a Dask task); None when it has no station."""
+def _device_namespace(backend_name: str):
+    """Namespace the per-frame adjustment moves a frame to: None for the host (NumPy), the CuPy namespace for
+    the GPU; ``"array_api_strict"`` (the strict reference namespace) stands in for a device in tests."""
+    if backend_name == "numpy":
+        return None
+    if backend_name == "array_api_strict":
+        import array_api_strict
+
+        return array_api_strict
+    return backend._backend_namespace(backend_name)
+
+
+def _adjust_one(folder, *, stations, config, holdout, backend_name: str = "numpy"):
+    """One frame's adjustment from its folder (runs in-process or as a Dask task); None when it has no station.
+
+    On a GPU backend the frame's rasters go to the device for the adjustment (pixel features, the dense
+    evaluation of the chosen surface and its σ: the per-pixel part); the station-level fits run on the host
+    either way. The result's rasters come back as host float32, as the later stages keep every frame."""
     from .adjust.frame import adjust_frame
     from .io.frames import open_frame
 
     frame = _apply_mask(open_frame(folder))
+    xp = _device_namespace(backend_name)
+    if xp is not None:
+        for v in list(frame.data_vars):
+            frame[v].data = backend.asarray(frame[v].data, xp=xp)
     try:
-        return adjust_frame(frame, stations, config, holdout=holdout)
+        adj = adjust_frame(frame, stations, config, holdout=holdout)
     except AdjustmentError as exc:
         log.warning("frame %s: %s — left to the network adjustment", frame.attrs["frame_id"], exc.message)
         return None
+    if xp is not None:
+        for da in (adj.correction, adj.correction_std, adj.los_adjusted):
+            da.data = backend.to_numpy(da.data)
+    return adj
 
 
 #: Host memory one worker needs to adjust a frame, per frame pixel, plus its process (imports, numba, GDAL):
@@ -669,8 +693,10 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             from .parallel import map_frames
 
             costs = [_adjust_cost(frames[k], stations_itrf) for k in todo] if client is not None else None
+            # the backend by name: a Dask worker is another process, with its own (default NumPy) selection
             map_frames(_adjust_one, [folders[k] for k in todo], client=client, on_result=finished, costs=costs,
-                       stations=stations_itrf, config=adj_cfg, holdout=holdout_itrf)
+                       stations=stations_itrf, config=adj_cfg, holdout=holdout_itrf,
+                       backend_name=backend.get_backend())
         finally:
             if client is not None and not pc.scheduler:
                 client.close()

@@ -198,3 +198,56 @@ def test_adjust_frame_flags_planted_monuments_and_corrects_ionosphere():
     assert not out.residuals.loc[list(monuments), "used"].any()
     sd = out.correction_std.values
     assert np.all(np.isfinite(sd)) and float(np.median(sd)) < 2.0
+
+
+def test_pipeline_adjusts_a_frame_on_a_device_namespace_and_returns_host_rasters(monkeypatch):
+    """With a GPU backend the pipeline moves each frame to the device for its adjustment. Here the strict
+    array-API namespace stands in for the device: the same model and the same rasters, bit for bit, as on the
+    host, returned as host float32 arrays (the later stages keep every frame on the host)."""
+    pytest.importorskip("array_api_strict")
+    from gpu_insar_adjust import pipeline
+    from gpu_insar_adjust.io import frames as frames_io
+
+    frame, st, hold, _, _ = _frame_and_stations(lambda x, y: 3.0 + 0.04 * x - 0.025 * y + 2 * np.sin(x / 20),
+                                                seed=1)
+    frame.attrs["frame_id"] = "T001"
+    monkeypatch.setattr(frames_io, "open_frame", lambda folder: frame.copy(deep=True))
+    seen = []  # the namespace of the frame each adjustment receives
+    from gpu_insar_adjust.adjust import frame as frame_mod
+
+    original = frame_mod.adjust_frame
+
+    def spy(fr, *a, **k):
+        seen.append(type(fr["los_velocity"].data).__module__.split(".")[0])
+        return original(fr, *a, **k)
+
+    monkeypatch.setattr(frame_mod, "adjust_frame", spy)
+    cfg = AdjustConfig(candidates=["poly1", "poly2", "tps", "gp"])
+    host = pipeline._adjust_one("T001", stations=st, config=cfg, holdout=hold)
+    dev = pipeline._adjust_one("T001", stations=st, config=cfg, holdout=hold, backend_name="array_api_strict")
+    assert seen == ["numpy", "array_api_strict"]
+    assert dev.report["chosen"] == host.report["chosen"]
+    for name in ("correction", "correction_std", "los_adjusted"):
+        a, b = getattr(host, name).data, getattr(dev, name).data
+        assert isinstance(b, np.ndarray) and b.dtype == np.float32
+        np.testing.assert_array_equal(b, a)
+
+
+@pytest.mark.gpu
+def test_pipeline_adjusts_a_frame_on_the_gpu(monkeypatch, gpu_xp):
+    """The same on CuPy: the device evaluation agrees with the host one to float32 rounding."""
+    from gpu_insar_adjust import pipeline
+    from gpu_insar_adjust.io import frames as frames_io
+
+    frame, st, hold, _, _ = _frame_and_stations(lambda x, y: 3.0 + 0.04 * x - 0.025 * y + 2 * np.sin(x / 20),
+                                                seed=1)
+    frame.attrs["frame_id"] = "T001"
+    monkeypatch.setattr(frames_io, "open_frame", lambda folder: frame.copy(deep=True))
+    cfg = AdjustConfig(candidates=["poly1", "poly2", "tps", "gp"])
+    host = pipeline._adjust_one("T001", stations=st, config=cfg, holdout=hold)
+    dev = pipeline._adjust_one("T001", stations=st, config=cfg, holdout=hold, backend_name="cupy")
+    assert dev.report["chosen"] == host.report["chosen"]
+    for name in ("correction", "correction_std", "los_adjusted"):
+        b = getattr(dev, name).data
+        assert isinstance(b, np.ndarray) and b.dtype == np.float32
+        np.testing.assert_allclose(b, getattr(host, name).data, rtol=0, atol=1e-4)
