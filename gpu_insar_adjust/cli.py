@@ -114,7 +114,8 @@ def _build_app():
         check: bool = typer.Option(False, "--check", help="Only check every input (no compute) and list all "
                                                           "problems; exit 2 if any is an error."),
         workers: Optional[int] = typer.Option(None, "--workers", help="Adjust frames on a local Dask cluster with "
-                                                                      "this many workers."),
+                                                                      "this many workers (0: in this process; "
+                                                                      "default: one per core on 4+ cores)."),
         scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Adjust frames on an existing Dask "
                                                                           "scheduler (tcp://HOST:PORT)."),
     ) -> None:
