@@ -341,7 +341,7 @@ def adjust_frame(frame: xr.Dataset, stations: pd.DataFrame, config: AdjustConfig
     w = res["weight"].to_numpy(dtype=np.float64)
 
     # The station-level fits (outlier screening, every candidate on every fold, the final fit) are small
-    # (tens to hundreds of stations): BLAS threads only add hand-offs to them (~12 % of the per-frame time on
+    # (tens to hundreds of stations): BLAS threads only add hand-offs to them (8-11 % of the per-frame time on
     # two cores), and they would compete with frames adjusted in parallel processes
     with threadpool_limits(limits=1, user_api="blas"):
         keep, flagged = flag_outliers(X, y, w, threshold=cfg.outlier_threshold,
