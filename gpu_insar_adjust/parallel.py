@@ -124,13 +124,10 @@ def map_frames(func: Callable[..., Any], items: Sequence[Any], *, client=None, r
     name = getattr(func, "__name__", "frame")
     run_id = uuid.uuid4().hex[:12]
     # Unique, readable keys ("<func>-<index>-<run>"): a rerun never reuses a cached result of an earlier one.
-    if costs is None:
-        order, priority = list(range(len(items))), [0.0] * len(items)
-    else:
-        if len(costs) != len(items):
-            raise ValueError(f"costs has {len(costs)} entries for {len(items)} items")
-        priority = [float(c) for c in costs]
-        order = sorted(range(len(items)), key=lambda k: -priority[k])  # stable: ties keep the input order
+    if costs is not None and len(costs) != len(items):
+        raise ValueError(f"costs has {len(costs)} entries for {len(items)} items")
+    priority = [0.0] * len(items) if costs is None else [float(c) for c in costs]
+    order = sorted(range(len(items)), key=lambda k: -priority[k])  # stable: ties keep the input order
     futures = [None] * len(items)
     for k in order:
         futures[k] = client.submit(_run_keeping_gia_errors, func, items[k], key=f"{name}-{k}-{run_id}",

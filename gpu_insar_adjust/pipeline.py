@@ -519,18 +519,6 @@ def _cv_rmse(adj) -> float:
     return float(cv) if cv is not None and np.isfinite(cv) else 0.0
 
 
-def _device_namespace(backend_name: str):
-    """Namespace the per-frame adjustment moves a frame to: None for the host (NumPy), the CuPy namespace for
-    the GPU; ``"array_api_strict"`` (the strict reference namespace) stands in for a device in tests."""
-    if backend_name == "numpy":
-        return None
-    if backend_name == "array_api_strict":
-        import array_api_strict
-
-        return array_api_strict
-    return backend._backend_namespace(backend_name)
-
-
 def _adjust_one(folder, *, stations, config, holdout, backend_name: str = "numpy"):
     """One frame's adjustment from its folder (runs in-process or as a Dask task); None when it has no station.
 
@@ -541,7 +529,7 @@ def _adjust_one(folder, *, stations, config, holdout, backend_name: str = "numpy
     from .io.frames import open_frame
 
     frame = _apply_mask(open_frame(folder))
-    xp = _device_namespace(backend_name)
+    xp = None if backend_name == "numpy" else backend._backend_namespace(backend_name)
     if xp is not None:
         for v in list(frame.data_vars):
             frame[v].data = backend.asarray(frame[v].data, xp=xp)
@@ -572,10 +560,9 @@ def _frame_workers(workers, frames) -> int:
         return int(workers)
     if len(frames) < 4:
         return 0
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    from .kernels.cpu import _n_threads
+
+    cores = _n_threads()  # the cores this process may run on
     if cores < 4:
         return 0
     try:
