@@ -1061,6 +1061,14 @@ def _find_cube(folder: Path) -> Path | None:
 _TS_BLOCK_BYTES = 8 * 2**20
 #: Bytes of one frame's cube read per call while streaming its epochs (a few epochs at a time).
 _READ_AHEAD_BYTES = 8 * 2**20
+#: Bytes of merged epochs held before they are written to the store together (at most ``_TS_MAX_EPOCHS_PER_CHUNK``
+#: epochs, at least one): each stored chunk then holds several epochs of a tile, so the blocks of all epochs are
+#: read in a few pieces, not one per epoch. Independent of the number of epochs, like the rest of the stage.
+_TS_BUFFER_BYTES = 256 * 2**20
+_TS_MAX_EPOCHS_PER_CHUNK = 8
+#: At most this many chunks per shard file of the store (Zarr 3): a shard's index (16 bytes a chunk) is read with
+#: every chunk taken from it, so it stays small; a shard is written whole, once, from the buffered epochs.
+_TS_CHUNKS_PER_SHARD = 1024
 
 
 def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: GiaConfig, *,
@@ -1080,11 +1088,13 @@ def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: 
     with the vertical velocity map (up+east decomposed where look directions cross, where the vertical-equivalent
     cube still holds the east motion); only the departure from linear motion comes from the cube itself.
 
-    The work streams: frames' cubes are read one epoch at a time, each merged epoch is written to the Zarr store
-    ``work_dir/vertical_displacement.zarr`` while the sums of the per-pixel trend are accumulated, and the returned
-    ``cube`` is that store opened lazily (Dask; blocks of all epochs × a tile of pixels of about
-    ``_TS_BLOCK_BYTES``) with the trend correction added lazily: ``work_dir`` must outlive the returned cube, so
-    the caller owns it. Host memory is a few (y, x) maps per frame and per grid, whatever the number of epochs.
+    The work streams: frames' cubes are read one epoch at a time, the merged epochs are written to the Zarr store
+    ``work_dir/vertical_displacement.zarr`` a few at a time (``_TS_BUFFER_BYTES``; with Zarr 3 in shards, so
+    that its files grow with the epochs, not with their square) while the sums of the per-pixel trend are
+    accumulated, and the returned ``cube`` is that store opened lazily (Dask; blocks of all epochs × a tile of
+    pixels of about ``_TS_BLOCK_BYTES``) with the trend correction added lazily: ``work_dir`` must outlive the
+    returned cube, so the caller owns it. Host memory is a few (y, x) maps per frame and per grid, whatever the
+    number of epochs.
     """
     from .analysis.groundwater import groundwater_loss
     from .analysis.subsidence import annual_subsidence
@@ -1131,7 +1141,9 @@ def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: 
     store = work / "vertical_displacement.zarr"
     ys, xs = grid.coords()
     tile = _ts_tile(times.size, grid.shape, cfg.timeseries.chunk_pixels)
-    epochs_out = _create_epoch_store(store, times, ys, xs, tile)
+    n_buf = _ts_epochs_per_chunk(times.size, grid.shape)
+    epochs_out = _create_epoch_store(store, times, ys, xs, tile, n_buf)
+    buffer = np.empty((n_buf, *grid.shape), np.float32)
     t_yr = (times - times[0]) / np.timedelta64(1, "D") / 365.25
     sums = _TrendSums(grid.shape)
     # mosaic epoch by epoch (host memory: one epoch of every frame at a time), equal weights. The frames'
@@ -1145,16 +1157,21 @@ def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: 
                              [r.da(np.ones(v.shape, np.float32), "d_std") for r, v in zip(readers, epoch_frames)],
                              grid, feather_km=cfg.mosaic.feather_km, tile_size=cfg.mosaic.tile_size)
         m = plan.merge(epoch_frames)
-        epoch = np.asarray(backend.to_numpy(m.value), np.float32)
-        epochs_out[i] = epoch
+        epoch = buffer[i % n_buf]
+        epoch[...] = backend.to_numpy(m.value)
         if vertical is not None:
             sums.add(t_yr[i], epoch)
-    log.info("time series: %d epochs of %d frame(s) merged into %s (tiles of %d x %d pixels)", times.size,
-             len(readers), store, *tile)
+        if i % n_buf == n_buf - 1 or i == times.size - 1:  # whole chunks (and shards), each written once
+            first = i - i % n_buf
+            epochs_out[first:i + 1] = buffer[:i + 1 - first]
+    log.info("time series: %d epochs of %d frame(s) merged into %s (chunks of %d epochs x %d x %d pixels)",
+             times.size, len(readers), store, n_buf, *tile)
     fix = sums.correction(np.asarray(vertical, np.float64)) if vertical is not None else None
-    del readers, plan, sums  # the frames' epoch caches and the merge plan: not needed by the fits below
+    # the frames' epoch caches, the merge plan and the epoch buffer: not needed by the fits below
+    del readers, plan, sums, buffer
     # the same cube twice, lazily: all epochs per block for the per-pixel fits and the products, one epoch per
-    # block for the figures that need only a few epochs (cumulative displacement, groundwater periods)
+    # block for the figures that need only a few epochs (cumulative displacement, groundwater periods): each
+    # such epoch decodes its stored chunks of several epochs, but only one epoch of the grid is held per block
     cube_v = _open_epoch_store(store, times, ys, xs, {"time": -1, "y": tile[0], "x": tile[1]}, fix, t_yr, grid)
     cube_t = _open_epoch_store(store, times, ys, xs, {"time": 1, "y": -1, "x": -1}, fix, t_yr, grid)
     annual = fit_annual_velocities(cube_v, chunk_pixels=cfg.timeseries.chunk_pixels).compute()
@@ -1280,9 +1297,27 @@ def _ts_tile(n_epochs: int, shape: tuple[int, int], chunk_pixels: int) -> tuple[
     return rows, cols
 
 
-def _create_epoch_store(path: Path, times, ys, xs, tile):
-    """An empty (NaN) Zarr store (time, y, x) float32 with one epoch × ``tile`` per chunk; returns the Zarr array
-    to write epoch by epoch."""
+def _ts_epochs_per_chunk(n_epochs: int, shape: tuple[int, int]) -> int:
+    """Epochs per stored chunk of the vertical cube: as many as ``_TS_BUFFER_BYTES`` of merged float32 epochs hold
+    (1 to ``_TS_MAX_EPOCHS_PER_CHUNK``, at most the epochs there are)."""
+    per_epoch = 4 * max(int(shape[0]) * int(shape[1]), 1)
+    return int(max(1, min(_TS_MAX_EPOCHS_PER_CHUNK, int(n_epochs), _TS_BUFFER_BYTES // per_epoch)))
+
+
+def _zarr_major() -> int:
+    import zarr
+
+    return int(zarr.__version__.split(".")[0])
+
+
+def _create_epoch_store(path: Path, times, ys, xs, tile, n_epochs_chunk: int = 1):
+    """An empty (NaN) Zarr store (time, y, x) float32, chunks of ``n_epochs_chunk`` epochs × ``tile`` pixels;
+    returns the Zarr array, to be written ``n_epochs_chunk`` whole epochs at a time.
+
+    With Zarr 3 the store is Zarr format 3 with the chunks in shards of ``n_epochs_chunk`` epochs × whole rows
+    of tiles (at most ``_TS_CHUNKS_PER_SHARD`` chunks): a file per shard, so that a plain at 100 m with hundreds
+    of epochs makes tens of thousands of files, not the millions of one file per chunk (the tiles shrink as the
+    epochs grow, so that count grows as the square of the epochs). Zarr 2 writes format 2, a file per chunk."""
     import shutil
 
     import dask.array as da
@@ -1291,23 +1326,36 @@ def _create_epoch_store(path: Path, times, ys, xs, tile):
 
     shutil.rmtree(path, ignore_errors=True)
     shape = (times.size, ys.size, xs.size)
-    chunks = (1, *tile)
+    chunks = (int(n_epochs_chunk), *tile)
+    encoding = {"chunks": chunks, "_FillValue": np.float32(np.nan)}
+    fmt = 3 if _zarr_major() >= 3 else 2
+    if fmt == 3:
+        tiles_y, tiles_x = -(-shape[1] // tile[0]), -(-shape[2] // tile[1])
+        rows = max(1, min(tiles_y, _TS_CHUNKS_PER_SHARD // tiles_x))  # rows of tiles per shard
+        cols = tiles_x if rows > 1 or tiles_x <= _TS_CHUNKS_PER_SHARD else _TS_CHUNKS_PER_SHARD
+        encoding["shards"] = (chunks[0], rows * tile[0], cols * tile[1])
     # one Dask chunk: nothing is computed (compute=False), and the graph stays one task whatever the epochs
     template = xr.Dataset(
         {"vertical_displacement": (("time", "y", "x"), da.full(shape, np.nan, dtype=np.float32, chunks=shape),
                                    {"units": "mm", "positive": "up"})},
         coords={"time": times, "y": ys, "x": xs})
-    # metadata and coordinates only: chunks never written read as the NaN fill value
-    template.to_zarr(path, mode="w", compute=False, zarr_format=2, consolidated=True,
-                     encoding={"vertical_displacement": {"chunks": chunks, "_FillValue": np.float32(np.nan)}})
-    return zarr.open_group(str(path), mode="r+", zarr_format=2)["vertical_displacement"]
+    # metadata and coordinates only: chunks never written read as the NaN fill value. The store lives only
+    # within the run, so Zarr 3's (not yet standard) consolidated metadata is not needed
+    template.to_zarr(path, mode="w", compute=False, zarr_format=fmt, consolidated=fmt == 2,
+                     encoding={"vertical_displacement": encoding})
+    return zarr.open_group(str(path), mode="r+", zarr_format=fmt)["vertical_displacement"]
 
 
 def _open_epoch_store(path: Path, times, ys, xs, chunks, fix, t_yr, grid):
     """The stored vertical cube, lazily (Dask ``chunks``), plus the lazy trend correction ``fix × t`` (mm)."""
     import xarray as xr
 
-    ds = xr.open_zarr(path, chunks=chunks, consolidated=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        # blocks of one epoch over chunks of several are meant (see timeseries_stage): not a user's concern
+        warnings.filterwarnings("ignore", "The specified chunks separate the stored chunks", UserWarning)
+        ds = xr.open_zarr(path, chunks=chunks, consolidated=_zarr_major() < 3)
     cube = ds["vertical_displacement"].assign_coords(time=times, y=ys, x=xs)
     if fix is not None:
         import dask.array as da

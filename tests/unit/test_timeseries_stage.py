@@ -4,9 +4,10 @@ Three overlapping frames of the embedded scenario (0.1°, 90-day epochs, 34 epoc
 5 days so that it is interpolated onto the common time axis) go through ``pipeline.timeseries_stage`` and
 through the in-memory implementation it replaced (every frame's cube and the merged cube held in RAM). Measured
 when written: merged cube within 8e-6 mm (a float32 rounding step), annual velocities within 7e-6 mm/yr,
-cumulative displacement within 8e-6 mm, groundwater volume equal to 2e-12 relative; with epoch ramps alike. Memory (0.05°, traced peak):
-doubling the epochs (33 → 66 common epochs) changes the streamed stage's peak by -0.4 to +0.6 MB (about 16-18 MB)
-while the merged float32 cube grows by 0.71 MB and the in-memory reference's peak by 18 MB (35 → 53 MB).
+cumulative displacement within 8e-6 mm, groundwater volume equal to 2e-12 relative; with epoch ramps alike, and
+with the merged epochs stored 8, 5 or 1 to a chunk. Memory (0.025°, traced peak): doubling the epochs (33 → 66
+common epochs) changes the streamed stage's peak by +1.1 MB (13.7 → 14.8 MB; one epoch per chunk: 12.9 → 14.1 MB)
+while the merged float32 cube grows by 2.8 MB and the in-memory reference's peak by 49 MB (58 → 107 MB).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import h5py
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
 from gpu_insar_adjust import pipeline
 from gpu_insar_adjust.config import GiaConfig
@@ -170,8 +172,12 @@ def _run(setup, cfg, work, cube_paths=None, **kw):
                                      s["verts"], s["grid"], cfg, vertical=s["vertical"], work_dir=work, **kw)
 
 
-@pytest.mark.parametrize("epoch_ramps", [False, True])
-def test_streamed_stage_equals_in_memory_reference(setup, tmp_path, epoch_ramps):
+@pytest.mark.parametrize("epoch_ramps,epochs_per_chunk", [(False, 8), (True, 8), (False, 5), (False, 1)])
+def test_streamed_stage_equals_in_memory_reference(setup, tmp_path, monkeypatch, epoch_ramps, epochs_per_chunk):
+    # the merged epochs are written to the store several at a time: 33 epochs make 4 chunks of 8 and a last of 1
+    # (or 6 of 5 and a last of 3; or one epoch per chunk when a single epoch fills the buffer)
+    epoch_bytes = 4 * setup["grid"].shape[0] * setup["grid"].shape[1]
+    monkeypatch.setattr(pipeline, "_TS_BUFFER_BYTES", epochs_per_chunk * epoch_bytes + epoch_bytes // 2)
     cfg = GiaConfig()
     cfg.timeseries.epoch_ramps = epoch_ramps
     cfg.timeseries.chunk_pixels = 1024  # several pixel tiles: the blocked path is exercised
@@ -182,7 +188,8 @@ def test_streamed_stage_equals_in_memory_reference(setup, tmp_path, epoch_ramps)
     # the cube stays lazy (Dask over the on-disk store), blocked over pixels with all epochs per block
     assert out["cube"].chunks is not None and len(out["cube"].chunks[1]) * len(out["cube"].chunks[2]) > 1
     assert len(out["cube"].chunks[0]) == 1
-    assert (tmp_path / "work" / "vertical_displacement.zarr").is_dir()
+    store = tmp_path / "work" / "vertical_displacement.zarr"
+    assert zarr.open_array(store, path="vertical_displacement", mode="r").chunks[0] == epochs_per_chunk
     got, want = out["cube"].values, ref["cube"].values
     assert got.shape == want.shape == (33, *s["grid"].shape)  # common span: 33 of the first frame's 34 epochs
     assert np.array_equal(np.isnan(got), np.isnan(want))
@@ -210,6 +217,36 @@ def test_streamed_stage_equals_in_memory_reference(setup, tmp_path, epoch_ramps)
     np.testing.assert_allclose(slope, s["vertical"][10][ok], atol=1e-3)
 
 
+@pytest.mark.parametrize("chunks_per_shard", [1024, 1])
+def test_store_files_grow_with_epochs_not_with_their_square(setup, tmp_path, monkeypatch, chunks_per_shard):
+    """Blocks of all epochs × a tile bound the fits' memory, so the tiles shrink as the epochs grow; a file per
+    (epoch, tile) chunk would make T² × pixels files (millions for a plain at 100 m and 250 epochs). With Zarr 3
+    the chunks of a few epochs go into shards of whole rows of tiles: files grow with the epochs only."""
+    monkeypatch.setattr(pipeline, "_TS_CHUNKS_PER_SHARD", chunks_per_shard)
+    s = setup
+    cfg = GiaConfig()
+    cfg.timeseries.chunk_pixels = 1024  # the smallest tiles (32 × 32): several chunks per epoch
+    out = _run(s, cfg, tmp_path / "work")
+    store = tmp_path / "work" / "vertical_displacement.zarr"
+    arr = zarr.open_array(store, path="vertical_displacement", mode="r")
+    n_t, ny, nx = arr.shape
+    tiles = -(-ny // arr.chunks[1]) * -(-nx // arr.chunks[2])
+    assert n_t == 33 and tiles >= 2
+    chunk_files = [f for f in (store / "vertical_displacement").rglob("*") if f.is_file()
+                   and f.name not in ("zarr.json", ".zarray", ".zattrs")]
+    assert arr.chunks[0] == 8  # epochs per chunk: the whole 0.1° grid is far below the buffer
+    if int(zarr.__version__.split(".")[0]) >= 3:
+        assert arr.shards is not None and arr.shards[0] == 8
+        # 33 epochs in 5 groups of (up to) 8, each group in one shard of whole rows of tiles, or in a shard per
+        # tile when a shard may hold a single chunk
+        per_group = 1 if chunks_per_shard >= tiles else tiles
+        assert len(chunk_files) == 5 * per_group
+    else:
+        assert len(chunk_files) == 5 * tiles
+    # read back through the lazy cube as written
+    np.testing.assert_array_equal(np.isfinite(out["cube"].values), np.isfinite(arr[...]))
+
+
 def _traced_peak(fn) -> int:
     """Peak traced allocation of ``fn()`` beyond what was allocated before it, with Dask on one thread: with a
     thread pool the number of blocks in flight at once varies from run to run and so does the peak."""
@@ -230,8 +267,8 @@ def test_peak_memory_does_not_grow_with_epochs(setup_fine, tmp_path, monkeypatch
     s = setup_fine
     # small blocks (all epochs × 8192 pixels at 33 epochs, × 4096 pixels at 66: a few blocks per grid), so that
     # the blocks, not the whole grid, bound the temporal fits at these small sizes. Not smaller: the store holds
-    # one chunk per epoch and block, so the chunks' bookkeeping (a few kB each) grows as the square of the
-    # epochs when blocks shrink with them, and would be measured instead of the pixels.
+    # one chunk per group of epochs and block, so the chunks' bookkeeping (a few kB each) grows as the square of
+    # the epochs when blocks shrink with them, and would be measured instead of the pixels.
     monkeypatch.setattr(pipeline, "_TS_BLOCK_BYTES", 4 * 66 * 4096)
     dense = [_densify(p, tmp_path / f"dense{k}.h5") for k, p in enumerate(s["cube_paths"])]
     cfg = GiaConfig()
@@ -239,7 +276,8 @@ def test_peak_memory_does_not_grow_with_epochs(setup_fine, tmp_path, monkeypatch
     peaks = {}
     for label, paths in (("T", s["cube_paths"]), ("2T", dense)):
         peaks[label] = _traced_peak(lambda: _run(s, cfg, tmp_path / label, cube_paths=paths))
-    n_t = {lab: xr.open_zarr(tmp_path / lab / "vertical_displacement.zarr")["time"].size for lab in ("T", "2T")}
+    n_t = {lab: xr.open_zarr(tmp_path / lab / "vertical_displacement.zarr",
+                             consolidated=pipeline._zarr_major() < 3)["time"].size for lab in ("T", "2T")}
     assert (n_t["T"], n_t["2T"]) == (33, 66)
     input_growth = sum(p.stat().st_size for p in dense) - sum(p.stat().st_size for p in s["cube_paths"])
     merged_growth = (n_t["2T"] - n_t["T"]) * s["grid"].shape[0] * s["grid"].shape[1] * 4
