@@ -519,18 +519,23 @@ def _cv_rmse(adj) -> float:
     return float(cv) if cv is not None and np.isfinite(cv) else 0.0
 
 
-def _adjust_one(folder, *, stations, config, holdout, backend_name: str = "numpy"):
-    """One frame's adjustment from its folder (runs in-process or as a Dask task); None when it has no station.
+def _adjust_one(frame, *, stations, config, holdout, backend_name: str = "numpy"):
+    """One frame's adjustment (runs in-process or as a Dask task); None when it has no station. ``frame`` is the
+    masked frame as "read inputs" holds it (in-process: not read twice) or its folder (a Dask task reads it in
+    its worker: a frame is not shipped to the cluster).
 
     On a GPU backend the frame's rasters go to the device for the adjustment (pixel features, the dense
     evaluation of the chosen surface and its σ: the per-pixel part); the station-level fits run on the host
     either way. The result's rasters come back as host float32, as the later stages keep every frame."""
+    import xarray as xr
+
     from .adjust.frame import adjust_frame
     from .io.frames import open_frame
 
-    frame = _apply_mask(open_frame(folder))
+    frame = frame if isinstance(frame, xr.Dataset) else _apply_mask(open_frame(frame))
     xp = None if backend_name == "numpy" else backend._backend_namespace(backend_name)
     if xp is not None:
+        frame = frame.copy(deep=False)  # the caller's frame keeps its host rasters
         for v in list(frame.data_vars):
             frame[v].data = backend.asarray(frame[v].data, xp=xp)
     try:
@@ -614,9 +619,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         if not folders:
             raise InputError("No frame folders found.", file=frames_dir, field="--frames",
                              fix="give a folder holding one sub-folder per frame (LiCSAR/LiCSBAS or MintPy)")
-        # the DEM serves only the per-frame models, which open their frame themselves: not kept here
-        frames = [_apply_mask(open_frame(f)).drop_vars("dem", errors="ignore")
-                  for f in progress(folders, "reading frames")]
+        # the DEM serves only the per-frame models: dropped after them
+        frames = [_apply_mask(open_frame(f)) for f in progress(folders, "reading frames")]
         ids = [f.attrs["frame_id"] for f in frames]
         grids = None
         if horizontal_grids is not None:
@@ -680,14 +684,18 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             from .parallel import map_frames
 
             costs = [_adjust_cost(frames[k], stations_itrf) for k in todo] if client is not None else None
-            # the backend by name: a Dask worker is another process, with its own (default NumPy) selection
-            map_frames(_adjust_one, [folders[k] for k in todo], client=client, on_result=finished, costs=costs,
+            # in this process the frames as read above; on a cluster their folders, each read by its worker.
+            # The backend by name: a Dask worker is another process, with its own (default NumPy) selection
+            items = [frames[k] if client is None else folders[k] for k in todo]
+            map_frames(_adjust_one, items, client=client, on_result=finished, costs=costs,
                        stations=stations_itrf, config=adj_cfg, holdout=holdout_itrf,
                        backend_name=backend.get_backend())
         finally:
             if client is not None and not pc.scheduler:
                 client.close()
                 client.cluster.close()
+        # the DEM served only the per-frame models: 4 bytes a pixel that no later stage reads
+        frames = [fr.drop_vars("dem", errors="ignore") for fr in frames]
         if n_cached:
             log.info("resumed: %d of %d frame adjustments reused from %s", n_cached, len(frames), work)
 

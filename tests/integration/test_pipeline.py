@@ -19,6 +19,7 @@ import pytest
 import rasterio
 
 from gpu_insar_adjust.cli import main
+from gpu_insar_adjust.config import GiaConfig
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +133,30 @@ def test_frames_on_a_dask_cluster_give_identical_products(demo, tmp_path):
                  str(scen / "gnss_holdout.csv"), "--out", str(out), "--workers", "2"]) == 0
     for name in ("vertical_velocity.tif", "frames/040A_05000_131313.correction.tif"):
         with rasterio.open(demo / "out" / name) as a, rasterio.open(out / name) as b:
+            np.testing.assert_array_equal(a.read(1), b.read(1), err_msg=name)
+
+
+def test_frames_are_read_once_in_one_process(demo, tmp_path, monkeypatch):
+    """In one process the per-frame stage adjusts the frames as "read inputs" holds them (DEM included, dropped
+    after it): every frame folder is opened once, and the products are those of the demo's own run."""
+    from gpu_insar_adjust import pipeline
+    from gpu_insar_adjust.io import frames as frames_io
+
+    opened = []
+    original = frames_io.open_frame
+
+    def counting(path):
+        opened.append(str(path))
+        return original(path)
+
+    monkeypatch.setattr(frames_io, "open_frame", counting)
+    scen = demo / "scenario"
+    res = pipeline.run(scen / "frames", scen / "gnss.csv", tmp_path / "once", holdout=scen / "gnss_holdout.csv",
+                       config=GiaConfig.model_validate({"parallel": {"workers": 0}}))
+    assert len(opened) == len(set(opened)) == len(res.frames) == 18
+    for name in ("vertical_velocity.tif", "frames/040A_05000_131313.correction.tif",
+                 "frames/142A_05000_131313.los_adjusted.tif"):
+        with rasterio.open(demo / "out" / name) as a, rasterio.open(tmp_path / "once" / name) as b:
             np.testing.assert_array_equal(a.read(1), b.read(1), err_msg=name)
 
 

@@ -232,12 +232,18 @@ def test_pipeline_adjusts_a_frame_on_a_device_namespace_and_returns_host_rasters
     cfg = AdjustConfig(candidates=["poly1", "poly2", "tps", "gp"])
     host = pipeline._adjust_one("T001", stations=st, config=cfg, holdout=hold)
     dev = pipeline._adjust_one("T001", stations=st, config=cfg, holdout=hold, backend_name="cupy")
-    assert seen == ["numpy", "array_api_strict"]
-    assert dev.report["chosen"] == host.report["chosen"]
+    # in one process the pipeline passes the frame it holds: moved to the device for the adjustment, but the
+    # caller's frame keeps its host rasters (later stages read them)
+    held = frame.copy(deep=True)
+    dev_held = pipeline._adjust_one(held, stations=st, config=cfg, holdout=hold, backend_name="cupy")
+    assert seen == ["numpy", "array_api_strict", "array_api_strict"]
+    assert all(isinstance(held[v].data, np.ndarray) for v in held.data_vars)
+    assert dev.report["chosen"] == host.report["chosen"] == dev_held.report["chosen"]
     for name in ("correction", "correction_std", "los_adjusted"):
         a, b = getattr(host, name).data, getattr(dev, name).data
         assert isinstance(b, np.ndarray) and b.dtype == np.float32
         np.testing.assert_array_equal(b, a)
+        np.testing.assert_array_equal(getattr(dev_held, name).data, a)
 
 
 @pytest.mark.gpu
