@@ -1140,6 +1140,39 @@ class UpEastResult:
     n_vertical_only: int
 
 
+def _up_east_errors(bad_sigma: bool, bad_up: bool) -> None:
+    if bad_sigma:
+        raise InputError("std_stack is NaN or <= 0 where los_stack is valid.", field="std_stack",
+                         fix="give a positive 1-sigma (mm/yr) wherever the LOS velocity is valid")
+    if bad_up:
+        raise GeometryError("The up component of a LOS unit vector is <= 0.05 where LOS is valid.",
+                            field="u_stack", fix="pass ground-to-satellite unit vectors (u > 0 for Sentinel-1)")
+
+
+def _up_east_fused(L, S, E, Nn, U, VN, VE, SE, SN, *, east_prior, max_condition, warn) -> "UpEastResult":
+    """:func:`decompose_up_east` on NumPy with the numba engine: one pass per pixel (kernels.cpu.up_east), the
+    array-API path's results bit for bit."""
+    from .kernels import cpu
+
+    k, pix = L.shape[0], L.shape[1:]
+    flat = [np.ascontiguousarray(a).reshape(k, -1) for a in (L, S, E, Nn, U)]
+    per = [None if a is None else np.reshape(a, -1) for a in (VN, VE, SE, SN)]
+    r = cpu.up_east(*flat, *per, east_prior=east_prior, max_condition=max_condition)
+    _up_east_errors(bool(r["flags"][0]), bool(r["flags"][1]))
+    method = r["method"].reshape(pix)
+    n_geo = r["k"].reshape(pix)
+    n_ill = int(np.count_nonzero((n_geo >= 2) & (method != 2)))
+    n_vo = int(np.count_nonzero(method == 1))
+    if n_ill and warn:
+        log.warning("up/east: %d pixel(s) with two or more geometries are ill-conditioned (condition > %g); "
+                    "east left undetermined there", n_ill, max_condition)
+    return UpEastResult(up=r["up"].reshape(pix), east=r["east"].reshape(pix),
+                        up_std=np.sqrt(r["up_var"]).astype(np.float32).reshape(pix),
+                        east_std=np.sqrt(r["east_var"]).astype(np.float32).reshape(pix),
+                        up_east_cov=r["cov"].reshape(*pix, 2, 2), n_geometries=n_geo, method=method,
+                        condition=r["condition"].reshape(pix), n_ill_conditioned=n_ill, n_vertical_only=n_vo)
+
+
 def decompose_up_east(los_stack, std_stack, e_stack, n_stack, u_stack, vn, sn=None, *, ve=None, se=None,
                       max_condition: float = 100.0, east_prior: bool = False, warn: bool = True) -> UpEastResult:
     """Up and east velocity from two or more look directions; north from the GNSS field.
@@ -1176,12 +1209,17 @@ def decompose_up_east(los_stack, std_stack, e_stack, n_stack, u_stack, vn, sn=No
     """
     xp = backend.namespace(los_stack, std_stack, e_stack, n_stack, u_stack, vn, sn, ve, se)
     f64 = xp.float64
-    L = xp.astype(xp.asarray(los_stack), f64)
+    from .kernels.cpu import fused_for
+
+    fused = fused_for(xp)  # NumPy with numba: one pass over the stacks as given (float32 read as float64)
+    L = xp.asarray(los_stack)
+    L = L if fused and L.dtype in (np.float32, np.float64) else xp.astype(L, f64)
     if L.ndim < 1 or L.shape[0] < 1:
         raise ArrayArgumentError("los_stack must have the look geometries on its first axis.", field="los_stack",
                                  fix="stack the per-geometry rasters with xp.stack([...], axis=0)")
     shape = L.shape
-    S, E, Nn, U = (xp.astype(xp.asarray(a), f64) for a in (std_stack, e_stack, n_stack, u_stack))
+    S, E, Nn, U = (xp.asarray(a) for a in (std_stack, e_stack, n_stack, u_stack))
+    S, E, Nn, U = (a if fused and a.dtype in (np.float32, np.float64) else xp.astype(a, f64) for a in (S, E, Nn, U))
     for name, a in (("std_stack", S), ("e_stack", E), ("n_stack", Nn), ("u_stack", U)):
         if a.shape != shape:
             raise ArrayArgumentError(f"{name} has shape {a.shape}; los_stack has {shape}.", field=name,
@@ -1197,15 +1235,17 @@ def decompose_up_east(los_stack, std_stack, e_stack, n_stack, u_stack, vn, sn=No
                                      fix="give one value per pixel (or a scalar)") from exc
 
     VN = per_pixel(vn, "vn")
+    if east_prior and (ve is None or se is None):
+        raise ArrayArgumentError("east_prior=True needs the GNSS east velocity and its sigma.", field="ve/se",
+                                 fix="pass ve= and se= (mm/yr) or east_prior=False")
+    if fused:
+        return _up_east_fused(L, S, E, Nn, U, VN, *(None if a is None else per_pixel(a, name)
+                                                    for a, name in ((ve, "ve"), (se, "se"), (sn, "sn"))),
+                              east_prior=east_prior, max_condition=max_condition, warn=warn)
     zero, one = xp.zeros(shape, dtype=f64), xp.ones(shape, dtype=f64)
 
     ok = xp.isfinite(L) & xp.isfinite(E) & xp.isfinite(Nn) & xp.isfinite(U)
-    if bool(xp.any(ok & ~(xp.isfinite(S) & (S > 0)))):
-        raise InputError("std_stack is NaN or <= 0 where los_stack is valid.", field="std_stack",
-                         fix="give a positive 1-sigma (mm/yr) wherever the LOS velocity is valid")
-    if bool(xp.any(ok & ~(U > 0.05))):
-        raise GeometryError("The up component of a LOS unit vector is <= 0.05 where LOS is valid.",
-                            field="u_stack", fix="pass ground-to-satellite unit vectors (u > 0 for Sentinel-1)")
+    _up_east_errors(bool(xp.any(ok & ~(xp.isfinite(S) & (S > 0)))), bool(xp.any(ok & ~(U > 0.05))))
     W = xp.where(ok, 1.0 / xp.where(ok, S * S, one), zero)
     E0, N0, U0 = (xp.where(ok, a, zero) for a in (E, Nn, U))
     Y = xp.where(ok, L - Nn * VN, zero)
@@ -1215,9 +1255,6 @@ def decompose_up_east(los_stack, std_stack, e_stack, n_stack, u_stack, vn, sn=No
     a11, a12, a22 = xp.sum(W * E0 * E0, axis=0), xp.sum(W * E0 * U0, axis=0), xp.sum(W * U0 * U0, axis=0)
     b1, b2 = xp.sum(W * E0 * Y, axis=0), xp.sum(W * U0 * Y, axis=0)
     if east_prior:
-        if ve is None or se is None:
-            raise ArrayArgumentError("east_prior=True needs the GNSS east velocity and its sigma.", field="ve/se",
-                                     fix="pass ve= and se= (mm/yr) or east_prior=False")
         VEp, SEp = per_pixel(ve, "ve"), per_pixel(se, "se")
         okp = xp.isfinite(VEp) & xp.isfinite(SEp) & (SEp > 0)
         wp = xp.where(okp, 1.0 / xp.where(okp, SEp * SEp, xp.ones_like(SEp)), xp.zeros_like(SEp))

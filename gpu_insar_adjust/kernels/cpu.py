@@ -829,6 +829,156 @@ def merge_accumulate(v, var, ramp, extra, sw, swv, sw2v, cnt, esw, eswv) -> None
 
 
 # --------------------------------------------------------------------------------------------------------------
+# up/east decomposition (mosaic.decompose_up_east)
+# --------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _nb_up_east():
+    import numba as nb
+    from numba import prange
+
+    # no fastmath (no contraction to FMA either): every product and sum is rounded as the array-API path rounds
+    # it, in the same order, so the results are that path's bit for bit
+    @nb.njit(parallel=True, cache=True)
+    def up_east(L, S, E, Nn, U, vn, ve, se, sn, has_ve, has_se, has_sn, east_prior, max_condition,
+                up_o, east_o, up_var_o, east_var_o, cov_o, k_o, method_o, cond_o, flags):
+        kg, npx = L.shape
+        for p in prange(npx):
+            a11 = 0.0
+            a12 = 0.0
+            a22 = 0.0
+            b1 = 0.0
+            b2 = 0.0
+            g11 = 0.0
+            g12 = 0.0
+            g22 = 0.0
+            h1 = 0.0
+            h2 = 0.0
+            q = 0.0  # Σ W·U·E, as the vertical-only fall-back forms it
+            k = 0
+            vnp = vn[p]
+            for g in range(kg):
+                lv = np.float64(L[g, p])
+                ev = np.float64(E[g, p])
+                nv = np.float64(Nn[g, p])
+                uv = np.float64(U[g, p])
+                sv = np.float64(S[g, p])
+                if not (np.isfinite(lv) and np.isfinite(ev) and np.isfinite(nv) and np.isfinite(uv)):
+                    continue
+                if not (np.isfinite(sv) and sv > 0.0):
+                    flags[0] = 1
+                if not uv > 0.05:
+                    flags[1] = 1
+                w = 1.0 / (sv * sv)
+                y = lv - nv * vnp
+                k += 1
+                a11 += w * ev * ev
+                a12 += w * ev * uv
+                a22 += w * uv * uv
+                b1 += w * ev * y
+                b2 += w * uv * y
+                g11 += 1.0 * ev * ev
+                g12 += 1.0 * ev * uv
+                g22 += 1.0 * uv * uv
+                h1 += w * ev * nv
+                h2 += w * uv * nv
+                q += w * uv * ev
+            if east_prior:
+                vep = ve[p]
+                sep = se[p]
+                if np.isfinite(vep) and np.isfinite(sep) and sep > 0.0:
+                    wp = 1.0 / (sep * sep)
+                    a11 = a11 + wp
+                    b1 = b1 + wp * vep
+                else:
+                    a11 = a11 + 0.0
+                    b1 = b1 + 0.0 * 0.0
+            det = a11 * a22 - a12 * a12
+            tr = g11 + g22
+            dd = (g11 - g22) * (g11 - g22) + 4.0 * g12 * g12
+            disc = np.sqrt(dd if dd > 0.0 else 0.0)
+            lmax = (tr + disc) / 2.0
+            lmin = (tr - disc) / 2.0
+            two = k >= 2
+            if two:
+                if lmin > 1e-12 * lmax:
+                    cond = lmax / (lmin if lmin > 0.0 else 1.0)
+                else:
+                    cond = np.inf
+            else:
+                cond = np.nan
+            solve = two and (cond <= max_condition or east_prior) and det > 0.0
+            up = np.nan
+            east = np.nan
+            up_var = np.nan
+            east_var = np.nan
+            cov_eu = np.nan
+            method = 0
+            if solve:
+                i11 = a22 / det
+                i12 = -a12 / det
+                i22 = a11 / det
+                east = i11 * b1 + i12 * b2
+                up = i12 * b1 + i22 * b2
+                c11, c12, c22 = i11, i12, i22
+                if has_sn:
+                    g_e = i11 * h1 + i12 * h2
+                    g_u = i12 * h1 + i22 * h2
+                    s2 = sn[p] * sn[p]
+                    c11 = c11 + s2 * g_e * g_e
+                    c12 = c12 + s2 * g_e * g_u
+                    c22 = c22 + s2 * g_u * g_u
+                east_var, up_var, cov_eu = c11, c22, c12
+                method = 2
+            elif has_ve and k >= 1 and a22 > 0.0:
+                # vertical only, all valid geometries: y_i - e_i ve = u_i vu
+                up = (b2 - q * ve[p]) / a22
+                var1 = 1.0 / a22
+                if has_se:
+                    t = se[p] * q / a22
+                    var1 = var1 + t * t
+                if has_sn:
+                    t = sn[p] * h2 / a22
+                    var1 = var1 + t * t
+                up_var = var1
+                method = 1
+            up_o[p] = np.float32(up)
+            east_o[p] = np.float32(east)
+            up_var_o[p] = up_var
+            east_var_o[p] = east_var
+            cov_o[p, 0, 0] = east_var
+            cov_o[p, 0, 1] = cov_eu
+            cov_o[p, 1, 0] = cov_eu
+            cov_o[p, 1, 1] = up_var
+            k_o[p] = k
+            method_o[p] = method
+            cond_o[p] = cond
+
+    return up_east
+
+
+def up_east(L, S, E, Nn, U, vn, ve, se, sn, *, east_prior: bool, max_condition: float) -> dict:
+    """Per-pixel up/east least squares of :func:`gpu_insar_adjust.mosaic.decompose_up_east` in one pass
+    (numba, all cores): stacks ``(k, npx)`` (any float dtype, read as float64), per-pixel ``vn``, ``ve``, ``se``,
+    ``sn`` float64 ``(npx,)`` or None. The same sums and closed-form solves as the array-API path, bit for bit,
+    without its ~40 float64 temporaries per pixel. ``flags``: [a valid geometry with a sigma that is not
+    positive, a valid geometry with an up component <= 0.05]; the caller raises on either."""
+    k, npx = L.shape
+    f64 = np.float64
+    zero = np.zeros(1, f64)
+
+    def vec(a):
+        return zero if a is None else np.ascontiguousarray(a, f64).reshape(-1)
+
+    out = {"up": np.empty(npx, np.float32), "east": np.empty(npx, np.float32), "up_var": np.empty(npx, f64),
+           "east_var": np.empty(npx, f64), "cov": np.empty((npx, 2, 2), f64), "k": np.empty(npx, np.int16),
+           "method": np.empty(npx, np.int8), "condition": np.empty(npx, f64), "flags": np.zeros(2, np.int64)}
+    _nb_up_east()(L, S, E, Nn, U, vec(vn), vec(ve), vec(se), vec(sn), ve is not None, se is not None,
+                  sn is not None, bool(east_prior), float(max_condition), out["up"], out["east"], out["up_var"],
+                  out["east_var"], out["cov"], out["k"], out["method"], out["condition"], out["flags"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
 # small helpers shared by both engines
 # --------------------------------------------------------------------------------------------------------------
 def _solve_small_spd(nrm_packed: np.ndarray, rhs: np.ndarray, cnt: np.ndarray, n_terms: int) -> np.ndarray:

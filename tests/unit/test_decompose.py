@@ -232,3 +232,61 @@ def test_east_prior_outweighs_a_poorly_corrected_geometry(cpu_xp):
     with pytest.raises(Exception) as exc:
         M.decompose_up_east(*args, east_prior=True)
     assert "ve" in str(exc.value)
+
+
+@pytest.mark.parametrize("east_prior,with_ve,with_se,with_sn", [
+    (False, True, True, True), (False, True, False, False), (False, False, False, True),
+    (False, False, False, False), (True, True, True, True), (True, True, True, False)])
+def test_fused_cpu_kernel_equals_the_array_path_bit_for_bit(monkeypatch, east_prior, with_ve, with_se, with_sn):
+    """With numba the decomposition of NumPy stacks runs as one per-pixel pass (kernels.cpu.up_east); it must
+    give the array-API path's every output bit for bit. Three geometries (two ascending tracks, nearly
+    parallel, and a descending one), float32 stacks with NaN holes, a pixel where only the two ascending ones
+    remain (ill-conditioned), pixels with one or no geometry, NaN in the GNSS field."""
+    pytest.importorskip("numba")
+    from gpu_insar_adjust.kernels import cpu
+
+    monkeypatch.setenv("GIA_CPU_KERNELS", "numba")
+    assert cpu.fused_for(np)
+    rng = np.random.default_rng(7)
+    shape = (3, 37, 41)
+    vu, ve, vn, geoms = _scene(shape[1:])
+    asc2 = tuple(g + 0.01 for g in geoms[0])
+    trip = [geoms[0], asc2, geoms[1]]
+    E, N, U = (np.stack([g[c] for g in trip]).astype(np.float32) for c in range(3))
+    los = (E * ve + N * vn + U * vu + rng.normal(0, 2, shape)).astype(np.float32)
+    std = rng.uniform(0.5, 5.0, shape).astype(np.float32)
+    los[rng.random(shape) < 0.25] = np.nan
+    los[2, 5, 5] = np.nan  # two nearly parallel ascending geometries only: ill-conditioned
+    los[:, 6, 6] = np.nan  # none
+    los[1:, 7, 7] = np.nan  # one
+    ve_ = np.where(rng.random(shape[1:]) < 0.05, np.nan, ve)
+    kw = dict(ve=ve_ if with_ve else None, se=rng.uniform(0.5, 2, shape[1:]) if with_se else None,
+              east_prior=east_prior, warn=False)
+    sn = rng.uniform(0.2, 1.0, shape[1:]) if with_sn else None
+    fused = M.decompose_up_east(los, std, E, N, U, vn, sn, **kw)
+    monkeypatch.setenv("GIA_CPU_KERNELS", "numpy")  # the array-API path on the same NumPy arrays
+    ref = M.decompose_up_east(los, std, E, N, U, vn, sn, **kw)
+    assert ref.n_ill_conditioned == fused.n_ill_conditioned and (ref.n_ill_conditioned > 0) != east_prior
+    assert ref.n_vertical_only == fused.n_vertical_only
+    assert {int(m) for m in np.unique(ref.method)} >= {0, 2}
+    for name in ("up", "east", "up_std", "east_std", "up_east_cov", "n_geometries", "method", "condition"):
+        a, b = np.asarray(getattr(ref, name)), np.asarray(getattr(fused, name))
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        np.testing.assert_array_equal(b, a, err_msg=name)
+
+
+def test_fused_cpu_kernel_raises_the_same_errors(monkeypatch):
+    pytest.importorskip("numba")
+    shape = (2, 4, 5)
+    ones = np.ones(shape, np.float32)
+    E, N, U = ones * 0.6, ones * -0.1, ones * 0.79
+    bad_std = ones.copy()
+    bad_std[1, 2, 3] = 0.0
+    for engine in ("numba", "numpy"):
+        monkeypatch.setenv("GIA_CPU_KERNELS", engine)
+        with pytest.raises(InputError) as ei:
+            M.decompose_up_east(ones, bad_std, E, N, U, 0.0)
+        assert ei.value.field == "std_stack"
+        with pytest.raises(GeometryError) as ei:
+            M.decompose_up_east(ones, ones, E, N, -U, 0.0)
+        assert ei.value.field == "u_stack"
