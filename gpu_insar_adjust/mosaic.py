@@ -1075,6 +1075,16 @@ def _as_f64(xp, a, like):
     return xp.astype(xp.asarray(a), xp.float64)
 
 
+def _vertical_errors(bad_up: bool, bad_std: bool) -> None:
+    if bad_up:
+        raise GeometryError("The up component of the LOS unit vector is <= 0.05 where the LOS velocity is valid.",
+                            field="u", fix="pass the ground-to-satellite unit vector (u > 0 for Sentinel-1); "
+                                           "check the sign convention of the geometry files")
+    if bad_std:
+        raise InputError("los_std is NaN or <= 0 where los is valid.", field="los_std",
+                         fix="give a positive 1-sigma (mm/yr) wherever the LOS velocity is valid")
+
+
 def decompose_vertical(los, los_std, e, n, u, ve, vn, se=None, sn=None) -> VerticalResult:
     """Vertical velocity from one look geometry with the GNSS horizontal field removed.
 
@@ -1093,18 +1103,13 @@ def decompose_vertical(los, los_std, e, n, u, ve, vn, se=None, sn=None) -> Verti
     E, N, U = (_as_f64(xp, a, L) for a in (e, n, u))
     VE, VN = _as_f64(xp, ve, L), _as_f64(xp, vn, L)
     ok = xp.isfinite(L) & xp.isfinite(U)
-    if bool(xp.any(ok & ~(U > 0.05))):
-        raise GeometryError("The up component of the LOS unit vector is <= 0.05 where the LOS velocity is valid.",
-                            field="u", fix="pass the ground-to-satellite unit vector (u > 0 for Sentinel-1); "
-                                           "check the sign convention of the geometry files")
+    _vertical_errors(bool(xp.any(ok & ~(U > 0.05))), False)
     Us = xp.where(ok, U, xp.ones_like(U))
     vu = (L - E * VE - N * VN) / Us
     vu_std = None
     if los_std is not None:
         S = _as_f64(xp, los_std, L)
-        if bool(xp.any(ok & ~(xp.isfinite(S) & (S > 0)))):
-            raise InputError("los_std is NaN or <= 0 where los is valid.", field="los_std",
-                             fix="give a positive 1-sigma (mm/yr) wherever the LOS velocity is valid")
+        _vertical_errors(False, bool(xp.any(ok & ~(xp.isfinite(S) & (S > 0)))))
         var = S * S
         if se is not None:
             SE = _as_f64(xp, se, L)

@@ -139,7 +139,8 @@ def frame_vertical_equivalent(frame, los, los_std, hfield):
 
     ``hfield`` holds ``ve, vn`` (and optionally ``se, sn``) on the frame grid in the frame's reference (ITRF).
     Computed by blocks of rows: the float64 temporaries (a dozen per pixel) stay in cache, and the result is
-    the whole-frame computation's, element for element.
+    the whole-frame computation's, element for element; with the numba engine in one pass per pixel
+    (``kernels.cpu.vertical_equivalent``), the same bit for bit.
     """
     from .mosaic import decompose_vertical
 
@@ -151,6 +152,16 @@ def frame_vertical_equivalent(frame, los, los_std, hfield):
     se_all = host(hfield["se"]) if "se" in hfield else None
     sn_all = host(hfield["sn"]) if "sn" in hfield else None
     los_all, std_all = host(los), host(los_std)
+    from .kernels.cpu import fused_for
+
+    if fused_for(np):  # numba: one pass, the block-wise result below bit for bit
+        from .kernels.cpu import vertical_equivalent
+        from .mosaic import _vertical_errors
+
+        vu_out, std_out, bad_up, bad_std = vertical_equivalent(los_all, std_all, e_all, n_all, u_all, ve_all,
+                                                               vn_all, se_all, sn_all)
+        _vertical_errors(bad_up, bad_std)
+        return vu_out, std_out
     ny, nx = los_all.shape
     vu_out, std_out = np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32)
     for rs in _row_blocks(ny, nx, _DECOMPOSE_BLOCK_PIXELS):

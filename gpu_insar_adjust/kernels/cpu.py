@@ -829,6 +829,62 @@ def merge_accumulate(v, var, ramp, extra, sw, swv, sw2v, cnt, esw, eswv) -> None
 
 
 # --------------------------------------------------------------------------------------------------------------
+# vertical equivalent of a frame (pipeline.frame_vertical_equivalent)
+# --------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _nb_vertical():
+    import numba as nb
+    from numba import prange
+
+    # no fastmath: rounded as the array-API path rounds, in its order
+    @nb.njit(parallel=True, cache=True)
+    def vertical(los, std, e, n, u, ve, vn, se, sn, has_se, has_sn, vu_o, std_o, flags):
+        ny, nx = los.shape
+        for r in prange(ny):
+            for c in range(nx):
+                lv = np.float64(los[r, c])
+                uv = np.float64(u[r, c])
+                vev = np.float64(ve[r, c])
+                vnv = np.float64(vn[r, c])
+                if not (np.isfinite(lv) and np.isfinite(vev) and np.isfinite(vnv) and np.isfinite(uv)):
+                    vu_o[r, c] = np.nan
+                    std_o[r, c] = np.nan
+                    continue
+                if not uv > 0.05:
+                    flags[0] = 1
+                ev = np.float64(e[r, c])
+                nv = np.float64(n[r, c])
+                vu_o[r, c] = np.float32((lv - ev * vev - nv * vnv) / uv)
+                sv = np.float64(std[r, c])
+                if not (np.isfinite(sv) and sv > 0.0):
+                    flags[1] = 1
+                var = sv * sv
+                if has_se:
+                    sev = np.float64(se[r, c])
+                    var = var + ev * ev * sev * sev
+                if has_sn:
+                    snv = np.float64(sn[r, c])
+                    var = var + nv * nv * snv * snv
+                std_o[r, c] = np.float32(np.sqrt(var) / uv)
+
+    return vertical
+
+
+def vertical_equivalent(los, std, e, n, u, ve, vn, se=None, sn=None) -> tuple[np.ndarray, np.ndarray, bool, bool]:
+    """``(los − e·ve − n·vn)/u`` and ``sqrt(std² + e²se² + n²sn²)/u`` (float32 (y, x); NaN where los, ve, vn or
+    u is not finite) in one pass over a frame (numba, all cores), as ``pipeline.frame_vertical_equivalent``'s
+    array path computes them block by block in float64, bit for bit. Also returns whether a usable pixel has
+    ``u <= 0.05`` and whether one has a sigma that is not positive; the caller raises."""
+    shape = np.shape(los)
+    vu, sd = np.empty(shape, np.float32), np.empty(shape, np.float32)
+    flags = np.zeros(2, np.int64)
+    dummy = np.zeros((1, 1), np.float32)
+    _nb_vertical()(los, std, e, n, u, ve, vn, dummy if se is None else se, dummy if sn is None else sn,
+                   se is not None, sn is not None, vu, sd, flags)
+    return vu, sd, bool(flags[0]), bool(flags[1])
+
+
+# --------------------------------------------------------------------------------------------------------------
 # up/east decomposition (mosaic.decompose_up_east)
 # --------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)

@@ -8,6 +8,7 @@ import rioxarray  # noqa: F401
 import xarray as xr
 
 from gpu_insar_adjust import pipeline as P
+from gpu_insar_adjust.errors import GeometryError, InputError
 
 
 def _frame(crs: str, x0: float, y0: float, dx: float, nx: int = 37, ny: int = 23) -> xr.Dataset:
@@ -50,10 +51,17 @@ def test_frame_rasters_are_wrapped_without_a_copy():
     assert da.rio.transform() == fr.rio.transform()
 
 
-def test_frame_vertical_equivalent_by_row_blocks_equals_the_whole_frame_formula(monkeypatch):
-    """Blocks of rows (for cache and memory) give the whole-frame result element for element, NaN pattern and
-    the horizontal field's sigmas included."""
+@pytest.mark.parametrize("engine", ["numpy", "numba"])
+@pytest.mark.parametrize("sigmas", [True, False])
+def test_frame_vertical_equivalent_by_row_blocks_equals_the_whole_frame_formula(monkeypatch, engine, sigmas):
+    """Blocks of rows (for cache and memory), or with numba one pass per pixel, give the whole-frame result
+    element for element, NaN pattern and the horizontal field's sigmas (or their absence) included; a float64
+    sigma (as the pipeline passes) or float32 alike."""
     from gpu_insar_adjust.mosaic import decompose_vertical
+
+    if engine == "numba":
+        pytest.importorskip("numba")
+    monkeypatch.setenv("GIA_CPU_KERNELS", engine)
 
     rng = np.random.default_rng(8)
     fr = _frame("EPSG:4326", 114.0, 39.0, 0.01, nx=41, ny=29)
@@ -65,20 +73,37 @@ def test_frame_vertical_equivalent_by_row_blocks_equals_the_whole_frame_formula(
     hf = xr.Dataset({k: (("y", "x"), (rng.normal(0, 3, shape) + off).astype(np.float32))
                      for k, off in (("ve", 25.0), ("vn", -8.0), ("se", 5.0), ("sn", 5.0))})
     hf["ve"][3, 4] = np.nan
+    hf["vn"][5, 6] = np.nan
+    hf["se"][7, 8] = np.nan  # a usable pixel whose field sigma is unknown: its vertical sigma is NaN
+    if not sigmas:
+        hf = hf[["ve", "vn"]]
     los = rng.normal(-10, 20, shape).astype(np.float32)
     los[10:12, :] = np.nan
-    std = rng.uniform(0.5, 3.0, shape).astype(np.float32)
+    std = rng.uniform(0.5, 3.0, shape).astype(np.float32 if sigmas else np.float64)
     monkeypatch.setattr(P, "_DECOMPOSE_BLOCK_PIXELS", 3 * 41 + 5)  # blocks of 3 rows, the last one short
     vu, vs = P.frame_vertical_equivalent(fr, los, std, hf)
+    assert vu.dtype == vs.dtype == np.float32
     f64 = {k: hf[k].values.astype(np.float64) for k in hf}
     ok = np.isfinite(los) & np.isfinite(f64["ve"]) & np.isfinite(f64["vn"])
     ref = decompose_vertical(np.where(ok, los.astype(np.float64), np.nan),
                              np.where(ok, std.astype(np.float64), np.nan),
                              *(fr[c].values.astype(np.float64) for c in ("los_e", "los_n", "los_u")),
-                             *(np.where(ok, f64[c], 0.0) for c in ("ve", "vn", "se", "sn")))
+                             *(np.where(ok, f64[c], 0.0) for c in ("ve", "vn")),
+                             *((np.where(ok, f64[c], 0.0) for c in ("se", "sn")) if sigmas else ()))
     np.testing.assert_array_equal(vu, ref.vu)
     np.testing.assert_array_equal(vs, ref.vu_std)
-    assert np.isnan(vu[3, 4]) and np.isnan(vu[10:12]).all() and np.isfinite(vu).sum() == ok.sum()
+    assert np.isnan(vu[3, 4]) and np.isnan(vu[5, 6]) and np.isnan(vu[10:12]).all()
+    assert np.isfinite(vu).sum() == ok.sum()
+    assert np.isfinite(vu[7, 8]) and np.isnan(vs[7, 8]) == sigmas
+    # bad geometry or sigma at a usable pixel: the same errors from either engine
+    bad = fr.copy(deep=True)
+    bad["los_u"][2, 2] = 0.01
+    with pytest.raises(GeometryError):
+        P.frame_vertical_equivalent(bad, los, std, hf)
+    std_bad = std.copy()
+    std_bad[2, 2] = 0.0
+    with pytest.raises(InputError):
+        P.frame_vertical_equivalent(fr, los, std_bad, hf)
 
 
 class _Memory:
