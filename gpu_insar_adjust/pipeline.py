@@ -695,12 +695,12 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             from .parallel import map_frames
 
             costs = [_adjust_cost(frames[k], stations_itrf) for k in todo] if client is not None else None
-            # in this process the frames as read above; on a cluster their folders, each read by its worker.
-            # The backend by name: a Dask worker is another process, with its own (default NumPy) selection
-            items = [frames[k] if client is None else folders[k] for k in todo]
-            map_frames(_adjust_one, items, client=client, on_result=finished, costs=costs,
-                       stations=stations_itrf, config=adj_cfg, holdout=holdout_itrf,
-                       backend_name=backend.get_backend())
+            # in this process the frames as read above; on a cluster their folders, each read by its worker
+            # (a list held only during the call: the frames' DEMs are freed below). The backend by name: a Dask
+            # worker is another process, with its own (default NumPy) selection
+            map_frames(_adjust_one, [frames[k] if client is None else folders[k] for k in todo], client=client,
+                       on_result=finished, costs=costs, stations=stations_itrf, config=adj_cfg,
+                       holdout=holdout_itrf, backend_name=backend.get_backend())
         finally:
             if client is not None and not pc.scheduler:
                 client.close()
@@ -1360,9 +1360,11 @@ def _create_epoch_store(path: Path, times, ys, xs, tile, n_epochs_chunk: int = 1
         coords={"time": times, "y": ys, "x": xs})
     # metadata and coordinates only: chunks never written read as the NaN fill value. The store lives only
     # within the run, so Zarr 3's (not yet standard) consolidated metadata is not needed
-    template.to_zarr(path, mode="w", compute=False, zarr_format=fmt, consolidated=fmt == 2,
-                     encoding={"vertical_displacement": encoding})
-    return zarr.open_group(str(path), mode="r+", zarr_format=fmt)["vertical_displacement"]
+    # (zarr_format named only with Zarr 3: zarr-python 2 and the xarray of its time do not take it)
+    fmt_kw = {"zarr_format": fmt} if fmt == 3 else {}
+    template.to_zarr(path, mode="w", compute=False, consolidated=fmt == 2,
+                     encoding={"vertical_displacement": encoding}, **fmt_kw)
+    return zarr.open_group(str(path), mode="r+", **fmt_kw)["vertical_displacement"]
 
 
 def _open_epoch_store(path: Path, times, ys, xs, chunks, fix, t_yr, grid):
