@@ -140,8 +140,12 @@ def frame_vertical_equivalent(frame, los, los_std, hfield):
     ``hfield`` holds ``ve, vn`` (and optionally ``se, sn``) on the frame grid in the frame's reference (ITRF).
     Computed by blocks of rows: the float64 temporaries (a dozen per pixel) stay in cache, and the result is
     the whole-frame computation's, element for element; with the numba engine in one pass per pixel
-    (``kernels.cpu.vertical_equivalent``), the same bit for bit.
+    (``kernels.cpu.vertical_equivalent``), the same bit for bit. A unit vector with ``u <= 0.05`` at a usable
+    pixel (:class:`GeometryError`) is reported before a sigma that is not positive (:class:`InputError`),
+    wherever in the frame each lies.
     """
+    from .errors import ArrayArgumentError
+    from .kernels.cpu import fused_for
     from .mosaic import decompose_vertical
 
     def host(a):
@@ -152,9 +156,15 @@ def frame_vertical_equivalent(frame, los, los_std, hfield):
     se_all = host(hfield["se"]) if "se" in hfield else None
     sn_all = host(hfield["sn"]) if "sn" in hfield else None
     los_all, std_all = host(los), host(los_std)
-    from .kernels.cpu import fused_for
-
-    if fused_for(np):  # numba: one pass, the block-wise result below bit for bit
+    arrays = {"los": los_all, "los_std": std_all, "los_e": e_all, "los_n": n_all, "los_u": u_all, "ve": ve_all,
+              "vn": vn_all, "se": se_all, "sn": sn_all}
+    for name, a in arrays.items():
+        if a is not None and a.shape != los_all.shape:
+            raise ArrayArgumentError(f"{name} has shape {a.shape}; the frame {frame.attrs.get('frame_id', '')} "
+                                     f"is {los_all.shape}.", field=name,
+                                     fix="give the horizontal field and the sigmas on the frame's own grid")
+    native = all(a is None or (a.dtype in (np.float32, np.float64) and a.dtype.isnative) for a in arrays.values())
+    if native and fused_for(np):  # numba: one pass, the block-wise result below bit for bit
         from .kernels.cpu import vertical_equivalent
         from .mosaic import _vertical_errors
 
@@ -164,6 +174,7 @@ def frame_vertical_equivalent(frame, los, los_std, hfield):
         return vu_out, std_out
     ny, nx = los_all.shape
     vu_out, std_out = np.empty((ny, nx), np.float32), np.empty((ny, nx), np.float32)
+    bad_sigma = None  # the first block's; raised after every block's geometry was checked
     for rs in _row_blocks(ny, nx, _DECOMPOSE_BLOCK_PIXELS):
         e, n, u = (np.asarray(a[rs], np.float64) for a in (e_all, n_all, u_all))
         ve, vn = np.asarray(ve_all[rs], np.float64), np.asarray(vn_all[rs], np.float64)
@@ -171,11 +182,18 @@ def frame_vertical_equivalent(frame, los, los_std, hfield):
         ok = np.isfinite(L) & np.isfinite(ve) & np.isfinite(vn) & np.isfinite(u)
         L = np.where(ok, L, np.nan)
         S = np.where(ok, np.asarray(std_all[rs], np.float64), np.nan)
-        res = decompose_vertical(L, S, e, n, u, np.where(ok, ve, 0.0), np.where(ok, vn, 0.0),
-                                 *(None if a is None else np.where(ok, np.asarray(a[rs], np.float64), 0.0)
-                                   for a in (se_all, sn_all)))
+        args = (L, S, e, n, u, np.where(ok, ve, 0.0), np.where(ok, vn, 0.0),
+                *(None if a is None else np.where(ok, np.asarray(a[rs], np.float64), 0.0) for a in (se_all, sn_all)))
+        try:
+            res = decompose_vertical(*args)
+        except InputError as exc:  # a bad sigma; a bad geometry further down is reported first
+            bad_sigma = bad_sigma or exc
+            decompose_vertical(args[0], None, *args[2:])  # the block's geometry check only
+            continue
         vu_out[rs] = backend.to_numpy(res.vu)
         std_out[rs] = backend.to_numpy(res.vu_std)
+    if bad_sigma is not None:
+        raise bad_sigma
     return vu_out, std_out
 
 
@@ -687,7 +705,11 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         pc = cfg.parallel
         client = None
         n_workers = _frame_workers(pc.workers, [frames[k] for k in todo]) if not pc.scheduler else 0
-        if todo and (pc.scheduler or n_workers > 0):
+        on_cluster = bool(todo) and bool(pc.scheduler or n_workers > 0)
+        # the DEM is kept only for the frames adjusted here (a cluster's workers read their frames themselves)
+        adjusted_here = set() if on_cluster else set(todo)
+        frames = [fr if k in adjusted_here else fr.drop_vars("dem", errors="ignore") for k, fr in enumerate(frames)]
+        if on_cluster:
             from .parallel import get_client
 
             client = get_client(pc.scheduler, n_workers=n_workers or None, memory_limit=pc.worker_memory)
@@ -1362,8 +1384,18 @@ def _create_epoch_store(path: Path, times, ys, xs, tile, n_epochs_chunk: int = 1
     # within the run, so Zarr 3's (not yet standard) consolidated metadata is not needed
     # (zarr_format named only with Zarr 3: zarr-python 2 and the xarray of its time do not take it)
     fmt_kw = {"zarr_format": fmt} if fmt == 3 else {}
-    template.to_zarr(path, mode="w", compute=False, consolidated=fmt == 2,
-                     encoding={"vertical_displacement": encoding}, **fmt_kw)
+    try:
+        template.to_zarr(path, mode="w", compute=False, consolidated=fmt == 2,
+                         encoding={"vertical_displacement": encoding}, **fmt_kw)
+    except ValueError as exc:
+        if "shards" not in encoding or "shards" not in str(exc):
+            raise
+        # an xarray that does not pass shards on to Zarr (releases before early 2025): chunks, a file each
+        log.info("time series: this xarray cannot write Zarr shards (%s); the work store holds a file per chunk",
+                 exc)
+        del encoding["shards"]
+        template.to_zarr(path, mode="w", compute=False, consolidated=False,
+                         encoding={"vertical_displacement": encoding}, **fmt_kw)
     return zarr.open_group(str(path), mode="r+", **fmt_kw)["vertical_displacement"]
 
 

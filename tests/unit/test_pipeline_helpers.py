@@ -8,7 +8,7 @@ import rioxarray  # noqa: F401
 import xarray as xr
 
 from gpu_insar_adjust import pipeline as P
-from gpu_insar_adjust.errors import GeometryError, InputError
+from gpu_insar_adjust.errors import ArrayArgumentError, GeometryError, InputError
 
 
 def _frame(crs: str, x0: float, y0: float, dx: float, nx: int = 37, ny: int = 23) -> xr.Dataset:
@@ -90,8 +90,10 @@ def test_frame_vertical_equivalent_by_row_blocks_equals_the_whole_frame_formula(
                              *(fr[c].values.astype(np.float64) for c in ("los_e", "los_n", "los_u")),
                              *(np.where(ok, f64[c], 0.0) for c in ("ve", "vn")),
                              *((np.where(ok, f64[c], 0.0) for c in ("se", "sn")) if sigmas else ()))
-    np.testing.assert_array_equal(vu, ref.vu)
-    np.testing.assert_array_equal(vs, ref.vu_std)
+    for got, want in ((vu, ref.vu), (vs, ref.vu_std)):  # bit for bit (-0.0 too), NaN where NaN
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        ok_ = ~np.isnan(want)
+        np.testing.assert_array_equal(got[ok_].view(np.uint32), np.asarray(want)[ok_].view(np.uint32))
     assert np.isnan(vu[3, 4]) and np.isnan(vu[5, 6]) and np.isnan(vu[10:12]).all()
     assert np.isfinite(vu).sum() == ok.sum()
     assert np.isfinite(vu[7, 8]) and np.isnan(vs[7, 8]) == sigmas
@@ -104,6 +106,19 @@ def test_frame_vertical_equivalent_by_row_blocks_equals_the_whole_frame_formula(
     std_bad[2, 2] = 0.0
     with pytest.raises(InputError):
         P.frame_vertical_equivalent(fr, los, std_bad, hf)
+    # both: the geometry is reported first, wherever in the frame (a later row block here) it lies
+    bad["los_u"][2, 2] = fr["los_u"][2, 2]
+    bad["los_u"][25, 3] = 0.01
+    with pytest.raises(GeometryError):
+        P.frame_vertical_equivalent(bad, los, std_bad, hf)
+    # a field on another grid is refused, not read out of bounds
+    with pytest.raises(ArrayArgumentError) as ei:
+        P.frame_vertical_equivalent(fr, los, std, hf.isel(y=slice(0, 20)))
+    assert ei.value.field == "ve"
+    # big-endian rasters (as some GeoTIFFs hold them) give the same result (the block path takes them)
+    vu_be, vs_be = P.frame_vertical_equivalent(fr, los.astype(">f4"), std, hf)
+    np.testing.assert_array_equal(vu_be, vu)
+    np.testing.assert_array_equal(vs_be, vs)
 
 
 class _Memory:

@@ -239,12 +239,35 @@ def test_store_files_grow_with_epochs_not_with_their_square(setup, tmp_path, mon
         assert arr.shards is not None and arr.shards[0] == 8
         # 33 epochs in 5 groups of (up to) 8, each group in one shard of whole rows of tiles, or in a shard per
         # tile when a shard may hold a single chunk
+        # (at most: Zarr does not write a shard whose chunks are all NaN)
         per_group = 1 if chunks_per_shard >= tiles else tiles
-        assert len(chunk_files) == 5 * per_group
+        assert 5 <= len(chunk_files) <= 5 * per_group
     else:
-        assert len(chunk_files) == 5 * tiles
+        assert 5 <= len(chunk_files) <= 5 * tiles
     # read back through the lazy cube as written
     np.testing.assert_array_equal(np.isfinite(out["cube"].values), np.isfinite(arr[...]))
+
+
+def test_store_without_shards_when_xarray_cannot_write_them(setup, tmp_path, monkeypatch):
+    """An xarray release that does not pass ``shards`` on to Zarr (before early 2025) refuses the encoding: the
+    store then holds unsharded chunks of several epochs, and the stage's results are the same."""
+    if pipeline._zarr_major() < 3:
+        pytest.skip("Zarr 2 writes no shards in the first place")
+    original = xr.Dataset.to_zarr
+
+    def no_shards(self, *args, encoding=None, **kwargs):
+        if encoding and any("shards" in e for e in encoding.values()):
+            raise ValueError("unexpected encoding parameters for zarr backend:  ['shards']")
+        return original(self, *args, encoding=encoding, **kwargs)
+
+    cfg = GiaConfig()
+    want = _run(setup, cfg, tmp_path / "sharded")
+    monkeypatch.setattr(xr.Dataset, "to_zarr", no_shards)
+    got = _run(setup, cfg, tmp_path / "plain")
+    arr = zarr.open_array(tmp_path / "plain" / "vertical_displacement.zarr", path="vertical_displacement", mode="r")
+    assert arr.shards is None and arr.chunks[0] == 8
+    np.testing.assert_array_equal(got["cube"].values, want["cube"].values)
+    np.testing.assert_array_equal(got["annual"]["annual_velocity"].values, want["annual"]["annual_velocity"].values)
 
 
 def _traced_peak(fn) -> int:
