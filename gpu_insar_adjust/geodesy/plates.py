@@ -479,17 +479,18 @@ def checked_coarse_grid(frame, evaluate, step: int, tolerance: float):
 
 
 def plate_velocity_grid(frame, plate: str = "EURA", model: str = "ITRF2014", *, coarse_step: float = 0.5,
-                        tolerance: float = 0.01):
+                        tolerance: float = 0.01, up: bool = True):
     """(ve, vn, vu, step): plate velocity (mm/yr, NumPy float64 (y, x)) at every pixel of ``frame``.
 
     Evaluated with PROJ on a grid of at most ``coarse_step`` degrees and interpolated bilinearly; the
     interpolation error is checked at the coarse cells' centres and the step halved until it is within
     ``tolerance`` mm/yr. ``step`` is the coarse grid's step in pixels (1: evaluated at every pixel).
+    ``up=False`` leaves out the (near-zero) vertical rate: ``vu`` is None, a frame-sized array less.
     """
     coarse, wy, wx, step = _coarse_plate_velocity(frame, plate, model, coarse_step, tolerance)
     if step == 1:
-        return (*coarse, step)
-    return (*(wy @ c @ wx.T for c in coarse), step)
+        return (*coarse[:2], coarse[2] if up else None, step)
+    return (*(wy @ c @ wx.T for c in coarse[:2]), wy @ coarse[2] @ wx.T if up else None, step)
 
 
 def plate_motion_los(frame, plate: str = "EURA", model: str = "ITRF2014", *, coarse_step: float = 0.5,

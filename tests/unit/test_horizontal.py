@@ -318,3 +318,33 @@ def test_lattice_spline_on_raster_axes_equals_the_sorted_scatter():
     var = np.array([-1e-12, 0.0, 4.0, np.nan])
     np.testing.assert_array_equal(_sqrt_nonnegative(var), [0.0, 0.0, 2.0, np.nan])
     assert var[0] == -1e-12  # the variances are not written
+
+
+@pytest.mark.parametrize("with_rotation", [True, False])
+def test_finishing_in_pieces_of_rows_equals_whole_frames(monkeypatch, with_rotation):
+    """The frame's field is evaluated and finished (rotation added to the means, variances to sigmas, float32)
+    in pieces of rows on the host's threads: the same bits as whole-frame float64 arrays cast at the end, for
+    every axis order, a last piece that is short, and scattered axes."""
+    from scipy.interpolate import RectBivariateSpline
+
+    from gpu_insar_adjust.geodesy import horizontal as H
+
+    rng = np.random.default_rng(5)
+    yn, xn = np.linspace(0.0, 10.0, 9), np.linspace(0.0, 12.0, 11)
+    # means, then variances that dip below zero between nodes (the spline overshoots): clipped to 0
+    splines = [RectBivariateSpline(yn, xn, rng.normal(size=(9, 11)) * (3.0 if k < 2 else 1.0) +
+                                   (0.0 if k < 2 else 0.5), s=0) for k in range(4)]
+    monkeypatch.setattr(H, "_GRID_PIECE_PIXELS", 7 * 53)  # 7 rows a piece: 6 pieces of 37 rows, the last short
+    up, right = np.linspace(0.3, 9.7, 37), np.linspace(0.2, 11.9, 53)
+    shuffled = rng.permutation(right)
+    for ys, xs in ((up[::-1], right), (up, right), (up, right[::-1]), (up[::-1], right[::-1]), (up, shuffled)):
+        rotation = (rng.normal(20, 3, (ys.size, xs.size)), rng.normal(-8, 2, (ys.size, xs.size))) \
+            if with_rotation else None
+        got = H._finish_on_grid(splines, ys, xs, rotation)
+        ve, vn, se, sn = H._finish([H._on_grid(s, ys, xs) for s in splines])
+        if with_rotation:
+            ve, vn = ve + rotation[0], vn + rotation[1]
+        for g, w in zip(got, (ve, vn, se, sn)):
+            assert g.dtype == np.float32 and g.shape == (ys.size, xs.size)
+            np.testing.assert_array_equal(g.view(np.uint32), w.astype(np.float32).view(np.uint32))
+        assert (got[2] == 0).any() and (got[3] >= 0).all()  # some variances were negative: clipped
