@@ -266,7 +266,9 @@ def read_geotiff(path: Path, *, field: str) -> tuple[np.ndarray, _Grid]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as src:
+            # NUM_THREADS: GDAL decodes a compressed raster's blocks on all cores (the same values; a 2210 x 3289
+            # DEFLATE frame 0.068 -> 0.033 s on two cores)
+            with rasterio.open(path, NUM_THREADS="ALL_CPUS") as src:
                 if src.crs is None:
                     raise FrameError("GeoTIFF has no coordinate reference system (CRS).", file=path, field=field,
                                      fix=f"set it, e.g. gdal_edit.py -a_srs EPSG:4326 {path.name}")
