@@ -197,6 +197,30 @@ def frame_vertical_equivalent(frame, los, los_std, hfield):
     return vu_out, std_out
 
 
+def _apply_network_block(vert, los, c_vert, u, ml, noise, cv: float, m2, fc, vs) -> None:
+    """A block of rows of one frame's network correction ``c_vert`` (vertical, mm/yr, float64), in place: the
+    vertical-equivalent ``vert`` and the adjusted LOS ``los`` corrected, the frame's final LOS correction ``fc``
+    (its model's ``ml``, if any, plus ``u·c``) and its merge sigma ``vs`` (the noise sigma and the model's CV
+    RMSE ``cv`` over ``u``, floored at the overlap misfit ``sqrt(m2)`` when given); float32 rasters. With the
+    numba engine one pass (``kernels.cpu.apply_network_correction``), bit for bit these expressions."""
+    from .kernels.cpu import apply_network_correction, fused_for
+
+    if fused_for(np) and all(a.dtype == np.float32 and a.flags.c_contiguous for a in
+                             (vert, los, u, noise, fc, vs) + (() if ml is None else (ml,))):
+        apply_network_correction(vert, los, np.ascontiguousarray(c_vert, np.float64), u, ml, noise, cv, m2, fc, vs)
+        return
+    uf = np.asarray(u, np.float64)
+    vert[...] = vert - c_vert
+    los[...] = los - uf * c_vert
+    mlf = 0.0 if ml is None else np.asarray(ml, np.float64)
+    fc[...] = mlf + uf * c_vert
+    with np.errstate(divide="ignore"):  # u = 0 only outside the valid pixels: an infinite sigma there
+        extra = np.square(cv / uf)
+    if m2 is not None:
+        extra = np.maximum(extra, m2)
+    vs[...] = np.sqrt(np.square(noise, dtype=np.float64) + extra)
+
+
 def _apply_mask(frame):
     """Blank pixels the processor flagged as unusable (``mask`` False): unwrapping errors and decorrelated pixels
     carry errors of tens of mm/yr and must enter neither the fits, the overlaps, the ties nor the mosaic."""
@@ -877,15 +901,10 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                     c_vert = net.correction_rows(k, xk, yk[:, 0])
                 else:
                     c_vert = net.correction(k, xk.ravel(), yk.ravel()).reshape(xk.shape)
-                u = np.asarray(u_all[rs], np.float64)
-                verts[k][rs] = verts[k][rs] - c_vert
-                los_adj[k][rs] = los_adj[k][rs] - u * c_vert
-                ml = 0.0 if ml_all is None else np.asarray(ml_all[rs], np.float64)
-                fc[rs] = ml + u * c_vert
-                extra = np.square(cv / u)
-                if use_misfit and np.isfinite(misfit[k]):
-                    extra = np.maximum(extra, misfit[k] ** 2)
-                vs[rs] = np.sqrt(np.square(vstds_noise[k][rs], dtype=np.float64) + extra)
+                _apply_network_block(verts[k][rs], los_adj[k][rs], c_vert, u_all[rs],
+                                     None if ml_all is None else ml_all[rs], vstds_noise[k][rs], cv,
+                                     misfit[k] ** 2 if use_misfit and np.isfinite(misfit[k]) else None,
+                                     fc[rs], vs[rs])
             final_corr.append(fc)
             vstds.append(vs)
         for k, (p_stat, p) in enumerate(zip(net.pairs, overlaps)):

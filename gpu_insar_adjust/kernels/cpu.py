@@ -885,6 +885,47 @@ def vertical_equivalent(los, std, e, n, u, ve, vn, se=None, sn=None) -> tuple[np
 
 
 # --------------------------------------------------------------------------------------------------------------
+# network corrections of a frame (pipeline, "network corrections" stage)
+# --------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _nb_network():
+    import numba as nb
+    from numba import prange
+
+    # no fastmath: rounded as the array path rounds, in its order
+    @nb.njit(parallel=True, cache=True)
+    def apply(vert, los, c_vert, u, ml, has_ml, noise, cv, has_m2, m2, fc, vs):
+        ny, nx = vert.shape
+        for r in prange(ny):
+            for c in range(nx):
+                cc = c_vert[r, c]
+                uu = np.float64(u[r, c])
+                uc = uu * cc
+                vert[r, c] = np.float32(np.float64(vert[r, c]) - cc)
+                los[r, c] = np.float32(np.float64(los[r, c]) - uc)
+                mlv = np.float64(ml[r, c]) if has_ml else 0.0
+                fc[r, c] = np.float32(mlv + uc)
+                q = cv / uu
+                extra = q * q
+                if has_m2 and not (extra >= m2 or np.isnan(extra)):
+                    extra = m2
+                s = np.float64(noise[r, c])
+                vs[r, c] = np.float32(np.sqrt(s * s + extra))
+
+    return apply
+
+
+def apply_network_correction(vert, los, c_vert, u, ml, noise, cv: float, m2: float | None, fc, vs) -> None:
+    """One block of a frame's network correction, in place, in one pass (numba, all cores): ``vert −= c``,
+    ``los −= u·c``, ``fc = ml + u·c`` (``ml`` the frame model's correction, or 0), ``vs = sqrt(noise² +
+    max((cv/u)², m2))`` (``m2`` None: no floor); float32 rasters (rows, cols) and the float64 vertical
+    correction ``c_vert``, as the pipeline's array expressions compute them, bit for bit."""
+    dummy = np.zeros((1, 1), np.float32)
+    _nb_network()(vert, los, c_vert, u, dummy if ml is None else ml, ml is not None, noise, float(cv),
+                  m2 is not None, 0.0 if m2 is None else float(m2), fc, vs)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # up/east decomposition (mosaic.decompose_up_east)
 # --------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)

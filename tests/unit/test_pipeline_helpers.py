@@ -155,3 +155,39 @@ def test_adjust_cost_counts_the_stations_inside_the_frame():
                              "lat": [38.9, 38.8, 38.95, 38.9, 38.8, 38.78, 38.7]})
     assert P._adjust_cost(geo, stations) == pytest.approx(9 + 37 * 23 * 1e-4)
     assert P._adjust_cost(utm, stations) == pytest.approx(4 + 37 * 23 * 1e-4)
+
+
+@pytest.mark.parametrize("with_model,m2", [(True, 4.0), (False, None), (True, None)])
+def test_network_block_fused_equals_the_array_expressions(monkeypatch, with_model, m2):
+    """The network correction of a block of rows (vertical, LOS, final correction, merge sigma) in one numba
+    pass gives the array expressions' float32 results bit for bit: NaN in the unit vector, the correction
+    and the noise; u = 0 (an infinite CV term); the misfit floor on and off; a frame with no model."""
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(11)
+    shape = (23, 31)
+    vert = rng.normal(-20, 15, shape).astype(np.float32)
+    los = rng.normal(-15, 12, shape).astype(np.float32)
+    c_vert = rng.normal(0, 3, shape)
+    u = rng.uniform(0.7, 0.9, shape).astype(np.float32)
+    ml = rng.normal(0, 2, shape).astype(np.float32) if with_model else None
+    noise = rng.uniform(0.5, 4, shape).astype(np.float32)
+    vert[0, :5] = np.nan
+    c_vert[1, :3] = np.nan
+    u[2, 0], u[2, 1] = np.nan, 0.0
+    noise[3, 4] = np.nan
+    outs = {}
+    for engine in ("numpy", "numba"):
+        monkeypatch.setenv("GIA_CPU_KERNELS", engine)
+        v, lo = vert.copy(), los.copy()
+        fc, vs = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        P._apply_network_block(v, lo, c_vert, u, ml, noise, 1.7, m2, fc, vs)
+        outs[engine] = (v, lo, fc, vs)
+    for name, a, b in zip(("vert", "los", "fc", "vs"), outs["numpy"], outs["numba"]):
+        np.testing.assert_array_equal(np.isnan(b), np.isnan(a), err_msg=name)
+        ok = ~np.isnan(a)
+        np.testing.assert_array_equal(b[ok].view(np.uint32), a[ok].view(np.uint32), err_msg=name)
+    v, lo, fc, vs = outs["numba"]
+    np.testing.assert_allclose(v, vert - c_vert, rtol=1e-6)  # what the block means
+    assert np.isinf(vs[2, 1]) and np.isnan(vs[2, 0]) and np.isnan(vs[3, 4])
+    if m2 is not None:
+        assert np.all(vs[np.isfinite(vs)] >= np.float32(2.0))
