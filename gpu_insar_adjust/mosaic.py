@@ -1224,7 +1224,8 @@ def decompose_up_east(los_stack, std_stack, e_stack, n_stack, u_stack, vn, sn=No
                                  fix="stack the per-geometry rasters with xp.stack([...], axis=0)")
     shape = L.shape
     S, E, Nn, U = (xp.asarray(a) for a in (std_stack, e_stack, n_stack, u_stack))
-    S, E, Nn, U = (a if fused and a.dtype in (np.float32, np.float64) else xp.astype(a, f64) for a in (S, E, Nn, U))
+    S, E, Nn, U = (a if fused and a.dtype in (np.float32, np.float64) else xp.astype(a, f64)
+                   for a in (S, E, Nn, U))
     for name, a in (("std_stack", S), ("e_stack", E), ("n_stack", Nn), ("u_stack", U)):
         if a.shape != shape:
             raise ArrayArgumentError(f"{name} has shape {a.shape}; los_stack has {shape}.", field=name,

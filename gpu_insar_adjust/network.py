@@ -290,8 +290,10 @@ class NetworkSolution:
     def summary(self) -> dict:
         rb = [p["rms_before"] for p in self.pairs if p["n"]]
         ra = [p["rms_after"] for p in self.pairs if p["n"]]
-        out = {"order": self.order, "iterations": self.iterations, "rcond": self.rcond,
-               "rcond_data": self.rcond_data,
+        # condition estimates to 4 digits: LAPACK's estimate moves in its last digits with the BLAS threads,
+        # and a summary should not differ between two runs of the same inputs
+        out = {"order": self.order, "iterations": self.iterations, "rcond": _digits4(self.rcond),
+               "rcond_data": _digits4(self.rcond_data),
                "overlap_rms_before_mm_yr": float(np.sqrt(np.mean(np.square(rb)))) if rb else None,
                "overlap_rms_after_mm_yr": float(np.sqrt(np.mean(np.square(ra)))) if ra else None,
                "pairs": self.pairs, "ties": self.ties, "held_by": self.held_by}
@@ -300,6 +302,10 @@ class NetworkSolution:
                              "prior_sigma_mm_yr": [float(v) for v in self.spline_sigma],
                              "coefficient_rms_mm_yr": [self.spline_rms(f) for f in range(len(self.splines))]}
         return out
+
+
+def _digits4(v) -> float:
+    return float(f"{float(v):.4g}")
 
 
 def _rcond(Ns: np.ndarray, chol) -> float:

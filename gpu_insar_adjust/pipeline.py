@@ -183,7 +183,8 @@ def frame_vertical_equivalent(frame, los, los_std, hfield):
         L = np.where(ok, L, np.nan)
         S = np.where(ok, np.asarray(std_all[rs], np.float64), np.nan)
         args = (L, S, e, n, u, np.where(ok, ve, 0.0), np.where(ok, vn, 0.0),
-                *(None if a is None else np.where(ok, np.asarray(a[rs], np.float64), 0.0) for a in (se_all, sn_all)))
+                *(None if a is None else np.where(ok, np.asarray(a[rs], np.float64), 0.0)
+                  for a in (se_all, sn_all)))
         try:
             res = decompose_vertical(*args)
         except InputError as exc:  # a bad sigma; a bad geometry further down is reported first
@@ -732,7 +733,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         on_cluster = bool(todo) and bool(pc.scheduler or n_workers > 0)
         # the DEM is kept only for the frames adjusted here (a cluster's workers read their frames themselves)
         adjusted_here = set() if on_cluster else set(todo)
-        frames = [fr if k in adjusted_here else fr.drop_vars("dem", errors="ignore") for k, fr in enumerate(frames)]
+        frames = [fr if k in adjusted_here else fr.drop_vars("dem", errors="ignore")
+                  for k, fr in enumerate(frames)]
         if on_cluster:
             from .parallel import get_client
 

@@ -90,6 +90,11 @@ def test_ill_conditioned_network_is_detected():
     # with the default weak prior the undetermined direction is held at zero and reported, not solved wildly
     sol = solve_network(1, [], ties, order=1)
     assert sol.rcond_data < 1e-12 and np.all(np.abs(sol.params) < 2.0)
+    # the summary reports the estimates to 4 digits (their last digits move with the BLAS threads)
+    summ = sol.summary()
+    for key, full in (("rcond", sol.rcond), ("rcond_data", sol.rcond_data)):
+        assert summ[key] == float(f"{full:.4g}") and summ[key] == pytest.approx(full, rel=1e-3)
+    assert 0 < summ["rcond"] < 1 and len(f"{summ['rcond']:e}".split("e")[0].rstrip("0")) <= 5
 
 
 def test_per_frame_prior_keeps_well_fitted_frames_and_corrects_poor_ones():

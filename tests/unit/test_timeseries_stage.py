@@ -264,10 +264,12 @@ def test_store_without_shards_when_xarray_cannot_write_them(setup, tmp_path, mon
     want = _run(setup, cfg, tmp_path / "sharded")
     monkeypatch.setattr(xr.Dataset, "to_zarr", no_shards)
     got = _run(setup, cfg, tmp_path / "plain")
-    arr = zarr.open_array(tmp_path / "plain" / "vertical_displacement.zarr", path="vertical_displacement", mode="r")
+    store = tmp_path / "plain" / "vertical_displacement.zarr"
+    arr = zarr.open_array(store, path="vertical_displacement", mode="r")
     assert arr.shards is None and arr.chunks[0] == 8
     np.testing.assert_array_equal(got["cube"].values, want["cube"].values)
-    np.testing.assert_array_equal(got["annual"]["annual_velocity"].values, want["annual"]["annual_velocity"].values)
+    np.testing.assert_array_equal(got["annual"]["annual_velocity"].values,
+                                  want["annual"]["annual_velocity"].values)
 
 
 def _traced_peak(fn) -> int:
