@@ -1217,15 +1217,12 @@ def decompose_up_east(los_stack, std_stack, e_stack, n_stack, u_stack, vn, sn=No
     from .kernels.cpu import fused_for
 
     fused = fused_for(xp)  # NumPy with numba: one pass over the stacks as given (float32 read as float64)
-    L = xp.asarray(los_stack)
-    L = L if fused and L.dtype in (np.float32, np.float64) else xp.astype(L, f64)
+    L, S, E, Nn, U = (a if fused and a.dtype in (np.float32, np.float64) else xp.astype(a, f64)
+                      for a in map(xp.asarray, (los_stack, std_stack, e_stack, n_stack, u_stack)))
     if L.ndim < 1 or L.shape[0] < 1:
         raise ArrayArgumentError("los_stack must have the look geometries on its first axis.", field="los_stack",
                                  fix="stack the per-geometry rasters with xp.stack([...], axis=0)")
     shape = L.shape
-    S, E, Nn, U = (xp.asarray(a) for a in (std_stack, e_stack, n_stack, u_stack))
-    S, E, Nn, U = (a if fused and a.dtype in (np.float32, np.float64) else xp.astype(a, f64)
-                   for a in (S, E, Nn, U))
     for name, a in (("std_stack", S), ("e_stack", E), ("n_stack", Nn), ("u_stack", U)):
         if a.shape != shape:
             raise ArrayArgumentError(f"{name} has shape {a.shape}; los_stack has {shape}.", field=name,

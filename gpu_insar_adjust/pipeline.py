@@ -1422,9 +1422,9 @@ def _create_epoch_store(path: Path, times, ys, xs, tile, n_epochs_chunk: int = 1
 
 def _open_epoch_store(path: Path, times, ys, xs, chunks, fix, t_yr, grid):
     """The stored vertical cube, lazily (Dask ``chunks``), plus the lazy trend correction ``fix × t`` (mm)."""
-    import xarray as xr
-
     import warnings
+
+    import xarray as xr
 
     with warnings.catch_warnings():
         # blocks of one epoch over chunks of several are meant (see timeseries_stage): not a user's concern

@@ -318,10 +318,7 @@ class HorizontalVelocityField:
                 return _finish_on_grid(splines, ys, xs, rotation)
             level += max(1, int(np.ceil(-2.0 / order * np.log2(target / err))))
         log.debug("GP field of %s: evaluated at every pixel", fid)
-        ve, vn, se, sn = _finish(lattice.pixel_moments(xs, ys, px, py))
-        if rotation is not None:
-            ve, vn = ve + rotation[0], vn + rotation[1]
-        return tuple(np.asarray(a, np.float32) for a in (ve, vn, se, sn))
+        return _rotated_f32(_finish(lattice.pixel_moments(xs, ys, px, py)), rotation)
 
     def score(self, stations, y=None) -> float:
         """Coefficient of determination (R²) of the east and north velocities of ``stations`` together (given in
@@ -428,11 +425,8 @@ def _finish_on_grid(splines, ys: np.ndarray, xs: np.ndarray, rotation=None) -> t
     float32, bit for bit; in pieces of rows on the host's cores."""
     sy, sx = _monotonic(ys), _monotonic(xs)
     if sy is None or sx is None:  # scattered coordinates: whole frames
-        ve, vn, se, sn = _finish([_on_grid(s, ys, xs) for s in splines])
-        if rotation is not None:
-            ve, vn = ve + rotation[0], vn + rotation[1]
-        return tuple(np.asarray(a, np.float32) for a in (ve, vn, se, sn))
-    from ..kernels.cpu import _n_threads
+        return _rotated_f32(_finish([_on_grid(s, ys, xs) for s in splines]), rotation)
+    from ..kernels.cpu import _pool_map
 
     yi, xi = ys[sy], xs[sx]  # increasing
     outs = tuple(np.empty((ys.size, xs.size), np.float32) for _ in splines)
@@ -450,16 +444,16 @@ def _finish_on_grid(splines, ys: np.ndarray, xs: np.ndarray, rotation=None) -> t
             v = v + added[k][r0:r1]
         views[k][r0:r1] = v  # float64 → float32, rounded as astype rounds
 
-    n = min(_n_threads(), len(jobs))
-    if n <= 1:
-        for job in jobs:
-            piece(job)
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=n) as pool:
-            list(pool.map(piece, jobs))
+    _pool_map(piece, jobs)
     return outs
+
+
+def _rotated_f32(field, rotation) -> tuple:
+    """(ve, vn, se, sn) float64 → float32, with ``rotation`` (pe, pn) added to the means first (in float64)."""
+    ve, vn, se, sn = field
+    if rotation is not None:
+        ve, vn = ve + rotation[0], vn + rotation[1]
+    return tuple(np.asarray(a, np.float32) for a in (ve, vn, se, sn))
 
 
 def _monotonic(c: np.ndarray):

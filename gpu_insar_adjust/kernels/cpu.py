@@ -986,7 +986,7 @@ def _nb_up_east():
                     wp = 1.0 / (sep * sep)
                     a11 = a11 + wp
                     b1 = b1 + wp * vep
-                else:
+                else:  # the array path adds a zero weight here: the same additions (-0.0 becomes 0.0)
                     a11 = a11 + 0.0
                     b1 = b1 + 0.0 * 0.0
             det = a11 * a22 - a12 * a12
