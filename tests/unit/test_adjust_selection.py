@@ -264,3 +264,93 @@ def test_pipeline_adjusts_a_frame_on_the_gpu(monkeypatch, gpu_xp):
         b = getattr(dev, name).data
         assert isinstance(b, np.ndarray) and b.dtype == np.float32
         np.testing.assert_allclose(b, getattr(host, name).data, rtol=0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cross-validation on worker processes: the same scores, bit for bit
+def _scores_as_dicts(scores):
+    return {k: v.to_dict() for k, v in scores.items()}
+
+
+def _collinear_set():
+    """Stations on one line (every plane is undetermined) and their weights: the candidates with a plane are
+    skipped with the error of their first training fold."""
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-100, 100, 14)
+    X = pd.DataFrame({"x_km": x, "y_km": 0.5 * x})
+    return X, 0.02 * x + rng.normal(0, 1, 14), rng.uniform(0.5, 2.0, 14)
+
+
+def test_fold_parts_cover_the_folds_in_order():
+    splits = list(range(11))
+    for n in (1, 2, 3, 4, 11, 30):
+        parts = selection._fold_parts(splits, n)
+        assert [s for p in parts for s in p] == splits and len(parts) == min(n, 11)
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_cross_validation_on_worker_processes_is_bit_for_bit_the_serial_one():
+    X, z, _, _ = residual_set("iono", n=36, n_holdout=0, seed=4)
+    w = np.random.default_rng(5).uniform(0.3, 3.0, len(z))
+    Xc, zc, wc = _collinear_set()
+    cands = ["poly0", "poly1", "poly2+dem", "tps", "gp", "gbr", "rf"]
+    cases = [(X, z, w), (X, z, None),  # block K-fold, weighted and not
+             (X.iloc[:22].reset_index(drop=True), z[:22], w[:22]),  # leave-one-out
+             (Xc, zc, wc)]  # collinear: skipped candidates, their messages
+    results = []
+    with selection.station_pool(2) as pool:
+        for Xk, zk, wk in cases:
+            serial = selection.cross_validate_candidates(Xk, zk, wk, candidates=cands)
+            pooled = selection.cross_validate_candidates(Xk, zk, wk, candidates=cands, executor=pool)
+            assert _scores_as_dicts(pooled) == _scores_as_dicts(serial)
+            results.append(serial)
+    assert all(s.skipped is None for s in results[0].values())
+    assert results[2]["rf"].n_folds == 22  # leave-one-out: the folds of each dear candidate split in two
+    skipped = {k: v.skipped for k, v in results[3].items() if v.skipped}
+    # skipped on a fold in this process (poly1) and in a worker (gp: its plane trend), with the same message
+    assert all(skipped[k].startswith("not determined on a training fold") for k in ("poly1", "gp"))
+
+
+class _BrokenFuture:
+    def cancel(self):
+        return False
+
+    def result(self):
+        from concurrent.futures.process import BrokenProcessPool
+
+        raise BrokenProcessPool("a worker was killed")
+
+
+class _BrokenPool:
+    _max_workers = 2
+
+    def submit(self, *args, **kwargs):
+        return _BrokenFuture()
+
+
+def test_broken_or_closed_pool_falls_back_to_this_process_with_a_warning(caplog):
+    from concurrent.futures import ThreadPoolExecutor
+
+    X, z, _, _ = residual_set("ramp", n=40, n_holdout=0, seed=6)
+    serial = _scores_as_dicts(selection.cross_validate_candidates(X, z, candidates=CANDIDATES))
+    closed = ThreadPoolExecutor(2)
+    closed.shutdown()
+    for pool in (_BrokenPool(), closed):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="gpu_insar_adjust.adjust.selection"):
+            got = selection.cross_validate_candidates(X, z, candidates=CANDIDATES, executor=pool)
+        assert _scores_as_dicts(got) == serial
+        assert sum("worker processes stopped" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_station_pool_stops_its_workers():
+    import psutil
+
+    me = psutil.Process()
+    with selection.station_pool(2) as pool:
+        assert pool.submit(int, "7").result() == 7
+        # the workers (loky's resource trackers live on with this process, as multiprocessing's do)
+        workers = [p for p in me.children(recursive=True) if "popen_loky" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+    psutil.wait_procs(workers, timeout=20)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
