@@ -682,7 +682,8 @@ def _tile_bytes(n_frames: int, tile: int) -> int:
 
 def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, feather_km: float = 10.0,
                  resampling: Resampling = "bilinear", tile_size: int = 2048,
-                 memory_budget_bytes: int | None = None, extra: Sequence | None = None) -> MergeResult:
+                 memory_budget_bytes: int | None = None, extra: Sequence | None = None,
+                 ramp_cache: dict | None = None) -> MergeResult:
     """Inverse-variance weighted merge of frames with feathered edges, tile by tile.
 
     Parameters
@@ -706,6 +707,12 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
         set fits it (a large grid is tiled, never refused). Native frames stay in memory whole (value,
         variance and edge ramp: 12 bytes per native pixel) and the three outputs are allocated on the whole
         grid (10 bytes per pixel); everything else is per tile.
+    ramp_cache
+        Optional dict shared between calls that merge the same frames again (e.g. the vertical mosaic, then
+        the LOS of each orbit): a frame's edge ramp (a distance transform) is computed once for its valid-data
+        mask, kept here, and taken out (removed) by the next call with the same mask, pixel size and
+        ``feather_km``. The same ramps bit for bit; an entry no later call takes costs 4 bytes per pixel until
+        the dict is dropped.
 
     Weights and propagation
         ``w_i = ramp_i / std_i**2``; ``value = sum(w_i v_i) / sum(w_i)``;
@@ -782,8 +789,17 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
         ramp = feather_ramp(valid, pix, feather_km)
         return np.where(valid, ramp, np.nan).astype(np.float32) if native else ramp
 
-    for job, ramp in zip(ramp_jobs, _host_map(host_ramp, ramp_jobs)):
+    keys = [_ramp_key(job, feather_km) if ramp_cache is not None else None for job in ramp_jobs]
+    cached = [ramp_cache.pop(k, None) if k is not None else None for k in keys]
+    todo = [job for job, c in zip(ramp_jobs, cached) if c is None]
+    fresh = iter(_host_map(host_ramp, todo))
+    for job, key, c in zip(ramp_jobs, keys, cached):
+        ramp = c if c is not None else next(fresh)
+        if key is not None and c is None:
+            ramp_cache[key] = ramp
         sources[job[0]] = sources[job[0]]._replace(ramp=ramp)
+    if ramp_cache is not None:
+        log.debug("edge ramps: %d computed, %d reused", len(todo), len(ramp_jobs) - len(todo))
 
     # memory: shrink the tile until one tile's working set fits the budget
     tile = int(min(tile_size, max(grid.shape)))
@@ -846,6 +862,17 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
     log.info("merged %d frames on a %d x %d grid in %d tile(s) of <= %d px", len(sources), grid.width,
              grid.height, n_tiles, tile)
     return MergeResult(value, std_out, count, grid, tile, n_tiles, notes, extra_out)
+
+
+def _ramp_key(job, feather_km: float) -> tuple:
+    """What a frame's edge ramp depends on: its valid-data mask (by a digest), pixel size, feather width and
+    whether it stays on the frame's grid (NaN outside the data) or is on the target grid."""
+    import hashlib
+
+    _, valid, pix, native = job
+    m = np.ascontiguousarray(valid, dtype=bool)
+    digest = hashlib.blake2b(memoryview(m).cast("B"), digest_size=20).hexdigest()
+    return digest, m.shape, tuple(float(p) for p in pix), float(feather_km), bool(native)
 
 
 def _fused_accumulate(xp) -> bool:

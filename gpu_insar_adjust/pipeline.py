@@ -960,8 +960,12 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             groups.setdefault(fr.attrs.get("orbit", "unknown"), []).append(k)
         vert_das = [_frame_da(fr, v, "vertical") for fr, v in zip(frames, verts)]
         vstd_das = [_frame_da(fr, s, "vertical_std") for fr, s in zip(frames, vstds)]
+        # the frames' edge ramps (distance transforms of their valid-data masks), computed for the vertical
+        # mosaic and taken again by the per-orbit LOS merges where the masks are the same
+        decompose = len(groups) >= 2 and cfg.mosaic.decompose_up_east
+        ramps: dict = {}
         vert_merge = merge_frames(vert_das, vstd_das, grid, feather_km=cfg.mosaic.feather_km,
-                                  tile_size=cfg.mosaic.tile_size)
+                                  tile_size=cfg.mosaic.tile_size, ramp_cache=ramps if decompose else None)
         # grid products in float32 (as written); the merge and the decomposition compute in float64
         vertical = np.asarray(backend.to_numpy(vert_merge.value), np.float32)
         vertical_std = np.asarray(backend.to_numpy(vert_merge.std), np.float32)
@@ -969,7 +973,7 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         east = np.full(grid.shape, np.nan, np.float32)
         east_std = np.full(grid.shape, np.nan, np.float32)
         decomposition = {"mode": "vertical-equivalent"}
-        if len(groups) >= 2 and cfg.mosaic.decompose_up_east:
+        if decompose:
             stacks: dict[str, list] = {"los": [], "std": [], "e": [], "n": [], "u": []}
             for orbit, members in sorted(groups.items()):
                 los_das = [_frame_da(frames[k], los_adj[k], "los") for k in members]
@@ -980,13 +984,14 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                 # so that the merged LOS is exactly the merged unit vector times the motion
                 comps = [[frames[k][var].values for var in ("los_e", "los_n", "los_u")] for k in members]
                 m = merge_frames(los_das, lstd, grid, feather_km=cfg.mosaic.feather_km, tile_size=cfg.mosaic.tile_size,
-                                 extra=comps)
+                                 extra=comps, ramp_cache=ramps)
                 # float32 as merged; the decomposition computes in float64 block by block
                 stacks["los"].append(np.asarray(backend.to_numpy(m.value), np.float32))
                 stacks["std"].append(np.asarray(backend.to_numpy(m.std), np.float32))
                 for comp, merged in zip(("e", "n", "u"), m.extra):
                     stacks[comp].append(np.asarray(backend.to_numpy(merged), np.float32))
                 del m, los_das, lstd, comps
+            ramps.clear()  # the ramps of masks that differ between the vertical and the LOS (none usually)
             # north from the GNSS horizontal field, on the grid
             # (evaluated on the grid itself, as for the frames: cheaper and more exact than warping every
             # frame's field onto it)

@@ -550,3 +550,39 @@ def test_merge_extra_rasters_equal_separate_merges_with_the_same_weights():
         M.merge_frames(los, std, g, extra=[comps[0]])
     with pytest.raises(ArrayArgumentError):
         M.merge_frames(los, std, g, extra=[comps[0], comps[1][:2]])
+
+
+def test_edge_ramps_shared_between_merges_of_the_same_frames(monkeypatch):
+    """A ramp cache: the second merge of the same frames (other values, same valid-data masks) takes their edge
+    ramps instead of computing them again, with the same products bit for bit; a frame whose mask changed gets
+    its own ramp; taken entries leave the cache."""
+    hole = lambda X, Y: np.where((X > 114.1) & (X < 114.15) & (Y < 37.9), np.nan, plane(X, Y))  # noqa: E731
+    a = make_frame(114.0, 38.0, 40, 30, 0.01, hole, std=1.5)
+    b = make_frame(114.25, 37.88, 40, 30, 0.01, lambda X, Y: plane(X, Y) + 2.0, std=3.0,
+                   frame_id="014A_00002_000000")
+    g = M.target_grid([a, b], resolution=0.007)
+    calls = []
+    original = M.feather_ramp
+    monkeypatch.setattr(M, "feather_ramp", lambda *a, **k: calls.append(1) or original(*a, **k))
+    los, std = [f.los_velocity for f in (a, b)], [f.los_std for f in (a, b)]
+    los2 = [x * 0.5 + 1.0 for x in los]  # other values on the same pixels (the LOS after the vertical)
+    cache: dict = {}
+    first = M.merge_frames(los, std, g, feather_km=3.0, ramp_cache=cache)
+    assert len(calls) == 2 and len(cache) == 2
+    second = M.merge_frames(los2, std, g, feather_km=3.0, ramp_cache=cache)
+    assert len(calls) == 2 and not cache  # both taken, none computed
+    fresh = M.merge_frames(los2, std, g, feather_km=3.0)
+    for f in ("value", "std", "count"):
+        np.testing.assert_array_equal(getattr(second, f), getattr(fresh, f))
+        np.testing.assert_array_equal(getattr(M.merge_frames(los, std, g, feather_km=3.0), f),
+                                      getattr(first, f))
+    calls.clear()
+    M.merge_frames(los, std, g, feather_km=3.0, ramp_cache=cache)
+    shrunk = los[1].copy()
+    shrunk[:3, :] = np.nan  # b's mask changed: its ramp is computed again; a's is taken
+    std_b = std[1].where(np.isfinite(shrunk))
+    calls.clear()
+    M.merge_frames([los[0], shrunk], [std[0], std_b], g, feather_km=3.0, ramp_cache=cache)
+    assert len(calls) == 1 and len(cache) == 2  # b's old ramp is still there, b's new one added
+    M.merge_frames(los, std, g, feather_km=2.0, ramp_cache=cache)  # another feather width: not the same ramps
+    assert len(calls) == 3
