@@ -109,16 +109,12 @@ class ParallelConfig(_Section):
     scheduler: str | None = Field(None, description="Address of an existing Dask scheduler (tcp://HOST:PORT); "
                                                     "overrides workers.")
     worker_memory: str = Field("auto", description="Memory limit per local worker (e.g. '4GiB').")
-    station_workers: int | Literal["auto"] = Field(
-        "auto", description="Worker processes that cross-validate the dear candidate surfaces (tree ensembles, "
-                            "Gaussian process) while frames are adjusted in this process (0: none; 'auto': one "
-                            "per core on machines with 2 or more cores). Results are the same with any count.")
 
-    @field_validator("workers", "station_workers")
+    @field_validator("workers")
     @classmethod
-    def _non_negative(cls, v, info):
+    def _non_negative(cls, v):
         if isinstance(v, int) and v < 0:
-            raise ValueError(f"{info.field_name} must be 0 (this process), a positive count or 'auto'")
+            raise ValueError("workers must be 0 (this process), a positive count or 'auto'")
         return v
 
 

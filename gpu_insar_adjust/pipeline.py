@@ -20,7 +20,6 @@ so the benefit of the method is measured, not assumed.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -574,15 +573,14 @@ def _cv_rmse(adj) -> float:
     return float(cv) if cv is not None and np.isfinite(cv) else 0.0
 
 
-def _adjust_one(frame, *, stations, config, holdout, backend_name: str = "numpy", executor=None):
+def _adjust_one(frame, *, stations, config, holdout, backend_name: str = "numpy"):
     """One frame's adjustment (runs in-process or as a Dask task); None when it has no station. ``frame`` is the
     masked frame as "read inputs" holds it (in-process: not read twice) or its folder (a Dask task reads it in
     its worker: a frame is not shipped to the cluster).
 
     On a GPU backend the frame's rasters go to the device for the adjustment (pixel features, the dense
     evaluation of the chosen surface and its σ: the per-pixel part); the station-level fits run on the host
-    either way. The result's rasters come back as host float32, as the later stages keep every frame.
-    ``executor``: worker processes for the candidates' cross-validation (in this process only)."""
+    either way. The result's rasters come back as host float32, as the later stages keep every frame."""
     import xarray as xr
 
     from .adjust.frame import adjust_frame
@@ -595,7 +593,7 @@ def _adjust_one(frame, *, stations, config, holdout, backend_name: str = "numpy"
         for v in list(frame.data_vars):
             frame[v].data = backend.asarray(frame[v].data, xp=xp)
     try:
-        adj = adjust_frame(frame, stations, config, holdout=holdout, executor=executor)
+        adj = adjust_frame(frame, stations, config, holdout=holdout)
     except AdjustmentError as exc:
         log.warning("frame %s: %s — left to the network adjustment", frame.attrs["frame_id"], exc.message)
         return None
@@ -638,18 +636,6 @@ def _frame_workers(workers, frames) -> int:
     by_memory = int(psutil.virtual_memory().available // per_worker)
     n = min(len(frames), cores, by_memory)
     return n if n >= 2 else 0
-
-
-def _station_workers(setting) -> int:
-    """Worker processes for the candidates' cross-validation when the frames are adjusted in this process:
-    ``setting`` as configured, or for ``"auto"`` one per core on machines with at least 2 cores (the fits are
-    Python-heavy and hold the GIL, so threads would not share them out), else none."""
-    if setting != "auto":
-        return int(setting)
-    from .kernels.cpu import _n_threads
-
-    cores = _n_threads()
-    return cores if cores >= 2 else 0
 
 
 def _adjust_cost(frame, stations) -> float:
@@ -753,23 +739,16 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             from .parallel import get_client
 
             client = get_client(pc.scheduler, n_workers=n_workers or None, memory_limit=pc.worker_memory)
-        n_pool = _station_workers(pc.station_workers) if todo and not on_cluster else 0
         try:
-            from .adjust.selection import station_pool
             from .parallel import map_frames
 
-            # on a cluster the frames are adjusted in parallel processes already
-            with station_pool(n_pool) if n_pool > 0 else contextlib.nullcontext() as pool:
-                if pool is not None:
-                    log.info("candidate surfaces cross-validated on %d worker processes", n_pool)
-                costs = [_adjust_cost(frames[k], stations_itrf) for k in todo] if client is not None else None
-                # in this process the frames as read above; on a cluster their folders, each read by its worker
-                # (a list held only during the call: the frames' DEMs are freed below). The backend by name: a
-                # Dask worker is another process, with its own (default NumPy) selection
-                map_frames(_adjust_one, [frames[k] if client is None else folders[k] for k in todo], client=client,
-                           on_result=finished, costs=costs, stations=stations_itrf, config=adj_cfg,
-                           holdout=holdout_itrf, backend_name=backend.get_backend(),
-                           **({"executor": pool} if pool is not None else {}))
+            costs = [_adjust_cost(frames[k], stations_itrf) for k in todo] if client is not None else None
+            # in this process the frames as read above; on a cluster their folders, each read by its worker
+            # (a list held only during the call: the frames' DEMs are freed below). The backend by name: a Dask
+            # worker is another process, with its own (default NumPy) selection
+            map_frames(_adjust_one, [frames[k] if client is None else folders[k] for k in todo], client=client,
+                       on_result=finished, costs=costs, stations=stations_itrf, config=adj_cfg,
+                       holdout=holdout_itrf, backend_name=backend.get_backend())
         finally:
             if client is not None and not pc.scheduler:
                 client.close()

@@ -286,7 +286,7 @@ def _model_parameters(model) -> dict:
 
 
 def adjust_frame(frame: xr.Dataset, stations: pd.DataFrame, config: AdjustConfig | dict | None = None, *,
-                 holdout: pd.DataFrame | None = None, executor=None) -> FrameAdjustment:
+                 holdout: pd.DataFrame | None = None) -> FrameAdjustment:
     """Fit the best long-wavelength model of InSAR − GNSS in ``frame`` and remove it from every pixel.
 
     Parameters
@@ -301,9 +301,6 @@ def adjust_frame(frame: xr.Dataset, stations: pd.DataFrame, config: AdjustConfig
     holdout
         Independent stations (same forms as ``stations``) never used in the fit; their RMSE before/after goes
         into the report.
-    executor
-        Worker processes for the cross-validation of the dear candidates
-        (:func:`gpu_insar_adjust.adjust.selection.station_pool`); the result is the same without.
 
     Returns
     -------
@@ -360,8 +357,7 @@ def adjust_frame(frame: xr.Dataset, stations: pd.DataFrame, config: AdjustConfig
         fallback = None
         if splitter is not None:
             scores = cross_validate_candidates(Xk, yk, wk, candidates=cfg.candidates, splitter=splitter,
-                                               min_stations=cfg.min_stations, available_features=available,
-                                               executor=executor)
+                                               min_stations=cfg.min_stations, available_features=available)
         chosen, reason = _select_plausible(scores, Xk, yk, wk, frame, origin, cfg)
         if chosen is None:
             for name in ("poly1", "poly0"):

@@ -18,12 +18,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import warnings
-import weakref
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -32,10 +28,8 @@ from sklearn.model_selection import BaseCrossValidator, LeaveOneOut
 from ..errors import AdjustmentError
 from . import models as _models
 
-log = logging.getLogger(__name__)
-
 __all__ = ["BlockKFold", "make_splitter", "weighted_rmse", "CandidateScore", "cross_validate_candidates",
-           "select_model", "flag_outliers", "station_pool"]
+           "select_model", "flag_outliers"]
 
 
 def _xy(X) -> np.ndarray:
@@ -169,87 +163,14 @@ def _rmse_and_se(r: np.ndarray, w: np.ndarray, folds: list[np.ndarray], per_stat
     return rmse, (se_mse / (2.0 * rmse) if rmse > 0 else 0.0)
 
 
-#: Relative cost of one fit of a candidate on a frame's stations (ms, measured on 50-200 stations): the dear
-#: ones go to the worker processes first, the cheap ones are fitted in this process meanwhile.
-_FIT_COST_MS = {"rf": 50.0, "gbr": 25.0, "gp": 10.0, "tps": 1.0, "lowpass": 0.6}
-#: Candidates at least this dear are sent to an executor; cheaper ones cost less than the hand-off.
-_POOL_MIN_COST_MS = 5.0
-
-
-def _fit_cost_ms(name: str) -> float:
-    return _FIT_COST_MS.get(name, 0.4)
-
-
-def _oof_predictions(name: str, Xi, y: np.ndarray, w: np.ndarray, weighted: bool, splits
-                     ) -> tuple[list[np.ndarray] | None, str | None]:
-    """The candidate fitted on each training fold of ``splits`` and its predictions on the test fold, in the
-    order of the folds; or (None, the first line of the error) at the first fold where it cannot be fitted.
-
-    A pure function of its arguments: the same bits in this process or in a worker process.
-    """
-    preds = []
-    try:
-        for train, test in splits:
-            model = _models.make_candidate(name)
-            sub = Xi.iloc[train] if hasattr(Xi, "iloc") else Xi[train]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model.fit(sub, y[train], w[train] if weighted else None)
-            preds.append(np.asarray(model.predict(Xi.iloc[test] if hasattr(Xi, "iloc") else Xi[test])))
-    except (AdjustmentError, np.linalg.LinAlgError, ValueError) as exc:
-        return None, str(exc).splitlines()[0]
-    return preds, None
-
-
-def _score(name: str, parts, y: np.ndarray, w: np.ndarray, splits, per_station: bool) -> CandidateScore:
-    """Score from the out-of-fold predictions of consecutive parts of ``splits`` (``_oof_predictions``)."""
-    sc = CandidateScore(name=name, complexity=_models.candidate_complexity(name))
-    oof = np.full(len(y), np.nan)
-    k = 0
-    for preds, error in parts:
-        if error is not None:  # the earliest failing part holds the first failing fold
-            sc.skipped = f"not determined on a training fold: {error}"
-            return sc
-        for p in preds:
-            oof[splits[k][1]] = p
-            k += 1
-    if not np.all(np.isfinite(oof)):
-        sc.skipped = "non-finite out-of-fold predictions"
-        return sc
-    r = y - oof
-    sc.rmse, sc.se = _rmse_and_se(r, w, [t for _, t in splits], per_station)
-    sc.n_folds = len(splits)
-    sc.oof_residual = r.tolist()
-    return sc
-
-
-def _oof_many(names, Xi, y, w, weighted, splits) -> list:
-    """``_oof_predictions`` of several candidates, in one task."""
-    return [_oof_predictions(name, Xi, y, w, weighted, splits) for name in names]
-
-
-def _fold_parts(splits: list, n_parts: int) -> list[list]:
-    """``splits`` cut into at most ``n_parts`` runs of consecutive folds of near-equal length."""
-    n_parts = max(1, min(int(n_parts), len(splits)))
-    edges = np.linspace(0, len(splits), n_parts + 1).round().astype(int)
-    return [splits[a:b] for a, b in zip(edges[:-1], edges[1:]) if b > a]
-
-
 def cross_validate_candidates(X, y, sample_weight=None, *, candidates=_models.DEFAULT_CANDIDATES, splitter=None,
-                              min_stations: dict | None = None, available_features=None,
-                              executor=None) -> dict[str, CandidateScore]:
+                              min_stations: dict | None = None, available_features=None) -> dict[str, CandidateScore]:
     """Out-of-fold weighted RMSE (± SE) of each candidate; candidates that cannot be scored are skipped.
 
     A candidate is skipped (``score.skipped`` says why) when the frame has fewer stations than its minimum
     (:func:`~gpu_insar_adjust.adjust.models.candidate_min_stations`, overridable by ``min_stations``), when a
     feature it needs is unavailable, or when it cannot be fitted on some training fold (e.g. collinear stations
     for a plane).
-
-    ``executor`` (a :class:`concurrent.futures.Executor` of worker processes, e.g. :func:`station_pool`) fits
-    the dear candidates (tree ensembles, Gaussian process) there, their folds shared out among the workers,
-    while the cheap ones are fitted here: the fits are Python-heavy work that threads would serialise on the
-    GIL. The scores are the same bits either way. When the pool is broken (a worker was killed) the candidates
-    are fitted here.
     """
     y = np.asarray(y, dtype=np.float64)
     n = len(y)
@@ -262,8 +183,6 @@ def cross_validate_candidates(X, y, sample_weight=None, *, candidates=_models.DE
     mins = dict(min_stations or {})
     scores: dict[str, CandidateScore] = {}
     Xi = X.reset_index(drop=True) if hasattr(X, "reset_index") else np.asarray(X)
-    weighted = sample_weight is not None
-    to_score = []
     for name in candidates:
         sc = CandidateScore(name=name, complexity=_models.candidate_complexity(name))
         scores[name] = sc
@@ -276,88 +195,27 @@ def cross_validate_candidates(X, y, sample_weight=None, *, candidates=_models.DE
         if n < nmin:
             sc.skipped = f"{n} stations < {nmin} needed"
             continue
-        to_score.append(name)
-    # tasks: (candidates, consecutive folds); each dear candidate's folds shared out among the workers, the
-    # cheap candidates in one task
-    if executor is not None:
-        dear = sorted((c for c in to_score if _fit_cost_ms(c) >= _POOL_MIN_COST_MS), key=_fit_cost_ms,
-                      reverse=True)
-        n_parts = getattr(executor, "_max_workers", None) or 2
-        tasks = [([name], part) for name in dear for part in _fold_parts(splits, n_parts)]
-        cheap = [c for c in to_score if c not in dear]
-        if cheap:
-            tasks.append((cheap, splits))
-    else:
-        tasks = [(to_score, splits)] if to_score else []
-    results: list = [None] * len(tasks)
-    futures: list = [None] * len(tasks)
-    if executor is not None:
+        oof = np.full(n, np.nan)
         try:
-            for i, (names, part) in enumerate(tasks):
-                futures[i] = executor.submit(_oof_many, names, Xi, y, w, weighted, part)
-        except (BrokenProcessPool, RuntimeError) as exc:  # broken, or shut down
-            _pool_broken(executor, exc)
-    for i, (names, part) in enumerate(tasks):  # in this process: without workers, or what was not submitted
-        if futures[i] is None:
-            results[i] = _oof_many(names, Xi, y, w, weighted, part)
-    for i, (names, part) in enumerate(tasks):
-        if results[i] is None:
-            try:
-                results[i] = futures[i].result()
-            except BrokenProcessPool as exc:
-                _pool_broken(executor, exc)
-                results[i] = _oof_many(names, Xi, y, w, weighted, part)
-    parts: dict[str, list] = {name: [] for name in to_score}
-    for (names, _), res in zip(tasks, results):  # tasks of one candidate are in the order of the folds
-        for name, oof in zip(names, res):
-            parts[name].append(oof)
-    for name in to_score:
-        scores[name] = _score(name, parts[name], y, w, splits, per_station)
+            for train, test in splits:
+                model = _models.make_candidate(name)
+                sub = Xi.iloc[train] if hasattr(Xi, "iloc") else Xi[train]
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    model.fit(sub, y[train], None if sample_weight is None else w[train])
+                oof[test] = model.predict(Xi.iloc[test] if hasattr(Xi, "iloc") else Xi[test])
+        except (AdjustmentError, np.linalg.LinAlgError, ValueError) as exc:
+            first = str(exc).splitlines()[0]
+            sc.skipped = f"not determined on a training fold: {first}"
+            continue
+        if not np.all(np.isfinite(oof)):
+            sc.skipped = "non-finite out-of-fold predictions"
+            continue
+        r = y - oof
+        sc.rmse, sc.se = _rmse_and_se(r, w, [t for _, t in splits], per_station)
+        sc.n_folds = len(splits)
+        sc.oof_residual = r.tolist()
     return scores
-
-
-_WARNED_BROKEN: weakref.WeakSet = weakref.WeakSet()
-
-
-def _pool_broken(executor, exc) -> None:
-    if executor not in _WARNED_BROKEN:
-        _WARNED_BROKEN.add(executor)
-        log.warning("the station-fit worker processes stopped (%s: %s); the candidates are fitted in this process "
-                    "(same results, slower)", type(exc).__name__, exc)
-
-
-def _init_station_worker() -> None:
-    # one BLAS thread, as the fits in the parent run (threadpool_limits in adjust_frame): the same bits, and
-    # the workers do not oversubscribe the cores; Ctrl-C is the parent's to handle (it stops the pool)
-    import signal
-
-    from threadpoolctl import threadpool_limits
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threadpool_limits(limits=1)
-    _models.make_candidate("rf")  # import scikit-learn's ensembles now, while the parent still works
-
-
-@contextlib.contextmanager
-def station_pool(n_workers: int):
-    """Worker processes for :func:`cross_validate_candidates`, as a context manager.
-
-    A loky process pool (from joblib's authors): workers are started by fork + exec, so they are safe next to
-    the parent's OpenMP, numba and GDAL threads, and they do not import the caller's ``__main__`` (a script
-    without an ``if __name__ == "__main__"`` guard works). Each worker costs one Python start-up and the
-    scikit-learn imports (about 2 s), paid once for all frames. Leaving the block normally waits for the
-    workers; leaving it on an error (Ctrl-C included) kills them.
-    """
-    from loky import ProcessPoolExecutor
-
-    one_thread = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-    executor = ProcessPoolExecutor(max_workers=int(n_workers), initializer=_init_station_worker, env=one_thread)
-    try:
-        yield executor
-    except BaseException:
-        executor.shutdown(wait=False, kill_workers=True)
-        raise
-    executor.shutdown(wait=True)
 
 
 def _paired_se(a: CandidateScore, b: CandidateScore, w: np.ndarray | None) -> tuple[float, float] | None:

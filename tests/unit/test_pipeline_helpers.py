@@ -146,18 +146,6 @@ def test_auto_frame_workers_follow_cores_frames_and_memory(monkeypatch, cores, n
     assert P._frame_workers(5, frames) == 5 and P._frame_workers(0, frames) == 0
 
 
-@pytest.mark.parametrize("cores,expected", [(1, 0), (2, 2), (3, 3), (16, 16)])
-def test_auto_station_workers_one_per_core_from_two_cores(monkeypatch, cores, expected):
-    from gpu_insar_adjust.config import GiaConfig
-
-    monkeypatch.setattr(P.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    assert P._station_workers("auto") == expected
-    assert P._station_workers(0) == 0 and P._station_workers(3) == 3
-    assert GiaConfig().parallel.station_workers == "auto"
-    with pytest.raises(ValueError, match="station_workers must be 0"):
-        GiaConfig.model_validate({"parallel": {"station_workers": -1}})
-
-
 def test_adjust_cost_counts_the_stations_inside_the_frame():
     import pandas as pd
 
