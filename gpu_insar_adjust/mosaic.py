@@ -583,7 +583,7 @@ def feather_ramp(valid, pixel_km: tuple[float, float], feather_km: float):
 
     host = np.pad(np.asarray(backend.to_numpy(valid), dtype=bool), 1, constant_values=False)
     dist = distance_transform_edt(host, sampling=pixel_km)[1:-1, 1:-1]
-    ramp = np.clip(dist / feather_km, 0.0, 1.0).astype(np.float32)
+    ramp = np.clip(dist / feather_km, 0.0, 1.0).astype(np.float32, copy=False)
     return backend.asarray(ramp, xp=xp)
 
 
@@ -755,13 +755,15 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
             # edge ramps (a distance transform each) are computed below, all frames at once on the host's cores
             if here.matches(grid):
                 ramp_jobs.append((len(sources), valid, pix_grid, False))
-                sources.append(_Source(True, los_np, np.square(std_np).astype(np.float32), None, extra=tuple(ex)))
+                sources.append(_Source(True, los_np, np.square(std_np).astype(np.float32, copy=False), None,
+                                       extra=tuple(ex)))
             else:
                 ramp_jobs.append((len(sources), valid, _pixel_size_km(crs, t, h), True))
-                var = np.where(valid, np.square(std_np), np.nan).astype(np.float32)
+                var = np.where(valid, np.square(std_np), np.nan).astype(np.float32, copy=False)
                 sources.append(_Source(False, np.where(valid, los_np, np.nan), var, None, crs, t,
                                        _footprint_window(los_da, grid),
-                                       tuple(np.where(valid, x, np.nan).astype(np.float32) for x in ex)))
+                                       tuple(np.where(valid, x, np.nan).astype(np.float32, copy=False)
+                                             for x in ex)))
         else:
             xp_i = backend.namespace(los, std)
             if tuple(los.shape) != grid.shape or tuple(std.shape) != grid.shape:
@@ -787,7 +789,7 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
     def host_ramp(job):
         _, valid, pix, native = job
         ramp = feather_ramp(valid, pix, feather_km)
-        return np.where(valid, ramp, np.nan).astype(np.float32) if native else ramp
+        return np.where(valid, ramp, np.nan).astype(np.float32, copy=False) if native else ramp
 
     keys = [_ramp_key(job, feather_km) if ramp_cache is not None else None for job in ramp_jobs]
     cached = [ramp_cache.pop(k, None) if k is not None else None for k in keys]
@@ -850,15 +852,11 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
                     ex = [xp.asarray(_warp(x, s.crs, s.transform, grid, resampling, win)) for x in s.extra]
                 t = (slice(a0 - r0, a1 - r0), slice(b0 - c0, b1 - c0))
                 _accumulate(xp, v, var, rp, ex, t, sw, swv, sw2v, cnt, esw, eswv, fused)
-            has = sw > 0
-            safe = xp.where(has, sw, xp.ones_like(sw))
-            value[r0:r1, c0:c1] = xp.astype(xp.where(has, swv / safe, xp.nan), f32)
-            std_out[r0:r1, c0:c1] = xp.astype(xp.where(has, xp.sqrt(sw2v) / safe, xp.nan), f32)
+            tile_at = (slice(r0, r1), slice(c0, c1))
+            _finish_tile(xp, sw, swv, sw2v, value, std_out, tile_at, fused)
             count[r0:r1, c0:c1] = cnt
             for k in range(n_extra):
-                h_k = esw[k, ...] > 0
-                extra_out[k][r0:r1, c0:c1] = xp.astype(
-                    xp.where(h_k, eswv[k, ...] / xp.where(h_k, esw[k, ...], xp.ones_like(sw)), xp.nan), f32)
+                _finish_tile(xp, esw[k, ...], eswv[k, ...], None, extra_out[k], None, tile_at, fused)
     log.info("merged %d frames on a %d x %d grid in %d tile(s) of <= %d px", len(sources), grid.width,
              grid.height, n_tiles, tile)
     return MergeResult(value, std_out, count, grid, tile, n_tiles, notes, extra_out)
@@ -902,6 +900,23 @@ def _accumulate(xp, v, var, rp, ex, t, sw, swv, sw2v, cnt, esw, eswv, fused: boo
         w_k = xp.where(fin, w, xp.zeros_like(w))
         x0 = xp.where(fin, xp.astype(x, xp.float64), xp.zeros_like(w))
         esw[k, t[0], t[1]], eswv[k, t[0], t[1]] = esw[k, t[0], t[1]] + w_k, eswv[k, t[0], t[1]] + w_k * x0
+
+
+def _finish_tile(xp, sw, swv, sw2v, value, std_out, at, fused: bool) -> None:
+    """Write a tile's weighted mean ``swv / sw`` into ``value[at]`` and, unless ``std_out`` is None, its sigma
+    ``sqrt(sw2v) / sw`` into ``std_out[at]`` (float32; NaN where no weight): one numba pass when ``fused``,
+    else array-API expressions (the same bits)."""
+    if fused:
+        from .kernels.cpu import merge_finish
+
+        merge_finish(sw, swv, sw if sw2v is None else sw2v, value[at], None if std_out is None else std_out[at])
+        return
+    f32 = xp.float32
+    has = sw > 0
+    safe = xp.where(has, sw, xp.ones_like(sw))
+    value[at] = xp.astype(xp.where(has, swv / safe, xp.nan), f32)
+    if std_out is not None:
+        std_out[at] = xp.astype(xp.where(has, xp.sqrt(sw2v) / safe, xp.nan), f32)
 
 
 def _weights(xp, v, var, ramp):
@@ -960,7 +975,7 @@ class MergePlan:
             los_da = _da_of(tpl)
             crs, t, h, w, los_np, std_np, valid = _native_frame(los_da, _da_of(std, "los_std"), i, "templates")
             on_grid = TargetGrid(crs, t, w, h).matches(grid)
-            var = np.square(std_np).astype(np.float32)
+            var = np.square(std_np).astype(np.float32, copy=False)
             var = np.where(np.isfinite(std_np) & (std_np > 0), var, np.float32(np.nan))
             self.frames.append(_PlanFrame(crs, t, (h, w), on_grid, valid, var, pix_grid if on_grid else
                                           _pixel_size_km(crs, t, h), _footprint_window(los_da, grid), {}))
@@ -975,7 +990,7 @@ class MergePlan:
         if pf.on_grid:  # as merge_frames' frames already on the grid: no warping, the variance as given
             var = pf.var
         else:
-            ramp = np.where(valid, ramp, np.nan).astype(np.float32)
+            ramp = np.where(valid, ramp, np.nan).astype(np.float32, copy=False)
             var = np.where(valid, pf.var, np.float32(np.nan))
         out = {}
         fw = pf.window if not pf.on_grid else (0, self.grid.height, 0, self.grid.width)
@@ -1038,10 +1053,7 @@ class MergePlan:
                 win, rp, var = pc[k]
                 t = (slice(win[0] - r0, win[1] - r0), slice(win[2] - c0, win[3] - c0))
                 _accumulate(np, self._on(pf, v, win), var, rp, [], t, sw, swv, sw2v, cnt, esw, esw, fused)
-            has = sw > 0
-            safe = np.where(has, sw, 1.0)
-            value[r0:r1, c0:c1] = np.where(has, swv / safe, np.nan).astype(f32)
-            std_out[r0:r1, c0:c1] = np.where(has, np.sqrt(sw2v) / safe, np.nan).astype(f32)
+            _finish_tile(np, sw, swv, sw2v, value, std_out, (slice(r0, r1), slice(c0, c1)), fused)
             count[r0:r1, c0:c1] = cnt
         return MergeResult(value, std_out, count, grid, self.tile, len(self.tiles), [])
 

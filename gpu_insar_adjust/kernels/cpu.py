@@ -815,6 +815,40 @@ def _nb_merge():
     return merge_accumulate
 
 
+@functools.lru_cache(maxsize=1)
+def _nb_merge_finish():
+    import numba as nb
+    from numba import prange
+
+    # no fastmath: each quotient and root rounded once, then to float32, as the array-API path does
+    @nb.njit(parallel=True, cache=True)
+    def merge_finish(sw, swv, sw2v, value, std):
+        ny, nx = sw.shape
+        for r in prange(ny):
+            for c in range(nx):
+                w = sw[r, c]
+                if w > 0.0:
+                    value[r, c] = np.float32(swv[r, c] / w)
+                    if std.shape[0] > 0:
+                        std[r, c] = np.float32(np.sqrt(sw2v[r, c]) / w)
+                else:
+                    value[r, c] = np.nan
+                    if std.shape[0] > 0:
+                        std[r, c] = np.nan
+
+    return merge_finish
+
+
+def merge_finish(sw, swv, sw2v, value, std=None) -> None:
+    """The merged tile from its sums, in place, in one pass (numba, all cores): ``value = swv / sw`` and
+    ``std = sqrt(sw2v) / sw`` rounded to float32 where ``sw > 0``, NaN elsewhere (``sw``, ``swv``, ``sw2v``
+    float64 (ny, nx); ``value``/``std`` float32 views of the output; ``std`` None: value only, ``sw2v`` unused).
+    Bit for bit ``mosaic.merge_frames``' array-API expressions, without their float64 temporaries."""
+    if std is None:
+        std = np.empty((0, 0), np.float32)
+    _nb_merge_finish()(sw, swv, sw2v, value, std)
+
+
 def merge_accumulate(v, var, ramp, extra, sw, swv, sw2v, cnt, esw, eswv) -> None:
     """Add one frame's tile to the weighted-merge sums, in place, in one pass (numba, both cores).
 
