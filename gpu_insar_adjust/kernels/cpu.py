@@ -849,6 +849,40 @@ def merge_finish(sw, swv, sw2v, value, std=None) -> None:
     _nb_merge_finish()(sw, swv, sw2v, value, std)
 
 
+@functools.lru_cache(maxsize=1)
+def _nb_interp():
+    import numba as nb
+    from numba import prange
+
+    # no fastmath: a0·(1 − t) + a1·t rounded in this order, as the array-API expression
+    @nb.njit(parallel=True, cache=True)
+    def interp(a, k, t, out, along_rows):
+        n_out, m = out.shape if along_rows else (out.shape[1], out.shape[0])
+        if along_rows:  # out[i, j] from rows k[i], k[i] + 1 of a
+            for i in prange(n_out):
+                omt, ti, k0 = 1.0 - t[i], t[i], k[i]
+                for j in range(m):
+                    out[i, j] = a[k0, j] * omt + a[k0 + 1, j] * ti
+        else:  # out[j, i] from columns k[i], k[i] + 1 of a
+            for j in prange(m):
+                for i in range(n_out):
+                    out[j, i] = a[j, k[i]] * (1.0 - t[i]) + a[j, k[i] + 1] * t[i]
+
+    return interp
+
+
+def interp_lines(a, k, t, n: int, axis: int):
+    """Linear interpolation of the float64 2-D ``a`` along ``axis`` onto ``n`` lines: line ``i`` is
+    ``a[k[i]]·(1 − t[i]) + a[k[i] + 1]·t[i]`` (``k`` int64, ``t`` float64, both of length ``n``). One pass
+    (numba, all cores), bit for bit ``adjust.frame._interp_axis``' array-API expression."""
+    a = np.ascontiguousarray(a, dtype=np.float64)
+    k = np.ascontiguousarray(k, dtype=np.int64)
+    t = np.ascontiguousarray(t, dtype=np.float64)
+    out = np.empty((n, a.shape[1]) if axis == 0 else (a.shape[0], n), np.float64)
+    _nb_interp()(a, k, t, out, axis == 0)
+    return out
+
+
 def merge_accumulate(v, var, ramp, extra, sw, swv, sw2v, cnt, esw, eswv) -> None:
     """Add one frame's tile to the weighted-merge sums, in place, in one pass (numba, both cores).
 

@@ -264,3 +264,26 @@ def test_pipeline_adjusts_a_frame_on_the_gpu(monkeypatch, gpu_xp):
         b = getattr(dev, name).data
         assert isinstance(b, np.ndarray) and b.dtype == np.float32
         np.testing.assert_allclose(b, getattr(host, name).data, rtol=0, atol=1e-4)
+
+
+def test_jackknife_interpolation_kernel_is_bit_for_bit_the_array_expression(monkeypatch):
+    """The coarse-grid σ is interpolated to every pixel along rows, then columns: numba's one pass gives the
+    array-API expression's float64 bits (coarse nodes at uneven positions, both axes, one node per line)."""
+    pytest.importorskip("numba")
+    from gpu_insar_adjust.adjust.frame import _interp_axis
+
+    rng = np.random.default_rng(11)
+    rows = np.unique(np.linspace(0, 1234, 17).round().astype(np.int64))
+    cols = np.unique(np.r_[0, np.sort(rng.choice(np.arange(1, 901), 14, replace=False)), 901])
+    coarse = rng.gamma(2.0, 1.5, (rows.size, cols.size))
+    out = {}
+    for engine in ("numpy", "numba"):
+        monkeypatch.setenv("GIA_CPU_KERNELS", engine)
+        a = _interp_axis(np, coarse, rows, 1235, axis=0)
+        out[engine] = (a, _interp_axis(np, a, cols, 902, axis=1), _interp_axis(np, coarse[:, :1], cols[:1], 7, 1))
+    for got, want in zip(out["numba"], out["numpy"]):
+        assert got.shape == want.shape and got.dtype == np.float64
+        np.testing.assert_array_equal(got.view(np.uint64), want.view(np.uint64))
+    full = out["numba"][1]
+    np.testing.assert_array_equal(full[np.ix_(rows, cols)], coarse)  # the nodes themselves
+    assert full.shape == (1235, 902)
