@@ -579,12 +579,25 @@ def feather_ramp(valid, pixel_km: tuple[float, float], feather_km: float):
         dist = distance_transform_edt(padded, sampling=pixel_km)[1:-1, 1:-1]
         ramp = cupy.clip(dist / feather_km, 0.0, 1.0).astype(cupy.float32)
         return ramp
+    return backend.asarray(_host_feather_ramp(backend.to_numpy(valid), pixel_km, feather_km), xp=xp)
+
+
+def _host_feather_ramp(valid, pixel_km, feather_km: float, nan_outside: bool = False) -> np.ndarray:
+    """:func:`feather_ramp` of a host mask (``feather_km`` > 0), NaN outside the mask with ``nan_outside``."""
     from scipy.ndimage import distance_transform_edt
 
-    host = np.pad(np.asarray(backend.to_numpy(valid), dtype=bool), 1, constant_values=False)
+    from .kernels import cpu as _kcpu
+
+    valid = np.asarray(valid, dtype=bool)
+    host = np.pad(valid, 1, constant_values=False)
+    if _kcpu.cpu_engine() == "numba":
+        # scipy's feature transform, then the distance and the ramp in one pass (scipy would form the distance
+        # in four float64 arrays of the frame's size, more than half its time)
+        ft = distance_transform_edt(host, sampling=pixel_km, return_distances=False, return_indices=True)
+        return _kcpu.edge_ramp(ft, pixel_km, feather_km, valid if nan_outside else None)
     dist = distance_transform_edt(host, sampling=pixel_km)[1:-1, 1:-1]
     ramp = np.clip(dist / feather_km, 0.0, 1.0).astype(np.float32, copy=False)
-    return backend.asarray(ramp, xp=xp)
+    return np.where(valid, ramp, np.nan).astype(np.float32, copy=False) if nan_outside else ramp
 
 
 @dataclass
@@ -788,8 +801,10 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
 
     def host_ramp(job):
         _, valid, pix, native = job
-        ramp = feather_ramp(valid, pix, feather_km)
-        return np.where(valid, ramp, np.nan).astype(np.float32, copy=False) if native else ramp
+        if feather_km <= 0:
+            ramp = feather_ramp(valid, pix, feather_km)
+            return np.where(valid, ramp, np.nan).astype(np.float32, copy=False) if native else ramp
+        return _host_feather_ramp(valid, pix, feather_km, nan_outside=native)
 
     keys = [_ramp_key(job, feather_km) if ramp_cache is not None else None for job in ramp_jobs]
     cached = [ramp_cache.pop(k, None) if k is not None else None for k in keys]

@@ -850,6 +850,41 @@ def merge_finish(sw, swv, sw2v, value, std=None) -> None:
 
 
 @functools.lru_cache(maxsize=1)
+def _nb_edge_ramp():
+    import numba as nb
+
+    # no fastmath: scipy's distance from the feature transform (difference, × sampling, squared, summed, root)
+    # and the ramp's division, each rounded as NumPy rounds it. Serial and without the GIL: the frames' ramps
+    # run on the host's threads, one frame each
+    @nb.njit(nogil=True, cache=True)
+    def edge_ramp(ft, s0, s1, feather_km, nan_outside, valid, out):
+        ny, nx = out.shape
+        for r in range(ny):
+            for c in range(nx):
+                if nan_outside and not valid[r, c]:
+                    out[r, c] = np.nan
+                    continue
+                dy = np.float64(ft[0, r + 1, c + 1] - (r + 1)) * s0
+                dx = np.float64(ft[1, r + 1, c + 1] - (c + 1)) * s1
+                q = np.sqrt(dy * dy + dx * dx) / feather_km
+                out[r, c] = np.float32(min(max(q, 0.0), 1.0))
+
+    return edge_ramp
+
+
+def edge_ramp(ft, pixel_km, feather_km: float, valid=None):
+    """The feathered edge ramp from the feature transform ``ft`` (int32 (2, ny + 2, nx + 2), scipy's
+    ``distance_transform_edt(..., return_indices=True)`` of the valid mask padded by one invalid pixel):
+    ``clip(distance_km / feather_km, 0, 1)`` as float32 (ny, nx), NaN outside ``valid`` when it is given. One
+    pass instead of scipy's float64 distance arrays, bit for bit ``mosaic.feather_ramp``'s NumPy result."""
+    ny, nx = ft.shape[1] - 2, ft.shape[2] - 2
+    out = np.empty((ny, nx), np.float32)
+    mask = np.ones((1, 1), np.bool_) if valid is None else np.ascontiguousarray(valid, dtype=np.bool_)
+    _nb_edge_ramp()(ft, float(pixel_km[0]), float(pixel_km[1]), float(feather_km), valid is not None, mask, out)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
 def _nb_interp():
     import numba as nb
     from numba import prange

@@ -563,8 +563,8 @@ def test_edge_ramps_shared_between_merges_of_the_same_frames(monkeypatch):
                    frame_id="014A_00002_000000")
     g = M.target_grid([a, b], resolution=0.007)
     calls = []
-    original = M.feather_ramp
-    monkeypatch.setattr(M, "feather_ramp", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = M._host_feather_ramp
+    monkeypatch.setattr(M, "_host_feather_ramp", lambda *a, **k: calls.append(1) or original(*a, **k))
     los, std = [f.los_velocity for f in (a, b)], [f.los_std for f in (a, b)]
     los2 = [x * 0.5 + 1.0 for x in los]  # other values on the same pixels (the LOS after the vertical)
     cache: dict = {}
@@ -587,3 +587,26 @@ def test_edge_ramps_shared_between_merges_of_the_same_frames(monkeypatch):
     assert len(calls) == 1 and len(cache) == 2  # b's old ramp is still there, b's new one added
     M.merge_frames(los, std, g, feather_km=2.0, ramp_cache=cache)  # another feather width: not the same ramps
     assert len(calls) == 3
+
+
+def test_edge_ramp_from_the_feature_transform_is_bit_for_bit_scipys_distance(monkeypatch):
+    """numba's one pass from scipy's feature transform gives the ramp of scipy's own distance transform, bit
+    for bit: anisotropic pixels, holes, data touching the border, and NaN outside the data for native frames."""
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(8)
+    valid = rng.random((157, 203)) > 0.0005  # scattered lost pixels
+    valid[:, :9] = False
+    valid[40:70, 100:140] = False
+    valid[-1, :] = True
+    out = {}
+    for engine in ("numpy", "numba"):
+        monkeypatch.setenv("GIA_CPU_KERNELS", engine)
+        out[engine] = (M.feather_ramp(valid, (0.111, 0.0893), 2.5),
+                       M._host_feather_ramp(valid, (0.111, 0.0893), 2.5, nan_outside=True),
+                       M.feather_ramp(valid, (0.5, 0.5), 0.7))
+    for got, want in zip(out["numba"], out["numpy"]):
+        assert got.dtype == want.dtype == np.float32 and got.shape == valid.shape
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    ramp, native, coarse = out["numba"]
+    assert np.isnan(native[~valid]).all() and np.array_equal(native[valid], ramp[valid])
+    assert 0 < ramp[valid].min() < 0.1 and ramp.max() == 1.0 and (coarse[valid] == 1.0).mean() > 0.2
