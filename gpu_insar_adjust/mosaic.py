@@ -1419,6 +1419,19 @@ def cell_area_km2(grid: TargetGrid, rows: np.ndarray | None = None, cols: np.nda
     return abs(t.a * t.e) * unit * unit / np.asarray(scale) / 1e6
 
 
+def _mask_area_km2(grid: TargetGrid, mask: np.ndarray, row0: int, col0: int) -> float:
+    """Area (km²) of the ``True`` cells of ``mask``, a window of ``grid`` starting at (``row0``, ``col0``): the
+    sum of :func:`cell_area_km2` over those cells in row-major order. On a geographic grid a cell's area depends
+    on its row only, so each row's area is computed once and repeated for the row's cells: the same numbers in
+    the same order, hence the same sum, without two trigonometric series per cell."""
+    if grid.crs.is_geographic:
+        r = np.arange(row0, row0 + mask.shape[0])
+        per_row = cell_area_km2(grid, r, np.zeros_like(r))
+        return float(np.repeat(per_row, np.count_nonzero(mask, axis=1)).sum())
+    rows, cols = np.nonzero(mask)
+    return float(cell_area_km2(grid, rows + row0, cols + col0).sum())
+
+
 @dataclass
 class OverlapPair:
     """Frames ``i`` and ``j`` overlap on ``mask`` (bool): ``n_pixels`` pixels, ``area_km2`` km².
@@ -1505,8 +1518,7 @@ def overlap_pairs(frames_on_grid: Sequence, grid: TargetGrid | None = None, *, m
                     log.info("frames %d and %d share only %d valid pixel(s) (< %d): not tied to each other",
                              i, j, npx, min_pixels)
                 continue
-            rows, cols = np.nonzero(both)
-            area = float(cell_area_km2(grid, rows + box[0], cols + box[2]).sum())
+            area = _mask_area_km2(grid, both, box[0], box[2])
             ti, tj = _track(frames[i]), _track(frames[j])
             kind = None if ti is None or tj is None else ("along_track" if ti == tj else "across_track")
             pairs.append(OverlapPair(i, j, both, npx, area, kind, box if windowed else None))

@@ -610,3 +610,23 @@ def test_edge_ramp_from_the_feature_transform_is_bit_for_bit_scipys_distance(mon
     ramp, native, coarse = out["numba"]
     assert np.isnan(native[~valid]).all() and np.array_equal(native[valid], ramp[valid])
     assert 0 < ramp[valid].min() < 0.1 and ramp.max() == 1.0 and (coarse[valid] == 1.0).mean() > 0.2
+
+
+def test_overlap_area_by_rows_is_the_per_cell_sum_exactly():
+    """The overlap area of a mask on a geographic grid (each row's cell area once, repeated for its cells) is
+    the per-cell sum of cell_area_km2, bit for bit; a projected grid keeps the per-cell sum."""
+    from affine import Affine
+    from pyproj import CRS
+
+    rng = np.random.default_rng(0)
+    geo = M.TargetGrid(CRS.from_epsg(4326), Affine(0.001, 0, 114.0, 0, -0.001, 40.0), 6000, 5500)
+    utm = M.TargetGrid(CRS.from_epsg(32650), Affine(100.0, 0, 400000.0, 0, -100.0, 4400000.0), 3000, 3000)
+    for grid in (geo, utm):
+        for _ in range(12):
+            h, w = rng.integers(1, 700, 2)
+            r0, c0 = rng.integers(0, 2000, 2)
+            m = rng.random((h, w)) < rng.uniform(0.05, 1.0)
+            rows, cols = np.nonzero(m)
+            assert M._mask_area_km2(grid, m, r0, c0) == float(M.cell_area_km2(grid, rows + r0, cols + c0).sum())
+    # and the figure itself: a 0.1° x 0.1° box at 40° N is about 95 km²
+    assert M._mask_area_km2(geo, np.ones((100, 100), bool), 0, 0) == pytest.approx(94.9, abs=0.2)
