@@ -120,7 +120,8 @@ def _split_funnels(labels: np.ndarray, n: int, rate: np.ndarray, core_mm_yr: flo
     small = np.flatnonzero(sizes < max(1, min_pixels)) + 1
     cores[np.isin(cores, small)] = 0
     # nearest core of every pixel, then keep it only inside the region that holds that core
-    _, (iy, ix) = ndimage.distance_transform_edt(cores == 0, return_indices=True)
+    # (the feature transform only: scipy's distances would cost more than the transform, and are not used)
+    iy, ix = ndimage.distance_transform_edt(cores == 0, return_distances=False, return_indices=True)
     nearest = cores[iy, ix]
     region_of_core = np.zeros(n_cores + 1, np.int64)
     region_of_core[cores[cores > 0]] = labels[cores > 0]
