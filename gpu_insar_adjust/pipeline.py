@@ -133,6 +133,22 @@ def _stations_itrf(stations, cfg: GiaConfig):
 # --------------------------------------------------------------------------------------------------------------
 # Geometry helpers
 # --------------------------------------------------------------------------------------------------------------
+def _noise_sigma(los_std, correction_std, shape) -> np.ndarray:
+    """A frame's noise sigma for the network (float64, mm/yr): its product sigma ``los_std`` (2 mm/yr where
+    missing or not finite; a sigma of 0 is not credible, so floored at 0.1 mm/yr) with the correction's formal
+    sigma (NaN taken as 0) in quadrature. One numba pass for float32 rasters with the numba engine, the same
+    bits as the array expression."""
+    from .kernels import cpu as _kcpu
+
+    cs = np.asarray(correction_std)
+    if (los_std is not None and _kcpu.cpu_engine() == "numba" and np.asarray(los_std).dtype == np.float32
+            and cs.dtype == np.float32 and np.shape(los_std) == cs.shape == tuple(shape)):
+        return _kcpu.noise_sigma(los_std, cs)
+    ls = np.asarray(los_std, np.float64) if los_std is not None else np.full(shape, 2.0)
+    noise = np.square(np.where(np.isfinite(ls) & (ls > 0.1), ls, np.where(np.isfinite(ls), 0.1, 2.0)))
+    return np.sqrt(noise + np.square(np.nan_to_num(cs), dtype=np.float64))
+
+
 def frame_vertical_equivalent(frame, los, los_std, hfield):
     """Vertical-equivalent velocity of a frame: (LOS − e·ve − n·vn)/u with its 1-sigma (mm/yr, float32 host
     arrays: computed in float64, stored as the frames are).
@@ -771,13 +787,9 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             else:
                 la = np.array(backend.to_numpy(adj.los_adjusted.data), np.float32)
                 cs = np.asarray(backend.to_numpy(adj.correction_std.data), np.float32)
-            ls = (np.asarray(backend.to_numpy(fr["los_std"].data), np.float64) if "los_std" in fr
-                  else np.full(la.shape, 2.0))
-            # a product sigma of 0 (or missing) is not credible: floor it at 0.1 mm/yr
-            noise = np.square(np.where(np.isfinite(ls) & (ls > 0.1), ls, np.where(np.isfinite(ls), 0.1, 2.0)))
             # overlaps see pixel noise and the correction's formal sigma; the long-wavelength error the chosen
             # model left (its CV RMSE) is what the network estimates, so it weighs only the merge of the frames
-            sigma = np.sqrt(noise + np.square(np.nan_to_num(cs), dtype=np.float64))
+            sigma = _noise_sigma(backend.to_numpy(fr["los_std"].data) if "los_std" in fr else None, cs, la.shape)
             v, s_noise = frame_vertical_equivalent(fr, la, sigma, hf)
             verts.append(v), vstds_noise.append(s_noise), los_adj.append(la)
         # the product sigma is in the noise sigmas now and the mask in the NaNs of los_velocity: 5 bytes a pixel

@@ -973,6 +973,48 @@ def _nb_vertical():
     return vertical
 
 
+@functools.lru_cache(maxsize=1)
+def _nb_noise_sigma():
+    import numba as nb
+    from numba import prange
+
+    f32_max = float(np.finfo(np.float32).max)
+
+    # no fastmath: each square, sum and root rounded as NumPy rounds them
+    @nb.njit(parallel=True, cache=True)
+    def noise_sigma(ls, cs, out):
+        ny, nx = out.shape
+        for r in prange(ny):
+            for c in range(nx):
+                s = np.float64(ls[r, c])
+                if np.isfinite(s):
+                    base = s if s > 0.1 else 0.1
+                else:
+                    base = 2.0
+                k = cs[r, c]  # float32, as nan_to_num sees it: NaN -> 0, ±inf -> ± the largest float32
+                if np.isnan(k):
+                    kd = 0.0
+                elif np.isinf(k):
+                    kd = f32_max if k > 0 else -f32_max
+                else:
+                    kd = np.float64(k)
+                out[r, c] = np.sqrt(base * base + kd * kd)
+
+    return noise_sigma
+
+
+def noise_sigma(los_std, correction_std) -> np.ndarray:
+    """A frame's per-pixel noise sigma for the network (mm/yr, float64): the product sigma ``los_std`` floored
+    at 0.1 mm/yr (2 where it is not finite), combined with the correction's formal sigma (0 where NaN):
+    ``sqrt(max(los_std, 0.1)² + correction_std²)``. One pass (numba, all cores) over two float32 rasters, bit
+    for bit the pipeline's float64 array expression."""
+    ls = np.ascontiguousarray(los_std, np.float32)
+    cs = np.ascontiguousarray(correction_std, np.float32)
+    out = np.empty(ls.shape, np.float64)
+    _nb_noise_sigma()(ls, cs, out)
+    return out
+
+
 def vertical_equivalent(los, std, e, n, u, ve, vn, se=None, sn=None) -> tuple[np.ndarray, np.ndarray, bool, bool]:
     """``(los − e·ve − n·vn)/u`` and ``sqrt(std² + e²se² + n²sn²)/u`` (float32 (y, x); NaN where los, ve, vn or
     u is not finite) in one pass over a frame (numba, all cores), as ``pipeline.frame_vertical_equivalent``'s

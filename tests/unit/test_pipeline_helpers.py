@@ -191,3 +191,31 @@ def test_network_block_fused_equals_the_array_expressions(monkeypatch, with_mode
     assert np.isinf(vs[2, 1]) and np.isnan(vs[2, 0]) and np.isnan(vs[3, 4])
     if m2 is not None:
         assert np.all(vs[np.isfinite(vs)] >= np.float32(2.0))
+
+
+def test_noise_sigma_kernel_is_bit_for_bit_the_array_expression(monkeypatch):
+    """The network's per-pixel noise sigma in one numba pass gives the array expression's float64 bits: product
+    sigmas NaN, ±inf, 0, negative, below and above the 0.1 mm/yr floor; correction sigmas NaN and ±inf."""
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(2)
+    ls = rng.gamma(2.0, 1.0, (173, 211)).astype(np.float32)
+    cs = rng.gamma(1.0, 0.5, ls.shape).astype(np.float32)
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, -1.0, 0.05, 0.1, np.nextafter(0.1, 1), 1e-30, 3e38],
+                       np.float32)
+    ls.flat[:special.size] = special
+    cs.flat[:special.size] = special[::-1]
+    cs.flat[20:25] = [np.nan, np.inf, -np.inf, 0.0, 1e30]
+    out = {}
+    for engine in ("numpy", "numba"):
+        monkeypatch.setenv("GIA_CPU_KERNELS", engine)
+        out[engine] = P._noise_sigma(ls, cs, ls.shape)
+    got, want = out["numba"], out["numpy"]
+    assert got.dtype == want.dtype == np.float64
+    np.testing.assert_array_equal(got.view(np.uint64), want.view(np.uint64))
+    # NaN product sigma: 2 mm/yr; a product sigma of 0 or -1: 0.1 mm/yr; with the correction sigma in quadrature
+    assert want.flat[0] == pytest.approx(np.hypot(2.0, float(cs.flat[0])), rel=1e-12)
+    assert want.flat[3] == pytest.approx(np.hypot(0.1, float(cs.flat[3])), rel=1e-12)
+    assert want.flat[4] == pytest.approx(np.hypot(0.1, float(cs.flat[4])), rel=1e-12)
+    assert want.flat[21] == pytest.approx(np.hypot(float(ls.flat[21]), float(np.finfo(np.float32).max)))
+    missing = P._noise_sigma(None, cs, ls.shape)  # no product sigma: 2 mm/yr
+    assert missing.flat[30] == pytest.approx(np.hypot(2.0, cs.flat[30]))
