@@ -583,12 +583,15 @@ def feather_ramp(valid, pixel_km: tuple[float, float], feather_km: float):
 
 
 def _host_feather_ramp(valid, pixel_km, feather_km: float, nan_outside: bool = False) -> np.ndarray:
-    """:func:`feather_ramp` of a host mask (``feather_km`` > 0), NaN outside the mask with ``nan_outside``."""
+    """:func:`feather_ramp` of a host mask, NaN outside the mask with ``nan_outside``."""
     from scipy.ndimage import distance_transform_edt
 
     from .kernels import cpu as _kcpu
 
     valid = np.asarray(valid, dtype=bool)
+    if feather_km <= 0:  # no feathering: full weight on the data
+        ramp = valid.astype(np.float32)
+        return np.where(valid, ramp, np.nan).astype(np.float32, copy=False) if nan_outside else ramp
     host = np.pad(valid, 1, constant_values=False)
     if _kcpu.cpu_engine() == "numba":
         # scipy's feature transform, then the distance and the ramp in one pass (scipy would form the distance
@@ -801,9 +804,6 @@ def merge_frames(los_list: Sequence, std_list: Sequence, grid: TargetGrid, *, fe
 
     def host_ramp(job):
         _, valid, pix, native = job
-        if feather_km <= 0:
-            ramp = feather_ramp(valid, pix, feather_km)
-            return np.where(valid, ramp, np.nan).astype(np.float32, copy=False) if native else ramp
         return _host_feather_ramp(valid, pix, feather_km, nan_outside=native)
 
     keys = [_ramp_key(job, feather_km) if ramp_cache is not None else None for job in ramp_jobs]
@@ -924,7 +924,7 @@ def _finish_tile(xp, sw, swv, sw2v, value, std_out, at, fused: bool) -> None:
     if fused:
         from .kernels.cpu import merge_finish
 
-        merge_finish(sw, swv, sw if sw2v is None else sw2v, value[at], None if std_out is None else std_out[at])
+        merge_finish(sw, swv, sw2v, value[at], None if std_out is None else std_out[at])
         return
     f32 = xp.float32
     has = sw > 0

@@ -842,10 +842,11 @@ def _nb_merge_finish():
 def merge_finish(sw, swv, sw2v, value, std=None) -> None:
     """The merged tile from its sums, in place, in one pass (numba, all cores): ``value = swv / sw`` and
     ``std = sqrt(sw2v) / sw`` rounded to float32 where ``sw > 0``, NaN elsewhere (``sw``, ``swv``, ``sw2v``
-    float64 (ny, nx); ``value``/``std`` float32 views of the output; ``std`` None: value only, ``sw2v`` unused).
-    Bit for bit ``mosaic.merge_frames``' array-API expressions, without their float64 temporaries."""
+    float64 (ny, nx); ``value``/``std`` float32 views of the output; ``std`` None: value only, ``sw2v`` unused
+    and may be None). Bit for bit ``mosaic.merge_frames``' array-API expressions, without their float64
+    temporaries."""
     if std is None:
-        std = np.empty((0, 0), np.float32)
+        std, sw2v = np.empty((0, 0), np.float32), sw
     _nb_merge_finish()(sw, swv, sw2v, value, std)
 
 
