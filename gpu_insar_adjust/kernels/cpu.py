@@ -100,6 +100,10 @@ _PAIR_TO_MOMENT = np.array([_MOMENTS.index((_F_EXP[j][0] + _F_EXP[k][0], _F_EXP[
 # --------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
 def _nb():
+    # The inlined helpers are bound as module globals, not locals: a kernel that refers to a local njit function
+    # is a closure, and numba's disk cache keys a closure by its pickled cells, whose dispatchers carry a uuid
+    # new in every process, so each run (and each Dask worker) would compile those kernels again (~1 s each).
+    global chunk_rhs, chunk_moments15, slab4, accumulate4, cholesky_solve
     import numba as nb
     from numba import prange
 
@@ -685,18 +689,6 @@ def _nb_matern():
     import numba as nb
     from numba import prange
 
-    @nb.njit(inline="always")
-    def corr(d, code):
-        if code == 0:
-            return np.exp(-d)
-        if code == 1:
-            s = np.sqrt(3.0) * d
-            return (1.0 + s) * np.exp(-s)
-        if code == 2:
-            s = np.sqrt(5.0) * d
-            return (1.0 + s + s * s / 3.0) * np.exp(-s)
-        return np.exp(-0.5 * d * d)
-
     @nb.njit(parallel=True, cache=True)
     def matern_surface(x, y, px, py, alpha, amp2, length, code, kinv, want_var, mean, var, block):
         n, m = x.size, px.size
@@ -708,7 +700,21 @@ def _nb_matern():
                 for s in range(m):
                     dx = x[i] - px[s]
                     dy = y[i] - py[s]
-                    k = amp2 * corr(np.sqrt(dx * dx + dy * dy) / length, code)
+                    # the correlation written out here, not called: a kernel that refers to another
+                    # njit function of this factory is a closure, and numba's disk cache misses closures
+                    # in every new process (a ~1 s recompile per run and per worker)
+                    d = np.sqrt(dx * dx + dy * dy) / length
+                    if code == 0:
+                        c = np.exp(-d)
+                    elif code == 1:
+                        r = np.sqrt(3.0) * d
+                        c = (1.0 + r) * np.exp(-r)
+                    elif code == 2:
+                        r = np.sqrt(5.0) * d
+                        c = (1.0 + r + r * r / 3.0) * np.exp(-r)
+                    else:
+                        c = np.exp(-0.5 * d * d)
+                    k = amp2 * c
                     ks[s] = k
                     acc += k * alpha[s]
                 mean[i] = acc

@@ -225,6 +225,68 @@ def test_import_does_not_load_cupy_or_numba():
     assert out.split() == ["False", "False"]
 
 
+def _numba_factories():
+    from gpu_insar_adjust.geodesy import horizontal, los
+
+    names = sorted(n for n in dir(cpu) if n.startswith("_nb") and callable(getattr(cpu, n)))
+    return [getattr(cpu, n) for n in names] + [horizontal._matern_numba, los._unit_kernel]
+
+
+def _dispatchers(obj):
+    from numba.core.dispatcher import Dispatcher
+
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _dispatchers(o)
+    elif isinstance(obj, Dispatcher):
+        yield obj
+
+
+def test_cached_numba_kernels_are_no_closures_over_other_kernels():
+    """numba's disk cache keys a closure by its pickled cells, and a dispatcher pickles with a uuid new in every
+    process: a cached kernel that calls a helper kept in its factory's locals is compiled again by every run and
+    every Dask worker. No kernel of the package may hold a dispatcher in its closure."""
+    pytest.importorskip("numba")
+    from numba.core.dispatcher import Dispatcher
+
+    seen = 0
+    for factory in _numba_factories():
+        for d in _dispatchers(factory()):
+            seen += 1
+            cells = [c.cell_contents for c in (d.py_func.__closure__ or ())]
+            held = [c.py_func.__name__ for c in cells if isinstance(c, Dispatcher)]
+            assert not held, f"{d.py_func.__qualname__} closes over the kernels {held}: bind them as globals"
+    assert seen >= 20
+
+
+_CACHE_PROBE = """
+import numpy as np
+from gpu_insar_adjust.kernels import cpu
+rng = np.random.default_rng(0)
+x, y = rng.uniform(0, 50, 64), rng.uniform(0, 50, 64)
+p = rng.uniform(0, 50, (2, 5))
+cpu.matern_gp_surface(x, y, p[0], p[1], rng.normal(size=5), 2.0, 9.0, 1.5, k_inv=np.eye(5))
+cube = rng.normal(size=(3, 8, 9)).astype(np.float32)
+yy, xx = np.mgrid[0:8, 0:9].astype(float)
+cpu.fit_epoch_ramps(cube.reshape(3, -1), xx.ravel() + rng.normal(size=72), yy.ravel(), order=1)
+k = cpu._nb()
+print(sum(d.stats.cache_misses.get(s, 0) for d in (cpu._nb_matern(), k["chunk_moments"], k["ramp_normals"],
+                                                    k["solve_spd"]) for s in d.signatures))
+"""
+
+
+def test_numba_kernels_load_from_the_disk_cache_in_a_new_process(tmp_path):
+    """The second process loads the kernels the first compiled (among them those that inline helpers)."""
+    pytest.importorskip("numba")
+    env = {**__import__("os").environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", _CACHE_PROBE], capture_output=True, text=True, env=env,
+                           check=True).stdout.split()[-1] for _ in range(2)]
+    assert int(runs[0]) >= 4  # compiled in the first process
+    assert int(runs[1]) == 0  # every one loaded from the cache in the second
+
+
 def test_numpy_engine_can_be_forced(monkeypatch):
     monkeypatch.setenv("GIA_CPU_KERNELS", "numpy")
     assert kernels.cpu_engine() == "numpy"
