@@ -548,14 +548,21 @@ def measure_process(cmd: Sequence[str], log_path: str | os.PathLike, poll_s: flo
 
 
 def _run_scenario_case(workdir: Path, resolution: float, timeseries: bool, epoch_days: int,
-                       timeout_s: float | None, backend: str = "auto") -> dict[str, Any]:
-    """Generate one scenario (own process), then ``gia run`` it (own process); every figure of both."""
+                       timeout_s: float | None, backend: str = "auto",
+                       workers: int | None = None) -> dict[str, Any]:
+    """Generate one scenario (own process), then ``gia run`` it (own process); every figure of both.
+
+    ``workers`` is passed to ``gia run --workers`` (0: frames adjusted in the run's own process; None: the
+    configuration's default, ``auto``); a run with workers writes to its own output folder.
+    """
     import sys
 
     tag = f"r{resolution:g}".replace(".", "p") + (f"_ts{epoch_days}d" if timeseries else "")
-    scen, out = workdir / tag, workdir / (tag + "_out")
+    scen = workdir / tag
+    out = workdir / (tag + (f"_w{int(workers)}" if workers else "") + "_out")
     res: dict[str, Any] = {"resolution_deg": resolution, "timeseries": timeseries,
-                           "epoch_days": epoch_days if timeseries else None}
+                           "epoch_days": epoch_days if timeseries else None, "workers": workers,
+                           "out": out.name}
     if not (scen / "truth" / "scenario.json").exists():
         gen = measure_process([sys.executable, "-c",
                                "import sys; from gpu_insar_adjust.synthetic import make_scenario; "
@@ -581,7 +588,8 @@ def _run_scenario_case(workdir: Path, resolution: float, timeseries: bool, epoch
         res["cube_bytes_total"] = int(sum(c.stat().st_size for c in cubes))
     cmd = [sys.executable, "-m", "gpu_insar_adjust.cli", "run", "--frames", str(scen / "frames"),
            "--gnss", str(scen / "gnss.csv"), "--holdout", str(scen / "gnss_holdout.csv"), "--out", str(out),
-           "--overwrite"] + (["--backend", backend] if backend != "auto" else [])
+           "--overwrite"] + (["--backend", backend] if backend != "auto" else []) \
+        + (["--workers", str(int(workers))] if workers is not None else [])
     run = measure_process(cmd, workdir / (tag + "_run.log"), timeout_s=timeout_s)
     res["run"] = run
     summary = out / "summary.json"
@@ -597,9 +605,28 @@ def _run_scenario_case(workdir: Path, resolution: float, timeseries: bool, epoch
     return res
 
 
+def _same_products(out_a: str | os.PathLike, out_b: str | os.PathLike) -> dict[str, bool]:
+    """Whether every GeoTIFF product of two ``gia run`` output folders holds the same values bit for bit (NaN
+    equal to NaN), by file name; a file missing from one folder counts as different."""
+    import rasterio
+
+    a, b = Path(out_a), Path(out_b)
+    names = sorted({p.name for p in a.glob("*.tif")} | {p.name for p in b.glob("*.tif")})
+    same: dict[str, bool] = {}
+    for name in names:
+        if not ((a / name).exists() and (b / name).exists()):
+            same[name] = False
+            continue
+        with rasterio.open(a / name) as fa, rasterio.open(b / name) as fb:
+            x, y = fa.read(), fb.read()
+        same[name] = bool(x.shape == y.shape and x.dtype == y.dtype
+                          and np.array_equal(x.view(np.uint8), y.view(np.uint8)))
+    return same
+
+
 def bench_b4(resolutions: Sequence[float] = (0.005,), timeseries_resolution: float | None = 0.005,
              epoch_days: Sequence[int] = (72, 24), backend: str = "auto", workdir: str | os.PathLike | None = None,
-             timeout_s: float | None = 1800.0) -> dict[str, Any]:
+             timeout_s: float | None = 1800.0, workers: int | None = None) -> dict[str, Any]:
     """B4: ``gia run`` end to end on the embedded scenario at each resolution (degrees), plus the time-series
     variant at ``timeseries_resolution`` for each of ``epoch_days`` (peak RSS should not depend on the epochs).
 
@@ -607,7 +634,17 @@ def bench_b4(resolutions: Sequence[float] = (0.005,), timeseries_resolution: flo
     folder there is reused; the environment variable ``GIA_BENCH_WORKDIR`` names a kept folder when
     ``workdir`` is None). ``backend`` is passed to ``gia run --backend``; everything else is the default
     configuration.
+
+    ``workers`` (N ≥ 1) adds a comparison at each resolution of the velocity case: the run there adjusts its
+    frames in its own process (``--workers 0``), then once more on a local Dask cluster of N workers
+    (``--workers N``); the result gives both wall times, their ratio (``workers{N}_speedup_…``), the workers'
+    memory and whether every GeoTIFF product is the same bit for bit.
     """
+    if workers is not None and int(workers) < 1:
+        from .errors import ConfigError
+
+        raise ConfigError(f"B4 workers={workers!r}: the comparison needs at least one worker.", field="workers",
+                          fix="pass N >= 1 (the in-process run is always part of the comparison), or leave it out")
     import shutil
     import tempfile
 
@@ -619,10 +656,20 @@ def bench_b4(resolutions: Sequence[float] = (0.005,), timeseries_resolution: flo
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"case": "B4", "backend": backend, "velocity": {}, "timeseries": {}}
+    if workers:
+        res["velocity_workers"] = {}
     try:
         for r in resolutions:
-            res["velocity"][f"{r:g}"] = _run_scenario_case(workdir, float(r), False, 12, timeout_s, backend)
+            key = f"{r:g}"
+            res["velocity"][key] = _run_scenario_case(workdir, float(r), False, 12, timeout_s, backend,
+                                                      workers=0 if workers else None)
             gc.collect()
+            if workers and "failed" not in res["velocity"][key]:
+                w = _run_scenario_case(workdir, float(r), False, 12, timeout_s, backend, workers=int(workers))
+                if "failed" not in w:
+                    w["same_products"] = _same_products(workdir / res["velocity"][key]["out"], workdir / w["out"])
+                res["velocity_workers"][key] = w
+                gc.collect()
         if timeseries_resolution is not None:
             for d in epoch_days:
                 res["timeseries"][f"{int(d)}d"] = _run_scenario_case(workdir, float(timeseries_resolution), True,
@@ -637,6 +684,14 @@ def bench_b4(resolutions: Sequence[float] = (0.005,), timeseries_resolution: flo
             memory[f"gia_run_{key}deg"] = r["run"]["peak_rss_mib"] / 1024
         if isinstance(r.get("generation"), dict):
             times[f"synth_{key}deg"] = r["generation"]["wall_s"]
+    for key, w in res.get("velocity_workers", {}).items():
+        one = res["velocity"][key]
+        if "failed" in w:
+            continue
+        times[f"gia_run_{key}deg_workers{workers}"] = w["run"]["wall_s"]
+        memory[f"gia_run_{key}deg_workers{workers}"] = w["run"]["peak_rss_mib"] / 1024
+        ratios[f"workers{workers}_speedup_{key}deg"] = one["run"]["wall_s"] / w["run"]["wall_s"]
+        targets[f"workers{workers}_same_products_{key}deg"] = all(w["same_products"].values())
     if "0.005" in res["velocity"] and "failed" not in res["velocity"]["0.005"]:
         targets[f"gia_run_0.005deg<{B4_TARGET_S:g}s"] = res["velocity"]["0.005"]["run"]["wall_s"] < B4_TARGET_S
     ts = [r for r in res["timeseries"].values() if "failed" not in r]
@@ -656,8 +711,11 @@ def bench_b4(resolutions: Sequence[float] = (0.005,), timeseries_resolution: flo
 
 
 def run_bench(size: str = "small", cases: Sequence[str] = CASES, backend: str = "auto",
-              out_json: str | os.PathLike | None = None) -> dict[str, Any]:
+              out_json: str | os.PathLike | None = None, workers: int | None = None) -> dict[str, Any]:
     """Run the benchmark cases at ``size`` (``"small"`` runs in seconds, ``"full"`` is the issue's sizes).
+
+    ``workers`` (B4 only) adds the comparison of each velocity run in one process with a run on N local Dask
+    workers (:func:`bench_b4`).
 
     Returns ``{"machine": ..., "size": ..., "results": {case: {...}}}`` and writes it to ``out_json`` (atomic).
     """
@@ -673,7 +731,8 @@ def run_bench(size: str = "small", cases: Sequence[str] = CASES, backend: str = 
     for case in cases:
         params = dict(SIZES[size][case])
         t0 = time.perf_counter()
-        report["results"][case] = runners[case](**params, backend=backend)
+        extra = {"workers": workers} if case == "B4" and workers is not None else {}
+        report["results"][case] = runners[case](**params, backend=backend, **extra)
         report["results"][case]["params"] = params
         report["results"][case]["wall_s"] = time.perf_counter() - t0
         gc.collect()
@@ -719,7 +778,8 @@ def print_table(results: dict[str, Any], console=None) -> None:
             table.add_row("", "", name, "", f"{v:.2f}×")
         for name, v in r.get("peak_rss_gib", {}).items():
             table.add_row("", "", f"peak RSS {name}", "", f"{v:.2f} GiB")
-        for key, sub in {**r.get("velocity", {}), **r.get("timeseries", {})}.items():
+        workers = {f"{k} workers": v for k, v in r.get("velocity_workers", {}).items()}
+        for key, sub in {**r.get("velocity", {}), **workers, **r.get("timeseries", {})}.items():
             if "failed" in sub:
                 table.add_row("", "", f"{key}: FAILED in {sub['failed']}", "", "")
             elif sub.get("stage_share"):

@@ -199,11 +199,15 @@ def _build_app():
                                             "surface, B4 `gia run` end to end (minutes)."),
         backend: str = typer.Option("auto", "--backend", help="auto | numpy | cupy"),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write every figure as JSON."),
+        workers: Optional[int] = typer.Option(None, "--workers",
+                                              help="B4: also run each velocity case on this many local Dask "
+                                                   "workers, against the same run in one process (speed-up, "
+                                                   "memory, products compared bit for bit)."),
     ) -> None:
         """Run the benchmark cases and print times and ratios measured in the same run."""
         from .bench import print_table, run_bench
 
-        print_table(run_bench(size=size, cases=tuple(case), backend=backend, out_json=json_out))
+        print_table(run_bench(size=size, cases=tuple(case), backend=backend, out_json=json_out, workers=workers))
 
     @app.command("report")
     def report_cmd(out: Path = typer.Argument(..., help="A `gia run` output folder.")) -> None:
