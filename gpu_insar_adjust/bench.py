@@ -559,7 +559,8 @@ def _run_scenario_case(workdir: Path, resolution: float, timeseries: bool, epoch
 
     tag = f"r{resolution:g}".replace(".", "p") + (f"_ts{epoch_days}d" if timeseries else "")
     scen = workdir / tag
-    out = workdir / (tag + (f"_w{int(workers)}" if workers else "") + "_out")
+    run_tag = tag + (f"_w{int(workers)}" if workers else "")  # a workers' run keeps its own output and log
+    out = workdir / (run_tag + "_out")
     res: dict[str, Any] = {"resolution_deg": resolution, "timeseries": timeseries,
                            "epoch_days": epoch_days if timeseries else None, "workers": workers,
                            "out": out.name}
@@ -590,7 +591,7 @@ def _run_scenario_case(workdir: Path, resolution: float, timeseries: bool, epoch
            "--gnss", str(scen / "gnss.csv"), "--holdout", str(scen / "gnss_holdout.csv"), "--out", str(out),
            "--overwrite"] + (["--backend", backend] if backend != "auto" else []) \
         + (["--workers", str(int(workers))] if workers is not None else [])
-    run = measure_process(cmd, workdir / (tag + "_run.log"), timeout_s=timeout_s)
+    run = measure_process(cmd, workdir / (run_tag + "_run.log"), timeout_s=timeout_s)
     res["run"] = run
     summary = out / "summary.json"
     if run["returncode"] != 0 or not summary.exists():
@@ -733,7 +734,7 @@ def run_bench(size: str = "small", cases: Sequence[str] = CASES, backend: str = 
         t0 = time.perf_counter()
         extra = {"workers": workers} if case == "B4" and workers is not None else {}
         report["results"][case] = runners[case](**params, backend=backend, **extra)
-        report["results"][case]["params"] = params
+        report["results"][case]["params"] = {**params, **extra}
         report["results"][case]["wall_s"] = time.perf_counter() - t0
         gc.collect()
     if out_json is not None:
