@@ -1,7 +1,7 @@
 """Benchmark suites B1-B4 (pytest-benchmark). Not collected by the default test run (testpaths = tests).
 
     pytest benchmarks                          # small size: seconds
-    GIA_BENCH_SIZE=full pytest benchmarks      # the issue's sizes (B2 needs ~16 GB RAM)
+    GIA_BENCH_SIZE=full pytest benchmarks      # the issue's sizes (B2: a 4 GB cube and its copies, use >= 16 GB of RAM)
     GIA_BENCH_JSON=benchmarks/results/x.json   # also write every figure with the machine description
 
 Each case times this project's kernel with pytest-benchmark and, in the same run, the baselines (MintPy where

@@ -67,8 +67,7 @@ def get_client(scheduler: str | None = None, *, n_workers: int | None = None, th
     else:
         # Dask limits the BLAS/OpenMP threads of each worker process to one; numba's are limited here too, to the
         # worker's threads: otherwise every worker starts a numba thread per core, and their OpenMP threads spin
-        # against each other (two workers on two cores: the per-frame stage at 0.005 deg took 18.6 s, against
-        # 19.6 s in one process and 15.2 s with numba limited)
+        # against each other (two workers on two cores were then barely faster than one process)
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
                                memory_limit=memory_limit, dashboard_address=None,
                                env={"NUMBA_NUM_THREADS": str(int(threads_per_worker))})
