@@ -1168,7 +1168,7 @@ def timeseries_stage(frames, cube_paths, final_corr, hfields, verts, grid, cfg: 
     cube still holds the east motion); only the departure from linear motion comes from the cube itself.
 
     The work streams: frames' cubes are read one epoch at a time, the merged epochs are written to the Zarr store
-    ``work_dir/vertical_displacement.zarr`` a few at a time (``_TS_BUFFER_BYTES``; with Zarr 3 in shards, so
+    ``work_dir/vertical_displacement.zarr`` a few at a time (``_TS_BUFFER_BYTES``; in Zarr 3 shards, so
     that its files grow with the epochs, not with their square) while the sums of the per-pixel trend are
     accumulated, and the returned ``cube`` is that store opened lazily (Dask; blocks of all epochs × a tile of
     pixels of about ``_TS_BLOCK_BYTES``) with the trend correction added lazily: ``work_dir`` must outlive the
@@ -1383,20 +1383,14 @@ def _ts_epochs_per_chunk(n_epochs: int, shape: tuple[int, int]) -> int:
     return int(max(1, min(_TS_MAX_EPOCHS_PER_CHUNK, int(n_epochs), _TS_BUFFER_BYTES // per_epoch)))
 
 
-def _zarr_major() -> int:
-    import zarr
-
-    return int(zarr.__version__.split(".")[0])
-
-
 def _create_epoch_store(path: Path, times, ys, xs, tile, n_epochs_chunk: int = 1):
     """An empty (NaN) Zarr store (time, y, x) float32, chunks of ``n_epochs_chunk`` epochs × ``tile`` pixels;
     returns the Zarr array, to be written ``n_epochs_chunk`` whole epochs at a time.
 
-    With Zarr 3 the store is Zarr format 3 with the chunks in shards of ``n_epochs_chunk`` epochs × whole rows
-    of tiles (at most ``_TS_CHUNKS_PER_SHARD`` chunks): a file per shard, so that a plain at 100 m with hundreds
-    of epochs makes tens of thousands of files, not the millions of one file per chunk (the tiles shrink as the
-    epochs grow, so that count grows as the square of the epochs). Zarr 2 writes format 2, a file per chunk."""
+    The store is Zarr format 3 with the chunks in shards of ``n_epochs_chunk`` epochs × whole rows of tiles (at
+    most ``_TS_CHUNKS_PER_SHARD`` chunks): a file per shard, so that a plain at 100 m with hundreds of epochs
+    makes tens of thousands of files, not the millions of one file per chunk (the tiles shrink as the epochs
+    grow, so that count grows as the square of the epochs)."""
     import shutil
 
     import dask.array as da
@@ -1406,13 +1400,11 @@ def _create_epoch_store(path: Path, times, ys, xs, tile, n_epochs_chunk: int = 1
     shutil.rmtree(path, ignore_errors=True)
     shape = (times.size, ys.size, xs.size)
     chunks = (int(n_epochs_chunk), *tile)
-    encoding = {"chunks": chunks, "_FillValue": np.float32(np.nan)}
-    fmt = 3 if _zarr_major() >= 3 else 2
-    if fmt == 3:
-        tiles_y, tiles_x = -(-shape[1] // tile[0]), -(-shape[2] // tile[1])
-        rows = max(1, min(tiles_y, _TS_CHUNKS_PER_SHARD // tiles_x))  # rows of tiles per shard
-        cols = tiles_x if rows > 1 or tiles_x <= _TS_CHUNKS_PER_SHARD else _TS_CHUNKS_PER_SHARD
-        encoding["shards"] = (chunks[0], rows * tile[0], cols * tile[1])
+    tiles_y, tiles_x = -(-shape[1] // tile[0]), -(-shape[2] // tile[1])
+    rows = max(1, min(tiles_y, _TS_CHUNKS_PER_SHARD // tiles_x))  # rows of tiles per shard
+    cols = tiles_x if rows > 1 or tiles_x <= _TS_CHUNKS_PER_SHARD else _TS_CHUNKS_PER_SHARD
+    encoding = {"chunks": chunks, "_FillValue": np.float32(np.nan),
+                "shards": (chunks[0], rows * tile[0], cols * tile[1])}
     # one Dask chunk: nothing is computed (compute=False), and the graph stays one task whatever the epochs
     template = xr.Dataset(
         {"vertical_displacement": (("time", "y", "x"), da.full(shape, np.nan, dtype=np.float32, chunks=shape),
@@ -1420,21 +1412,9 @@ def _create_epoch_store(path: Path, times, ys, xs, tile, n_epochs_chunk: int = 1
         coords={"time": times, "y": ys, "x": xs})
     # metadata and coordinates only: chunks never written read as the NaN fill value. The store lives only
     # within the run, so Zarr 3's (not yet standard) consolidated metadata is not needed
-    # (zarr_format named only with Zarr 3: zarr-python 2 and the xarray of its time do not take it)
-    fmt_kw = {"zarr_format": fmt} if fmt == 3 else {}
-    try:
-        template.to_zarr(path, mode="w", compute=False, consolidated=fmt == 2,
-                         encoding={"vertical_displacement": encoding}, **fmt_kw)
-    except ValueError as exc:
-        if "shards" not in encoding or "shards" not in str(exc):
-            raise
-        # an xarray that does not pass shards on to Zarr (releases before early 2025): chunks, a file each
-        log.info("time series: this xarray cannot write Zarr shards (%s); the work store holds a file per chunk",
-                 exc)
-        del encoding["shards"]
-        template.to_zarr(path, mode="w", compute=False, consolidated=False,
-                         encoding={"vertical_displacement": encoding}, **fmt_kw)
-    return zarr.open_group(str(path), mode="r+", **fmt_kw)["vertical_displacement"]
+    template.to_zarr(path, mode="w", compute=False, consolidated=False,
+                     encoding={"vertical_displacement": encoding}, zarr_format=3)
+    return zarr.open_group(str(path), mode="r+", zarr_format=3)["vertical_displacement"]
 
 
 def _open_epoch_store(path: Path, times, ys, xs, chunks, fix, t_yr, grid):
@@ -1446,7 +1426,7 @@ def _open_epoch_store(path: Path, times, ys, xs, chunks, fix, t_yr, grid):
     with warnings.catch_warnings():
         # blocks of one epoch over chunks of several are meant (see timeseries_stage): not a user's concern
         warnings.filterwarnings("ignore", "The specified chunks separate the stored chunks", UserWarning)
-        ds = xr.open_zarr(path, chunks=chunks, consolidated=_zarr_major() < 3)
+        ds = xr.open_zarr(path, chunks=chunks, consolidated=False)
     cube = ds["vertical_displacement"].assign_coords(time=times, y=ys, x=xs)
     if fix is not None:
         import dask.array as da

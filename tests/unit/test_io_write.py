@@ -137,9 +137,10 @@ def test_netcdf_chunks_tile_the_dask_chunks(tmp_path):
 def test_zarr_round_trip_and_replace(tmp_path):
     cube = _cube()
     write_zarr(cube, tmp_path / "cube.zarr")
-    write_zarr(cube * 2, tmp_path / "cube.zarr")  # replacing an existing store
+    doubled = (cube * 2).assign_attrs(cube.attrs)  # arithmetic keeps no attributes before xarray 2025.11
+    write_zarr(doubled, tmp_path / "cube.zarr")  # replacing an existing store
     with xr.open_zarr(tmp_path / "cube.zarr") as back:
-        _check_cube(back, (cube * 2).assign_attrs(units="mm"))
+        _check_cube(back, doubled)
     assert _leftovers(tmp_path) == []
 
 

@@ -235,41 +235,13 @@ def test_store_files_grow_with_epochs_not_with_their_square(setup, tmp_path, mon
     chunk_files = [f for f in (store / "vertical_displacement").rglob("*") if f.is_file()
                    and f.name not in ("zarr.json", ".zarray", ".zattrs")]
     assert arr.chunks[0] == 8  # epochs per chunk: the whole 0.1° grid is far below the buffer
-    if int(zarr.__version__.split(".")[0]) >= 3:
-        assert arr.shards is not None and arr.shards[0] == 8
-        # 33 epochs in 5 groups of (up to) 8, each group in one shard of whole rows of tiles, or in a shard per
-        # tile when a shard may hold a single chunk
-        # (at most: Zarr does not write a shard whose chunks are all NaN)
-        per_group = 1 if chunks_per_shard >= tiles else tiles
-        assert 5 <= len(chunk_files) <= 5 * per_group
-    else:
-        assert 5 <= len(chunk_files) <= 5 * tiles
+    assert arr.shards is not None and arr.shards[0] == 8
+    # 33 epochs in 5 groups of (up to) 8, each group in one shard of whole rows of tiles, or in a shard per tile
+    # when a shard may hold a single chunk (at most: Zarr does not write a shard whose chunks are all NaN)
+    per_group = 1 if chunks_per_shard >= tiles else tiles
+    assert 5 <= len(chunk_files) <= 5 * per_group
     # read back through the lazy cube as written
     np.testing.assert_array_equal(np.isfinite(out["cube"].values), np.isfinite(arr[...]))
-
-
-def test_store_without_shards_when_xarray_cannot_write_them(setup, tmp_path, monkeypatch):
-    """An xarray release that does not pass ``shards`` on to Zarr (before early 2025) refuses the encoding: the
-    store then holds unsharded chunks of several epochs, and the stage's results are the same."""
-    if pipeline._zarr_major() < 3:
-        pytest.skip("Zarr 2 writes no shards in the first place")
-    original = xr.Dataset.to_zarr
-
-    def no_shards(self, *args, encoding=None, **kwargs):
-        if encoding and any("shards" in e for e in encoding.values()):
-            raise ValueError("unexpected encoding parameters for zarr backend:  ['shards']")
-        return original(self, *args, encoding=encoding, **kwargs)
-
-    cfg = GiaConfig()
-    want = _run(setup, cfg, tmp_path / "sharded")
-    monkeypatch.setattr(xr.Dataset, "to_zarr", no_shards)
-    got = _run(setup, cfg, tmp_path / "plain")
-    store = tmp_path / "plain" / "vertical_displacement.zarr"
-    arr = zarr.open_array(store, path="vertical_displacement", mode="r")
-    assert arr.shards is None and arr.chunks[0] == 8
-    np.testing.assert_array_equal(got["cube"].values, want["cube"].values)
-    np.testing.assert_array_equal(got["annual"]["annual_velocity"].values,
-                                  want["annual"]["annual_velocity"].values)
 
 
 def _traced_peak(fn) -> int:
@@ -302,7 +274,7 @@ def test_peak_memory_does_not_grow_with_epochs(setup_fine, tmp_path, monkeypatch
     for label, paths in (("T", s["cube_paths"]), ("2T", dense)):
         peaks[label] = _traced_peak(lambda: _run(s, cfg, tmp_path / label, cube_paths=paths))
     n_t = {lab: xr.open_zarr(tmp_path / lab / "vertical_displacement.zarr",
-                             consolidated=pipeline._zarr_major() < 3)["time"].size for lab in ("T", "2T")}
+                             consolidated=False)["time"].size for lab in ("T", "2T")}
     assert (n_t["T"], n_t["2T"]) == (33, 66)
     input_growth = sum(p.stat().st_size for p in dense) - sum(p.stat().st_size for p in s["cube_paths"])
     merged_growth = (n_t["2T"] - n_t["T"]) * s["grid"].shape[0] * s["grid"].shape[1] * 4
