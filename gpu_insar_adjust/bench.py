@@ -549,17 +549,18 @@ def measure_process(cmd: Sequence[str], log_path: str | os.PathLike, poll_s: flo
 
 def _run_scenario_case(workdir: Path, resolution: float, timeseries: bool, epoch_days: int,
                        timeout_s: float | None, backend: str = "auto",
-                       workers: int | None = None) -> dict[str, Any]:
+                       workers: int | None = None, variant: str = "") -> dict[str, Any]:
     """Generate one scenario (own process), then ``gia run`` it (own process); every figure of both.
 
     ``workers`` is passed to ``gia run --workers`` (0: frames adjusted in the run's own process; None: the
-    configuration's default, ``auto``); a run with workers writes to its own output folder.
+    configuration's default, ``auto``); a run with workers, or with a ``variant`` name, writes to its own output
+    folder and log.
     """
     import sys
 
     tag = f"r{resolution:g}".replace(".", "p") + (f"_ts{epoch_days}d" if timeseries else "")
     scen = workdir / tag
-    run_tag = tag + (f"_w{int(workers)}" if workers else "")  # a workers' run keeps its own output and log
+    run_tag = tag + variant + (f"_w{int(workers)}" if workers else "")  # a variant keeps its own output and log
     out = workdir / (run_tag + "_out")
     res: dict[str, Any] = {"resolution_deg": resolution, "timeseries": timeseries,
                            "epoch_days": epoch_days if timeseries else None, "workers": workers,
@@ -625,9 +626,35 @@ def _same_products(out_a: str | os.PathLike, out_b: str | os.PathLike) -> dict[s
     return same
 
 
+def _product_differences(out_a: str | os.PathLike, out_b: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """Per GeoTIFF product of two ``gia run`` output folders: the largest absolute difference where both hold a
+    value (the product's units, mm/yr for velocities) and the number of pixels that hold a value in one run and
+    not in the other; a product missing from one folder gets ``{"missing": 1.0}``."""
+    import rasterio
+
+    a, b = Path(out_a), Path(out_b)
+    names = sorted({p.name for p in a.glob("*.tif")} | {p.name for p in b.glob("*.tif")})
+    diff: dict[str, dict[str, float]] = {}
+    for name in names:
+        if not ((a / name).exists() and (b / name).exists()):
+            diff[name] = {"missing": 1.0}
+            continue
+        with rasterio.open(a / name) as fa, rasterio.open(b / name) as fb:
+            x, y = fa.read().astype(np.float64), fb.read().astype(np.float64)
+        if x.shape != y.shape:
+            diff[name] = {"missing": 1.0}
+            continue
+        fx, fy = np.isfinite(x), np.isfinite(y)
+        both = fx & fy
+        diff[name] = {"max_abs_diff": float(np.max(np.abs(x[both] - y[both]))) if both.any() else 0.0,
+                      "valid_mismatch_pixels": float(np.count_nonzero(fx != fy))}
+    return diff
+
+
 def bench_b4(resolutions: Sequence[float] = (0.005,), timeseries_resolution: float | None = 0.005,
              epoch_days: Sequence[int] = (72, 24), backend: str = "auto", workdir: str | os.PathLike | None = None,
-             timeout_s: float | None = 1800.0, workers: int | None = None) -> dict[str, Any]:
+             timeout_s: float | None = 1800.0, workers: int | None = None,
+             cpu_baseline: bool | None = None) -> dict[str, Any]:
     """B4: ``gia run`` end to end on the embedded scenario at each resolution (degrees), plus the time-series
     variant at ``timeseries_resolution`` for each of ``epoch_days`` (peak RSS should not depend on the epochs).
 
@@ -640,6 +667,11 @@ def bench_b4(resolutions: Sequence[float] = (0.005,), timeseries_resolution: flo
     frames in its own process (``--workers 0``), then once more on a local Dask cluster of N workers
     (``--workers N``); the result gives both wall times, their ratio (``workers{N}_speedup_…``), the workers'
     memory and whether every GeoTIFF product is the same bit for bit.
+
+    ``cpu_baseline`` (default: on when the runs are on a GPU, ``backend`` "cupy" or "auto" with one) runs each velocity case once more with
+    ``--backend numpy`` on the same machine, right after the run under test: the ratio of the two wall times
+    (``gpu_speedup_…``; the GPU target at 0.001° is ≥ 10) and the largest difference of every product
+    between the two backends.
     """
     if workers is not None and int(workers) < 1:
         from .errors import ConfigError
@@ -656,9 +688,15 @@ def bench_b4(resolutions: Sequence[float] = (0.005,), timeseries_resolution: flo
         workdir = tmp
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if cpu_baseline is None:
+        from .backend import gpu_available
+
+        cpu_baseline = backend != "numpy" and gpu_available()  # the run under test is on the GPU
     res: dict[str, Any] = {"case": "B4", "backend": backend, "velocity": {}, "timeseries": {}}
     if workers:
         res["velocity_workers"] = {}
+    if cpu_baseline:
+        res["velocity_cpu"] = {}
     try:
         for r in resolutions:
             key = f"{r:g}"
@@ -670,6 +708,14 @@ def bench_b4(resolutions: Sequence[float] = (0.005,), timeseries_resolution: flo
                 if "failed" not in w:
                     w["same_products"] = _same_products(workdir / res["velocity"][key]["out"], workdir / w["out"])
                 res["velocity_workers"][key] = w
+                gc.collect()
+            if cpu_baseline and "failed" not in res["velocity"][key]:
+                c = _run_scenario_case(workdir, float(r), False, 12, timeout_s, "numpy",
+                                       workers=0 if workers else None, variant="_numpy")
+                if "failed" not in c:
+                    c["product_differences"] = _product_differences(workdir / res["velocity"][key]["out"],
+                                                                    workdir / c["out"])
+                res["velocity_cpu"][key] = c
                 gc.collect()
         if timeseries_resolution is not None:
             for d in epoch_days:
@@ -693,6 +739,14 @@ def bench_b4(resolutions: Sequence[float] = (0.005,), timeseries_resolution: flo
         memory[f"gia_run_{key}deg_workers{workers}"] = w["run"]["peak_rss_mib"] / 1024
         ratios[f"workers{workers}_speedup_{key}deg"] = one["run"]["wall_s"] / w["run"]["wall_s"]
         targets[f"workers{workers}_same_products_{key}deg"] = all(w["same_products"].values())
+    for key, c in res.get("velocity_cpu", {}).items():
+        if "failed" in c:
+            continue
+        times[f"gia_run_{key}deg_numpy"] = c["run"]["wall_s"]
+        memory[f"gia_run_{key}deg_numpy"] = c["run"]["peak_rss_mib"] / 1024
+        ratios[f"gpu_speedup_{key}deg"] = c["run"]["wall_s"] / res["velocity"][key]["run"]["wall_s"]
+        if key == "0.001":
+            targets["gpu_speedup_0.001deg>=10"] = ratios["gpu_speedup_0.001deg"] >= 10.0
     if "0.005" in res["velocity"] and "failed" not in res["velocity"]["0.005"]:
         targets[f"gia_run_0.005deg<{B4_TARGET_S:g}s"] = res["velocity"]["0.005"]["run"]["wall_s"] < B4_TARGET_S
     ts = [r for r in res["timeseries"].values() if "failed" not in r]
@@ -780,7 +834,8 @@ def print_table(results: dict[str, Any], console=None) -> None:
         for name, v in r.get("peak_rss_gib", {}).items():
             table.add_row("", "", f"peak RSS {name}", "", f"{v:.2f} GiB")
         workers = {f"{k} workers": v for k, v in r.get("velocity_workers", {}).items()}
-        for key, sub in {**r.get("velocity", {}), **workers, **r.get("timeseries", {})}.items():
+        cpu = {f"{k} numpy": v for k, v in r.get("velocity_cpu", {}).items()}
+        for key, sub in {**r.get("velocity", {}), **workers, **cpu, **r.get("timeseries", {})}.items():
             if "failed" in sub:
                 table.add_row("", "", f"{key}: FAILED in {sub['failed']}", "", "")
             elif sub.get("stage_share"):

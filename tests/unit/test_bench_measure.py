@@ -64,3 +64,25 @@ def test_b4_workers_comparison_rejects_no_workers(tmp_path):
     with pytest.raises(GiaError, match="workers"):
         bench_b4(resolutions=(0.05,), timeseries_resolution=None, workdir=tmp_path, workers=0)
     assert not any(tmp_path.iterdir())  # nothing generated
+
+
+def test_product_differences_between_backends(tmp_path):
+    """The backends' products are compared by their largest difference where both hold a value, and by the
+    pixels that hold a value in one run only."""
+    import numpy as np
+
+    from gpu_insar_adjust.bench import _product_differences
+
+    a, b = tmp_path / "gpu", tmp_path / "cpu"
+    a.mkdir(), b.mkdir()
+    v = np.array([[1.0, np.nan, 3.0], [0.0, -2.5, 7.0]])
+    w = v.copy()
+    w[0, 0] += 0.25  # the largest difference
+    w[1, 2] -= 0.125
+    w[1, 0] = np.nan  # a value in one run only
+    _tif(a / "vertical_velocity.tif", v)
+    _tif(b / "vertical_velocity.tif", w)
+    _tif(a / "east_velocity.tif", v)
+    d = _product_differences(a, b)
+    assert d["vertical_velocity.tif"] == {"max_abs_diff": 0.25, "valid_mismatch_pixels": 1.0}
+    assert d["east_velocity.tif"] == {"missing": 1.0}
