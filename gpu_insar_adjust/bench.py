@@ -55,7 +55,7 @@ B4_TARGET_S = 60.0  # `gia run` at 0.005° on a CPU
 # --------------------------------------------------------------------------------------------------------------
 def machine_info() -> dict[str, Any]:
     """CPU model, usable cores, RAM, GPU (if any), library versions and the date."""
-    info: dict[str, Any] = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    info: dict[str, Any] = {"date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                             "python": platform.python_version(), "platform": platform.platform()}
     model = platform.processor()
     try:
@@ -579,6 +579,7 @@ def _run_scenario_case(workdir: Path, resolution: float, timeseries: bool, epoch
         res["generation"] = "reused an existing scenario folder"
     meta = json.loads((scen / "truth" / "scenario.json").read_text())
     res["grid_shape"] = meta.get("grid_shape")
+    res["scenario_bytes"] = int(sum(p.stat().st_size for p in scen.rglob("*") if p.is_file()))
     frames = sorted(p for p in (scen / "frames").iterdir() if p.is_dir())
     res["n_frames"] = len(frames)
     cubes = sorted((scen / "frames").rglob("cum.h5"))
@@ -607,13 +608,23 @@ def _run_scenario_case(workdir: Path, resolution: float, timeseries: bool, epoch
     return res
 
 
+def _geotiffs(out_a: Path, out_b: Path) -> list[str]:
+    """The GeoTIFFs below either of two ``gia run`` output folders (the mosaics and the per-frame rasters under
+    ``frames/``), as paths relative to the folder; the run's resume cache (``work/``) is not a product."""
+    found = set()
+    for root in (out_a, out_b):
+        rel = (p.relative_to(root) for p in root.rglob("*.tif"))
+        found |= {r.as_posix() for r in rel if r.parts[0] != "work"}
+    return sorted(found)
+
+
 def _same_products(out_a: str | os.PathLike, out_b: str | os.PathLike) -> dict[str, bool]:
     """Whether every GeoTIFF product of two ``gia run`` output folders holds the same values bit for bit (NaN
-    equal to NaN), by file name; a file missing from one folder counts as different."""
+    equal to NaN), by path relative to the folder; a file missing from one folder counts as different."""
     import rasterio
 
     a, b = Path(out_a), Path(out_b)
-    names = sorted({p.name for p in a.glob("*.tif")} | {p.name for p in b.glob("*.tif")})
+    names = _geotiffs(a, b)
     same: dict[str, bool] = {}
     for name in names:
         if not ((a / name).exists() and (b / name).exists()):
@@ -633,7 +644,7 @@ def _product_differences(out_a: str | os.PathLike, out_b: str | os.PathLike) -> 
     import rasterio
 
     a, b = Path(out_a), Path(out_b)
-    names = sorted({p.name for p in a.glob("*.tif")} | {p.name for p in b.glob("*.tif")})
+    names = _geotiffs(a, b)
     diff: dict[str, dict[str, float]] = {}
     for name in names:
         if not ((a / name).exists() and (b / name).exists()):
@@ -664,14 +675,16 @@ def bench_b4(resolutions: Sequence[float] = (0.005,), timeseries_resolution: flo
     configuration.
 
     ``workers`` (N ≥ 1) adds a comparison at each resolution of the velocity case: the run there adjusts its
-    frames in its own process (``--workers 0``), then once more on a local Dask cluster of N workers
-    (``--workers N``); the result gives both wall times, their ratio (``workers{N}_speedup_…``), the workers'
-    memory and whether every GeoTIFF product is the same bit for bit.
+    frames in its own process (``--workers 0`` instead of the default ``auto``, which starts local workers on
+    machines with 4 cores or more), then once more on a local Dask cluster of N workers (``--workers N``); the
+    result gives both wall times, their ratio (``workers{N}_speedup_…``), the workers' memory and whether every
+    GeoTIFF product (mosaics and per-frame rasters) is the same bit for bit.
 
-    ``cpu_baseline`` (default: on when the runs are on a GPU, ``backend`` "cupy" or "auto" with one) runs each velocity case once more with
-    ``--backend numpy`` on the same machine, right after the run under test: the ratio of the two wall times
-    (``gpu_speedup_…``; the GPU target at 0.001° is ≥ 10) and the largest difference of every product
-    between the two backends.
+    ``cpu_baseline`` (default: on when the runs are on a GPU, ``backend`` "cupy" or "auto" with one) runs each
+    velocity case once more with ``--backend numpy`` on the same machine, right after the run under test: the
+    ratio of the two wall times (``gpu_speedup_…``; the GPU target at 0.001° is ≥ 10) and the largest
+    difference of every product between the two backends. A comparison whose second run fails reports its
+    target as missed.
     """
     if workers is not None and int(workers) < 1:
         from .errors import ConfigError
@@ -706,7 +719,8 @@ def bench_b4(resolutions: Sequence[float] = (0.005,), timeseries_resolution: flo
             if workers and "failed" not in res["velocity"][key]:
                 w = _run_scenario_case(workdir, float(r), False, 12, timeout_s, backend, workers=int(workers))
                 if "failed" not in w:
-                    w["same_products"] = _same_products(workdir / res["velocity"][key]["out"], workdir / w["out"])
+                    w["same_products"] = _same_products(workdir / res["velocity"][key]["out"],
+                                                        workdir / w["out"])
                 res["velocity_workers"][key] = w
                 gc.collect()
             if cpu_baseline and "failed" not in res["velocity"][key]:
@@ -734,13 +748,17 @@ def bench_b4(resolutions: Sequence[float] = (0.005,), timeseries_resolution: flo
     for key, w in res.get("velocity_workers", {}).items():
         one = res["velocity"][key]
         if "failed" in w:
+            targets[f"workers{workers}_same_products_{key}deg"] = False  # the comparison run did not finish
             continue
         times[f"gia_run_{key}deg_workers{workers}"] = w["run"]["wall_s"]
         memory[f"gia_run_{key}deg_workers{workers}"] = w["run"]["peak_rss_mib"] / 1024
         ratios[f"workers{workers}_speedup_{key}deg"] = one["run"]["wall_s"] / w["run"]["wall_s"]
-        targets[f"workers{workers}_same_products_{key}deg"] = all(w["same_products"].values())
+        targets[f"workers{workers}_same_products_{key}deg"] = bool(w["same_products"]) and all(
+            w["same_products"].values())
     for key, c in res.get("velocity_cpu", {}).items():
         if "failed" in c:
+            if key == "0.001":
+                targets["gpu_speedup_0.001deg>=10"] = False  # no ratio without the CPU run
             continue
         times[f"gia_run_{key}deg_numpy"] = c["run"]["wall_s"]
         memory[f"gia_run_{key}deg_numpy"] = c["run"]["peak_rss_mib"] / 1024
@@ -781,6 +799,14 @@ def run_bench(size: str = "small", cases: Sequence[str] = CASES, backend: str = 
     bad = [c for c in cases if c not in CASES]
     if bad:
         raise ConfigError(f"Unknown benchmark case(s) {bad}.", field="cases", fix=f"choose from {CASES}")
+    if workers is not None:
+        if "B4" not in cases:
+            raise ConfigError(f"workers={workers!r} applies to case B4 only, which is not among {list(cases)}.",
+                              field="workers", fix="add --case B4, or leave --workers out")
+        if int(workers) < 1:
+            raise ConfigError(f"B4 workers={workers!r}: the comparison needs at least one worker.",
+                              field="workers", fix="pass N >= 1 (the in-process run is always part of the "
+                                                   "comparison), or leave it out")
     runners = {"B1": bench_b1, "B2": bench_b2, "B3": bench_b3, "B4": bench_b4}
     report: dict[str, Any] = {"machine": machine_info(), "size": size, "results": {}}
     for case in cases:
