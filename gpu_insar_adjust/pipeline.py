@@ -621,7 +621,8 @@ def _adjust_one(frame, *, stations, config, holdout, backend_name: str = "numpy"
 
 #: Host memory one worker needs to adjust a frame, per frame pixel, plus its process (imports, numba, GDAL):
 #: the frame's rasters, the pixel features and the candidate's float64 surface and σ in row chunks. Measured:
-#: two workers on the 0.001° scenario (frames up to ~9.6 M pixels) peaked at 3.9 GiB together, ~170 B/pixel
+#: two workers on the 0.001° scenario (frames up to ~9.6 M pixels) peaked at 4.12 GiB together, ~190 B/pixel
+#: above a 400 MiB base each (benchmarks/results/cpu-2026-11-25-b4-full-workers.json)
 _WORKER_BYTES_PER_PIXEL = 200
 _WORKER_BASE_BYTES = 400 * 2**20
 

@@ -720,7 +720,7 @@ def write_report(out_dir: str | os.PathLike, summary: Mapping, *, vertical_veloc
         if p.name not in written and p.exists():
             p.unlink()
 
-    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     version = _get(summary, "provenance", "version")
     nav = "<nav>" + "".join(f'<a href="#{a}">{_e(h)}</a>' for a, h, _ in sections) + "</nav>"
     body = "".join(f'<section id="{a}"><h2>{_e(h)}</h2>{b}</section>' for a, h, b in sections)
