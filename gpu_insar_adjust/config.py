@@ -129,9 +129,15 @@ class AnalysisConfig(_Section):
 
 
 class OutputConfig(_Section):
-    cog: bool = Field(True, description="Write rasters as Cloud-Optimized GeoTIFF (tiled, with overviews).")
-    netcdf: bool = Field(True, description="Also write the gridded products as one NetCDF file.")
-    zarr: bool = Field(False, description="Also write cubes as Zarr (needs the 'zarr' package).")
+    cog: bool = Field(True, description="Write rasters as Cloud-Optimized GeoTIFF (tiled, with overviews); false: "
+                                        "plain tiled GeoTIFF, no overviews.")
+    netcdf: bool = Field(False, description="Also write the gridded velocity products (vertical, east and their "
+                                            "sigmas, mm/yr) as one NetCDF file, velocity.nc.")
+    zarr: bool = Field(False, description="Also write the vertical displacement cube of a time-series run as "
+                                          "Zarr, vertical_displacement.zarr (beside the NetCDF cube).")
+    compress_level: int = Field(1, ge=1, le=9, description="DEFLATE/zlib level of the GeoTIFF and NetCDF "
+                                                           "products: 1 writes fastest, 9 smallest (GDAL's "
+                                                           "default is 6; the values are the same).")
     report: bool = Field(True, description="Write report.html and PNG figures.")
 
 

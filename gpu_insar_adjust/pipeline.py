@@ -680,7 +680,6 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
     from .analysis.validation import validate_against_gnss
     from .geodesy import horizontal as hz
     from .io.frames import list_frames, open_frame
-    from .io.write import write_cog
     from .mosaic import decompose_up_east, merge_frames, overlap_pairs, resample_footprint, sample_overlap, target_grid
     from .network import GnssTies, NetworkSolution, OverlapSamples, SplineBasis, frame_misfit_sigmas, solve_network
 
@@ -1088,25 +1087,52 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
 
     # 7. products ---------------------------------------------------------------------------------------------
     with stage("write products", log):
-        write_cog(v_da, out / "vertical_velocity.tif")
-        write_cog(grid_da(vertical_std, "vertical_velocity_std"), out / "vertical_velocity_std.tif")
+        velocity = {"vertical_velocity": v_da,
+                    "vertical_velocity_std": grid_da(vertical_std, "vertical_velocity_std")}
         if np.isfinite(east).any():
-            write_cog(grid_da(east, "east_velocity"), out / "east_velocity.tif")
-            write_cog(grid_da(east_std, "east_velocity_std"), out / "east_velocity_std.tif")
-        (out / "frames").mkdir(exist_ok=True)
-        for k, fr in enumerate(frames):
-            write_cog(_frame_da(fr, final_corr[k], "correction"), out / "frames" / f"{ids[k]}.correction.tif")
-            write_cog(_frame_da(fr, los_adj[k], "los_adjusted"), out / "frames" / f"{ids[k]}.los_adjusted.tif")
-        if ts is not None:
-            from .io.write import write_netcdf
-
-            write_netcdf(ts["cube"].to_dataset(name="vertical_displacement"), out / "vertical_displacement.nc")
-            write_netcdf(ts["annual"], out / "annual_vertical_velocity.nc")
-            write_cog(ts["cumulative"], out / "cumulative_vertical_displacement.tif")
+            velocity.update(east_velocity=grid_da(east, "east_velocity"),
+                            east_velocity_std=grid_da(east_std, "east_velocity_std"))
+        per_frame = {ids[k]: {"correction": _frame_da(fr, final_corr[k], "correction"),
+                              "los_adjusted": _frame_da(fr, los_adj[k], "los_adjusted")}
+                     for k, fr in enumerate(frames)}
+        write_products(out, cfg.output, velocity, per_frame, ts)
     return RunResult(summary=summary, out_dir=out, vertical_velocity=v_da, cumulative=None if ts is None else
                      ts["cumulative"],
                      vertical_velocity_std=grid_da(vertical_std, "vertical_velocity_std"),
                      east_velocity=grid_da(east, "east_velocity"), frames=ids)
+
+
+def write_products(out: Path, output, velocity: dict, per_frame: dict, ts: dict | None = None) -> list[Path]:
+    """Write a run's products into ``out`` as ``output`` (:class:`config.OutputConfig`) asks; returns the paths.
+
+    ``velocity``: grid DataArrays by product name (``vertical_velocity``, ``vertical_velocity_std`` and, where
+    look directions cross, ``east_velocity``/``east_velocity_std``), each written as ``<name>.tif`` and, with
+    ``output.netcdf``, together as ``velocity.nc``. ``per_frame``: ``{frame_id: {"correction": da,
+    "los_adjusted": da}}``, written as ``frames/<id>.<kind>.tif``. ``ts`` (a time-series run): its cube as
+    ``vertical_displacement.nc`` (and ``vertical_displacement.zarr`` with ``output.zarr``), its annual rates as
+    ``annual_vertical_velocity.nc`` and the cumulative displacement as ``cumulative_vertical_displacement.tif``.
+    GeoTIFFs are COGs unless ``output.cog`` is false; ``output.compress_level`` sets the DEFLATE/zlib level.
+    """
+    from .io.write import write_cog, write_netcdf, write_zarr
+
+    tif = functools.partial(write_cog, cog=output.cog, level=output.compress_level)
+    nc = functools.partial(write_netcdf, complevel=output.compress_level)
+    written = [tif(da, out / f"{name}.tif") for name, da in velocity.items()]
+    if output.netcdf:
+        import xarray as xr
+
+        written.append(nc(xr.Dataset(velocity), out / "velocity.nc"))
+    (out / "frames").mkdir(exist_ok=True)
+    for fid, rasters in per_frame.items():
+        written += [tif(da, out / "frames" / f"{fid}.{kind}.tif") for kind, da in rasters.items()]
+    if ts is not None:
+        cube = ts["cube"].to_dataset(name="vertical_displacement")
+        written.append(nc(cube, out / "vertical_displacement.nc"))
+        if output.zarr:
+            written.append(write_zarr(cube, out / "vertical_displacement.zarr"))
+        written.append(nc(ts["annual"], out / "annual_vertical_velocity.nc"))
+        written.append(tif(ts["cumulative"], out / "cumulative_vertical_displacement.tif"))
+    return written
 
 
 def _frame_summary(report: dict) -> dict:
