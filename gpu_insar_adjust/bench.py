@@ -599,6 +599,9 @@ def _run_scenario_case(workdir: Path, resolution: float, timeseries: bool, epoch
     if run["returncode"] != 0 or not summary.exists():
         res["failed"] = f"gia run (last stage started: {run['last_stage_started']})"
         return res
+    # the products' size on disk (the resume cache under work/ is not a product)
+    res["product_bytes"] = int(sum(p.stat().st_size for p in out.rglob("*")
+                                   if p.is_file() and p.relative_to(out).parts[0] != "work"))
     prov = json.loads(summary.read_text()).get("provenance", {})
     stages = prov.get("stage_seconds", {})
     res["stage_seconds"] = stages

@@ -287,8 +287,8 @@ def write_cog(dataarray, path: str | os.PathLike, *, blocksize: int = 512, compr
 
     float32, NaN nodata, the DataArray's CRS and transform, internal tiles of ``blocksize`` pixels, overviews
     down to one tile (GDAL's COG driver), ``compress`` (DEFLATE with the floating-point predictor by default)
-    at ``level`` (DEFLATE/ZSTD; None: GDAL's default, 6 for DEFLATE; level 1 writes a 6000 × 5500 grid about a
-    quarter faster for 0.7 % more bytes, the same values). Boolean arrays (masks) are written as 0/1 with
+    at ``level`` (DEFLATE/ZSTD; None: GDAL's default, 6 for DEFLATE; level 1 writes faster for slightly larger
+    files, the same values: benchmarks/README.md, "Products at compression level 1"). Boolean arrays (masks) are written as 0/1 with
     nearest-neighbour overviews; other data use ``average`` overviews (NaN-aware) unless ``resampling`` says
     otherwise. ``cog=False`` writes a plain tiled GeoTIFF instead (same tiles and compression, no overviews).
     Attributes ``units``/``long_name`` become GDAL metadata. Returns the path.
@@ -435,7 +435,7 @@ def write_netcdf(obj, path: str | os.PathLike, *, compress: bool = True, complev
                  overwrite: bool = True) -> Path:
     """Write a Dataset/DataArray (frame, cube, product) to NetCDF-4, atomically; CF attributes, CRS as the
     ``spatial_ref`` grid mapping, NaN fill value for floats, zlib compression at ``complevel`` (1-9; level 1
-    writes a 126-epoch cube about 15 % faster than level 4 for 0.5 % more bytes, the same values). Dask-backed
+    writes fastest, for slightly larger files than higher levels, the same values). Dask-backed
     data are written chunk by chunk. Raises :class:`OutputError` (and leaves no file) if a variable holds
     +/-inf or is complex. Returns the path."""
     final = Path(path)
