@@ -104,7 +104,8 @@ def _prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     import shutil
 
-    for stale in list(out.rglob(".*.tmp")):
+    # temporaries, and a product moved aside while its replacement was renamed into place (atomic_output)
+    for stale in list(out.rglob(".*.tmp")) + list(out.rglob(".*.old")):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
@@ -1102,6 +1103,12 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                      east_velocity=grid_da(east, "east_velocity"), frames=ids)
 
 
+#: products a run may or may not write, by name in the output folder (besides frames/*.tif)
+_OPTIONAL_PRODUCTS = ("east_velocity.tif", "east_velocity_std.tif", "velocity.nc", "vertical_displacement.nc",
+                      "vertical_displacement.zarr", "annual_vertical_velocity.nc",
+                      "cumulative_vertical_displacement.tif")
+
+
 def write_products(out: Path, output, velocity: dict, per_frame: dict, ts: dict | None = None) -> list[Path]:
     """Write a run's products into ``out`` as ``output`` (:class:`config.OutputConfig`) asks; returns the paths.
 
@@ -1112,8 +1119,29 @@ def write_products(out: Path, output, velocity: dict, per_frame: dict, ts: dict 
     ``vertical_displacement.nc`` (and ``vertical_displacement.zarr`` with ``output.zarr``), its annual rates as
     ``annual_vertical_velocity.nc`` and the cumulative displacement as ``cumulative_vertical_displacement.tif``.
     GeoTIFFs are COGs unless ``output.cog`` is false; ``output.compress_level`` sets the DEFLATE/zlib level.
+    Products of an earlier run in ``out`` that this run does not write (the optional ones above, per-frame
+    rasters of other frames) are removed first.
     """
+    import shutil
+
     from .io.write import write_cog, write_netcdf, write_zarr
+
+    # products of an earlier run in this folder that this run does not write would pass for its own (other
+    # settings, no east component, no time series, other frames): removed first
+    wanted = {f"{name}.tif" for name in velocity}
+    wanted |= {f"frames/{fid}.{kind}.tif" for fid, rasters in per_frame.items() for kind in rasters}
+    if output.netcdf:
+        wanted.add("velocity.nc")
+    if ts is not None:
+        wanted |= {"vertical_displacement.nc", "annual_vertical_velocity.nc",
+                   "cumulative_vertical_displacement.tif"}
+        if output.zarr:
+            wanted.add("vertical_displacement.zarr")
+    known = [out / n for n in _OPTIONAL_PRODUCTS] + sorted((out / "frames").glob("*.tif"))
+    for path in known:
+        if path.exists() and path.relative_to(out).as_posix() not in wanted:
+            log.info("removing %s: a product of an earlier run that this run does not write", path)
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     tif = functools.partial(write_cog, cog=output.cog, level=output.compress_level)
     nc = functools.partial(write_netcdf, complevel=output.compress_level)

@@ -288,10 +288,10 @@ def write_cog(dataarray, path: str | os.PathLike, *, blocksize: int = 512, compr
     float32, NaN nodata, the DataArray's CRS and transform, internal tiles of ``blocksize`` pixels, overviews
     down to one tile (GDAL's COG driver), ``compress`` (DEFLATE with the floating-point predictor by default)
     at ``level`` (DEFLATE/ZSTD; None: GDAL's default, 6 for DEFLATE; level 1 writes faster for slightly larger
-    files, the same values: benchmarks/README.md, "Products at compression level 1"). Boolean arrays (masks) are written as 0/1 with
-    nearest-neighbour overviews; other data use ``average`` overviews (NaN-aware) unless ``resampling`` says
-    otherwise. ``cog=False`` writes a plain tiled GeoTIFF instead (same tiles and compression, no overviews).
-    Attributes ``units``/``long_name`` become GDAL metadata. Returns the path.
+    files, the same values: benchmarks/README.md, "Products at compression level 1"). Boolean arrays (masks)
+    are written as 0/1 with nearest-neighbour overviews; other data use ``average`` overviews (NaN-aware)
+    unless ``resampling`` says otherwise. ``cog=False`` writes a plain tiled GeoTIFF instead (same tiles and
+    compression, no overviews). Attributes ``units``/``long_name`` become GDAL metadata. Returns the path.
 
     Raises :class:`OutputError` (and writes nothing) if the array holds +/-inf — also after the conversion to
     float32, which turns values beyond +/-3.4e38 into inf — or has a non-numeric dtype.
@@ -463,11 +463,14 @@ def write_netcdf(obj, path: str | os.PathLike, *, compress: bool = True, complev
 def write_zarr(obj, path: str | os.PathLike, *, overwrite: bool = True, zarr_format: int = 2) -> Path:
     """Write a Dataset/DataArray to a Zarr store (a folder), atomically; CF attributes, CRS as the
     ``spatial_ref`` grid mapping, NaN fill value for floats, consolidated metadata. Dask chunks are kept (each
-    Dask chunk becomes whole Zarr chunks). ``zarr_format`` 2 (default) is read by every Zarr/xarray/GDAL
-    version; pass 3 for the newer format. Raises :class:`OutputError` (and leaves no store) if a variable holds
-    +/-inf or is complex. Returns the path."""
+    Dask chunk becomes whole Zarr chunks), but at most 16 epochs deep along ``time``, so that reading one epoch
+    does not decompress the whole series (as :func:`write_netcdf`). ``zarr_format`` 2 (default) is read by
+    every Zarr/xarray/GDAL version; pass 3 for the newer format. Raises :class:`OutputError` (and leaves no
+    store) if a variable holds +/-inf or is complex. Returns the path."""
     final = Path(path)
     ds = _guard_dataset(_as_dataset(obj, final), final)
+    if "time" in ds.dims and ds.chunks and max(ds.chunks.get("time", (0,))) > 16:
+        ds = ds.chunk({"time": 16})
     t0 = time.perf_counter()
     encoding = _float_encoding(ds)
     with atomic_output(final, overwrite=overwrite) as tmp, _joined_dask_threads(ds):
