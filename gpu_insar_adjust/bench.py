@@ -600,8 +600,7 @@ def _run_scenario_case(workdir: Path, resolution: float, timeseries: bool, epoch
         res["failed"] = f"gia run (last stage started: {run['last_stage_started']})"
         return res
     # the products' size on disk (the resume cache under work/ is not a product)
-    res["product_bytes"] = int(sum(p.stat().st_size for p in out.rglob("*")
-                                   if p.is_file() and p.relative_to(out).parts[0] != "work"))
+    res["product_bytes"] = int(sum((out / r).stat().st_size for r in _products_below(out)))
     prov = json.loads(summary.read_text()).get("provenance", {})
     stages = prov.get("stage_seconds", {})
     res["stage_seconds"] = stages
@@ -611,53 +610,53 @@ def _run_scenario_case(workdir: Path, resolution: float, timeseries: bool, epoch
     return res
 
 
-def _geotiffs(out_a: Path, out_b: Path) -> list[str]:
-    """The GeoTIFFs below either of two ``gia run`` output folders (the mosaics and the per-frame rasters under
-    ``frames/``), as paths relative to the folder; the run's resume cache (``work/``) is not a product."""
-    found = set()
-    for root in (out_a, out_b):
-        rel = (p.relative_to(root) for p in root.rglob("*.tif"))
-        found |= {r.as_posix() for r in rel if r.parts[0] != "work"}
-    return sorted(found)
+def _check_workers(workers: int | None) -> None:
+    if workers is not None and int(workers) < 1:
+        from .errors import ConfigError
+
+        raise ConfigError(f"B4 workers={workers!r}: the comparison needs at least one worker.", field="workers",
+                          fix="pass N >= 1 (the in-process run is always part of the comparison), or leave it out")
+
+
+def _products_below(out: Path, pattern: str = "*"):
+    """The files below a ``gia run`` output folder matching ``pattern``, as paths relative to it, without the
+    run's resume cache (``work/``), which is not a product."""
+    rel = (p.relative_to(out) for p in out.rglob(pattern) if p.is_file())
+    return [r for r in rel if r.parts[0] != "work"]
+
+
+def _product_pairs(out_a: str | os.PathLike, out_b: str | os.PathLike):
+    """``(name, a, b)`` for every GeoTIFF below either of two ``gia run`` output folders (the mosaics and the
+    per-frame rasters under ``frames/``), by path relative to the folder, with the two runs' rasters; ``a`` and
+    ``b`` are None when the product is missing from either folder."""
+    import rasterio
+
+    a, b = Path(out_a), Path(out_b)
+    for name in sorted({r.as_posix() for root in (a, b) for r in _products_below(root, "*.tif")}):
+        if not ((a / name).exists() and (b / name).exists()):
+            yield name, None, None
+            continue
+        with rasterio.open(a / name) as fa, rasterio.open(b / name) as fb:
+            yield name, fa.read(), fb.read()
 
 
 def _same_products(out_a: str | os.PathLike, out_b: str | os.PathLike) -> dict[str, bool]:
     """Whether every GeoTIFF product of two ``gia run`` output folders holds the same values bit for bit (NaN
     equal to NaN), by path relative to the folder; a file missing from one folder counts as different."""
-    import rasterio
-
-    a, b = Path(out_a), Path(out_b)
-    names = _geotiffs(a, b)
-    same: dict[str, bool] = {}
-    for name in names:
-        if not ((a / name).exists() and (b / name).exists()):
-            same[name] = False
-            continue
-        with rasterio.open(a / name) as fa, rasterio.open(b / name) as fb:
-            x, y = fa.read(), fb.read()
-        same[name] = bool(x.shape == y.shape and x.dtype == y.dtype
-                          and np.array_equal(x.view(np.uint8), y.view(np.uint8)))
-    return same
+    return {name: x is not None and x.shape == y.shape and x.dtype == y.dtype
+            and np.array_equal(x.view(np.uint8), y.view(np.uint8)) for name, x, y in _product_pairs(out_a, out_b)}
 
 
 def _product_differences(out_a: str | os.PathLike, out_b: str | os.PathLike) -> dict[str, dict[str, float]]:
     """Per GeoTIFF product of two ``gia run`` output folders: the largest absolute difference where both hold a
     value (the product's units, mm/yr for velocities) and the number of pixels that hold a value in one run and
     not in the other; a product missing from one folder gets ``{"missing": 1.0}``."""
-    import rasterio
-
-    a, b = Path(out_a), Path(out_b)
-    names = _geotiffs(a, b)
     diff: dict[str, dict[str, float]] = {}
-    for name in names:
-        if not ((a / name).exists() and (b / name).exists()):
+    for name, x, y in _product_pairs(out_a, out_b):
+        if x is None or x.shape != y.shape:
             diff[name] = {"missing": 1.0}
             continue
-        with rasterio.open(a / name) as fa, rasterio.open(b / name) as fb:
-            x, y = fa.read().astype(np.float64), fb.read().astype(np.float64)
-        if x.shape != y.shape:
-            diff[name] = {"missing": 1.0}
-            continue
+        x, y = x.astype(np.float64), y.astype(np.float64)
         fx, fy = np.isfinite(x), np.isfinite(y)
         both = fx & fy
         diff[name] = {"max_abs_diff": float(np.max(np.abs(x[both] - y[both]))) if both.any() else 0.0,
@@ -689,11 +688,7 @@ def bench_b4(resolutions: Sequence[float] = (0.005,), timeseries_resolution: flo
     difference of every product between the two backends. A comparison whose second run fails reports its
     target as missed.
     """
-    if workers is not None and int(workers) < 1:
-        from .errors import ConfigError
-
-        raise ConfigError(f"B4 workers={workers!r}: the comparison needs at least one worker.", field="workers",
-                          fix="pass N >= 1 (the in-process run is always part of the comparison), or leave it out")
+    _check_workers(workers)
     import shutil
     import tempfile
 
@@ -806,10 +801,7 @@ def run_bench(size: str = "small", cases: Sequence[str] = CASES, backend: str = 
         if "B4" not in cases:
             raise ConfigError(f"workers={workers!r} applies to case B4 only, which is not among {list(cases)}.",
                               field="workers", fix="add --case B4, or leave --workers out")
-        if int(workers) < 1:
-            raise ConfigError(f"B4 workers={workers!r}: the comparison needs at least one worker.",
-                              field="workers", fix="pass N >= 1 (the in-process run is always part of the "
-                                                   "comparison), or leave it out")
+        _check_workers(workers)
     runners = {"B1": bench_b1, "B2": bench_b2, "B3": bench_b3, "B4": bench_b4}
     report: dict[str, Any] = {"machine": machine_info(), "size": size, "results": {}}
     for case in cases:

@@ -996,17 +996,17 @@ class MergePlan:
                                           _pixel_size_km(crs, t, h), _footprint_window(los_da, grid), {}))
         # the edge ramps (distance transforms) on the host's cores; the warps one frame after the other (GDAL
         # threads each warp itself; rasterio's Python side is not for concurrent calls)
-        ramps = _host_map(lambda pf: feather_ramp(pf.valid, pf.pix_km, self.feather_km), self.frames)
+        ramps = _host_map(lambda pf: _host_feather_ramp(pf.valid, pf.pix_km, self.feather_km,
+                                                        nan_outside=not pf.on_grid), self.frames)
         self.frames = [pf._replace(pieces=self._pieces(pf, pf.valid, r)) for pf, r in zip(self.frames, ramps)]
 
     def _pieces(self, pf: _PlanFrame, valid: np.ndarray, ramp: np.ndarray | None = None) -> dict:
-        """Per tile the frame reaches: (grid window, ramp, variance) on that window, for the valid pixels."""
-        ramp = feather_ramp(valid, pf.pix_km, self.feather_km) if ramp is None else ramp
-        if pf.on_grid:  # as merge_frames' frames already on the grid: no warping, the variance as given
-            var = pf.var
-        else:
-            ramp = np.where(valid, ramp, np.nan).astype(np.float32, copy=False)
-            var = np.where(valid, pf.var, np.float32(np.nan))
+        """Per tile the frame reaches: (grid window, ramp, variance) on that window, for the valid pixels
+        (``ramp``: the frame's edge ramp for ``valid``, NaN outside it off the grid; computed here when None)."""
+        if ramp is None:
+            ramp = _host_feather_ramp(valid, pf.pix_km, self.feather_km, nan_outside=not pf.on_grid)
+        # as merge_frames' frames already on the grid: no warping, the variance as given
+        var = pf.var if pf.on_grid else np.where(valid, pf.var, np.float32(np.nan))
         out = {}
         fw = pf.window if not pf.on_grid else (0, self.grid.height, 0, self.grid.width)
         if fw is None:

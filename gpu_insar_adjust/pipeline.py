@@ -1126,41 +1126,30 @@ def write_products(out: Path, output, velocity: dict, per_frame: dict, ts: dict 
 
     from .io.write import write_cog, write_netcdf, write_zarr
 
-    # products of an earlier run in this folder that this run does not write would pass for its own (other
-    # settings, no east component, no time series, other frames): removed first
-    wanted = {f"{name}.tif" for name in velocity}
-    wanted |= {f"frames/{fid}.{kind}.tif" for fid, rasters in per_frame.items() for kind in rasters}
-    if output.netcdf:
-        wanted.add("velocity.nc")
-    if ts is not None:
-        wanted |= {"vertical_displacement.nc", "annual_vertical_velocity.nc",
-                   "cumulative_vertical_displacement.tif"}
-        if output.zarr:
-            wanted.add("vertical_displacement.zarr")
-    known = [out / n for n in _OPTIONAL_PRODUCTS] + sorted((out / "frames").glob("*.tif"))
-    for path in known:
-        if path.exists() and path.relative_to(out).as_posix() not in wanted:
-            log.info("removing %s: a product of an earlier run that this run does not write", path)
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-
     tif = functools.partial(write_cog, cog=output.cog, level=output.compress_level)
     nc = functools.partial(write_netcdf, complevel=output.compress_level)
-    written = [tif(da, out / f"{name}.tif") for name, da in velocity.items()]
+    plan = {f"{name}.tif": (tif, da) for name, da in velocity.items()}  # path in out: (writer, what)
     if output.netcdf:
         import xarray as xr
 
-        written.append(nc(xr.Dataset(velocity), out / "velocity.nc"))
-    (out / "frames").mkdir(exist_ok=True)
-    for fid, rasters in per_frame.items():
-        written += [tif(da, out / "frames" / f"{fid}.{kind}.tif") for kind, da in rasters.items()]
+        plan["velocity.nc"] = (nc, xr.Dataset(velocity))
+    plan.update({f"frames/{fid}.{kind}.tif": (tif, da) for fid, rasters in per_frame.items()
+                 for kind, da in rasters.items()})
     if ts is not None:
         cube = ts["cube"].to_dataset(name="vertical_displacement")
-        written.append(nc(cube, out / "vertical_displacement.nc"))
+        plan["vertical_displacement.nc"] = (nc, cube)
         if output.zarr:
-            written.append(write_zarr(cube, out / "vertical_displacement.zarr"))
-        written.append(nc(ts["annual"], out / "annual_vertical_velocity.nc"))
-        written.append(tif(ts["cumulative"], out / "cumulative_vertical_displacement.tif"))
-    return written
+            plan["vertical_displacement.zarr"] = (write_zarr, cube)
+        plan["annual_vertical_velocity.nc"] = (nc, ts["annual"])
+        plan["cumulative_vertical_displacement.tif"] = (tif, ts["cumulative"])
+    # products of an earlier run in this folder that this run does not write would pass for its own (other
+    # settings, no east component, no time series, other frames): removed first
+    for path in [out / n for n in _OPTIONAL_PRODUCTS] + sorted((out / "frames").glob("*.tif")):
+        if path.exists() and path.relative_to(out).as_posix() not in plan:
+            log.info("removing %s: a product of an earlier run that this run does not write", path)
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (out / "frames").mkdir(exist_ok=True)
+    return [write(what, out / name) for name, (write, what) in plan.items()]
 
 
 def _frame_summary(report: dict) -> dict:
