@@ -419,6 +419,10 @@ def _joined_dask_threads(ds) -> Iterator[None]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+#: epochs per stored chunk of a cube, at most (NetCDF and Zarr): reading one epoch stays cheap
+_MAX_EPOCHS_PER_CHUNK = 16
+
+
 def _float_encoding(ds, extra: dict | None = None) -> dict:
     enc: dict[str, dict] = {}
     for name, var in ds.data_vars.items():
@@ -452,7 +456,7 @@ def write_netcdf(obj, path: str | os.PathLike, *, compress: bool = True, complev
             # smaller); at most 16 epochs per file chunk, so that reading one epoch stays cheap
             sizes = [max(1, int(c[0])) for c in var.chunks]
             if "time" in var.dims:
-                sizes[var.dims.index("time")] = min(sizes[var.dims.index("time")], 16)
+                sizes[var.dims.index("time")] = min(sizes[var.dims.index("time")], _MAX_EPOCHS_PER_CHUNK)
             encoding[name]["chunksizes"] = tuple(sizes)
     with atomic_output(final, overwrite=overwrite) as tmp, _joined_dask_threads(ds):
         ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding)
@@ -469,8 +473,8 @@ def write_zarr(obj, path: str | os.PathLike, *, overwrite: bool = True, zarr_for
     store) if a variable holds +/-inf or is complex. Returns the path."""
     final = Path(path)
     ds = _guard_dataset(_as_dataset(obj, final), final)
-    if "time" in ds.dims and ds.chunks and max(ds.chunks.get("time", (0,))) > 16:
-        ds = ds.chunk({"time": 16})
+    if "time" in ds.dims and ds.chunks and max(ds.chunks.get("time", (0,))) > _MAX_EPOCHS_PER_CHUNK:
+        ds = ds.chunk({"time": _MAX_EPOCHS_PER_CHUNK})
     t0 = time.perf_counter()
     encoding = _float_encoding(ds)
     with atomic_output(final, overwrite=overwrite) as tmp, _joined_dask_threads(ds):
