@@ -70,6 +70,16 @@ def gpu_available() -> bool:
     return gpu_status()[0]
 
 
+@functools.lru_cache(maxsize=1)
+def gpu_count() -> int:
+    """CUDA devices this process sees (those ``CUDA_VISIBLE_DEVICES`` leaves it); 0 without a usable GPU."""
+    if not gpu_status()[0]:
+        return 0
+    import cupy
+
+    return int(cupy.cuda.runtime.getDeviceCount())
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Backend selection
 # --------------------------------------------------------------------------------------------------------------

@@ -118,13 +118,17 @@ def _build_app():
                                                                       "default: one per core on 4+ cores)."),
         scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Adjust frames on an existing Dask "
                                                                           "scheduler (tcp://HOST:PORT)."),
+        cluster: Optional[str] = typer.Option(None, "--cluster", help="Local cluster: cpu (worker processes, "
+                                                                      "sharing the GPU on the GPU backend) | cuda "
+                                                                      "(dask-cuda, one worker per GPU) | auto."),
     ) -> None:
         """Adjust every frame to GNSS, merge them by network least squares, mosaic, and analyse."""
         from .config import load_config
         from .pipeline import run
 
         cfg = load_config(config, {"backend": backend, "gnss.reference_frame": gnss_frame, "gnss.plate": plate,
-                                   "parallel.workers": workers, "parallel.scheduler": scheduler})
+                                   "parallel.workers": workers, "parallel.scheduler": scheduler,
+                                   "parallel.cluster": cluster})
         _logging(cfg.log_level)
         if check:
             raise typer.Exit(_check(frames, gnss, holdout, cfg.gnss.reference_frame, as_json=False))

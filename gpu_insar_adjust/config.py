@@ -108,6 +108,11 @@ class ParallelConfig(_Section):
                             "4 cores when at least 4 frames are to be adjusted, else in this process).")
     scheduler: str | None = Field(None, description="Address of an existing Dask scheduler (tcp://HOST:PORT); "
                                                     "overrides workers.")
+    cluster: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Kind of local cluster: 'cpu' (worker processes; on the GPU backend they share the "
+                            "default GPU), 'cuda' (dask-cuda's LocalCUDACluster: one worker per GPU; workers "
+                            "'auto' uses every visible GPU, a count the first ones), or 'auto' ('cuda' on the GPU "
+                            "backend when several GPUs are visible and dask-cuda is installed, else 'cpu').")
     worker_memory: str = Field("auto", description="Memory limit per local worker (e.g. '4GiB').")
 
     @field_validator("workers")

@@ -60,10 +60,21 @@ def get_client(scheduler: str | None = None, *, n_workers: int | None = None, th
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError as exc:
-            raise BackendUnavailableError("A multi-GPU Dask cluster was requested but dask-cuda is not installed.",
-                                          field="dask-cuda", fix="pip install dask-cuda, or run without --gpu-cluster"
+            raise BackendUnavailableError("A CUDA cluster (one Dask worker per GPU) was requested but dask-cuda "
+                                          "is not installed.", field="parallel.cluster",
+                                          fix="pip install dask-cuda, or set parallel.cluster = 'cpu' (--cluster cpu)"
                                           ) from exc
-        cluster = LocalCUDACluster(n_workers=n_workers)
+        try:
+            # one process per GPU, each seeing its own device first (dask-cuda sets CUDA_VISIBLE_DEVICES per
+            # worker and pins it to the cores near its GPU)
+            cluster = LocalCUDACluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                                       memory_limit=memory_limit, dashboard_address=None)
+        except Exception as exc:  # no NVML, fewer GPUs than workers, a device in exclusive mode...
+            raise SchedulerError(f"dask-cuda could not start a CUDA cluster of {n_workers or 'all'} GPU worker(s) "
+                                 f"({type(exc).__name__}: {exc}).", field="parallel.cluster",
+                                 fix="check the GPUs with nvidia-smi and CUDA_VISIBLE_DEVICES, give at most one "
+                                     "worker per visible GPU, or set parallel.cluster = 'cpu' (--cluster cpu)"
+                                 ) from exc
     else:
         # Dask limits the BLAS/OpenMP threads of each worker process to one; numba's are limited here too, to the
         # worker's threads: otherwise every worker starts a numba thread per core, and their OpenMP threads spin

@@ -430,6 +430,7 @@ def run(frames_dir: str | os.PathLike, gnss: str | os.PathLike | None, out_dir: 
         [Path(p) for p in (horizontal_grids or ())]
     STAGE_TIMES.clear()
     with backend.use_backend(cfg.backend) as backend_name:
+        _check_cluster(cfg.parallel, backend_name)
         with stage("checksums", log):
             checksums = input_checksums(inputs)
         # execution settings (backend, workers, scheduler, log level) do not change the products: a run resumed
@@ -626,13 +627,77 @@ def _adjust_one(frame, *, stations, config, holdout, backend_name: str = "numpy"
 #: above a 400 MiB base each (benchmarks/results/cpu-2026-11-25-b4-full-workers.json)
 _WORKER_BYTES_PER_PIXEL = 200
 _WORKER_BASE_BYTES = 400 * 2**20
+#: GPU memory one worker holds on the device it shares with others, per frame pixel, plus its CUDA context and
+#: CuPy's kernels. An estimate from the arrays an adjustment keeps there, not yet measured on a device: the
+#: frame's float32 rasters (~20 B), the float64 surface and σ with their row parts before concatenation (32 B),
+#: their float32 casts and the adjusted LOS (12 B), masks (~2 B), rounded up for CuPy's pool
+_WORKER_DEVICE_BYTES_PER_PIXEL = 96
+_WORKER_DEVICE_BASE_BYTES = 512 * 2**20
 
 
-def _frame_workers(workers, frames) -> int:
+def _has_dask_cuda() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("dask_cuda") is not None
+
+
+def _check_cluster(pc, backend_name: str) -> None:
+    """Refuse, before anything runs, a cluster setting that cannot be honoured (a ``GiaError`` naming the fix)."""
+    from .errors import BackendUnavailableError, ConfigError
+
+    if pc.cluster != "cuda" or pc.scheduler:
+        return
+    if backend_name == "numpy":
+        raise ConfigError("parallel.cluster = 'cuda' puts one Dask worker on each GPU, but this run uses the "
+                          "CPU (numpy) backend.", field="parallel.cluster",
+                          fix="run with --backend cupy (or auto) on a machine with a GPU, or set parallel.cluster "
+                              "to 'cpu' or 'auto' (--cluster)")
+    if pc.workers == 0:
+        raise ConfigError("parallel.cluster = 'cuda' asks for GPU workers, but parallel.workers = 0 keeps the "
+                          "frames in this process.", field="parallel.workers",
+                          fix="set workers to 'auto' (one per GPU) or to a number of GPUs, or set "
+                              "parallel.cluster to 'auto'")
+    n_gpus = backend.gpu_count()
+    if isinstance(pc.workers, int) and pc.workers > n_gpus:
+        raise ConfigError(f"parallel.workers = {pc.workers} GPU workers, but this machine shows {n_gpus} GPU(s) "
+                          "and a CUDA cluster puts one worker on each.", field="parallel.workers",
+                          fix=f"give at most {n_gpus} workers, or set parallel.cluster = 'cpu' for worker "
+                              "processes that share the GPU")
+    if not _has_dask_cuda():
+        raise BackendUnavailableError("parallel.cluster = 'cuda' needs dask-cuda, which is not installed.",
+                                      field="parallel.cluster",
+                                      fix="pip install dask-cuda, or set parallel.cluster = 'cpu' (--cluster cpu)")
+
+
+def _frame_cluster(pc, frames, backend_name: str) -> tuple[str, int]:
+    """The local cluster for the per-frame stage: ``(kind, workers)``, kind ``"cpu"`` (worker processes; on the
+    GPU backend they share the default GPU) or ``"cuda"`` (dask-cuda, one worker per GPU); 0 workers: this process.
+
+    ``cluster = "auto"`` takes ``"cuda"`` on the GPU backend when several GPUs are visible and dask-cuda is
+    installed (every GPU then adjusts frames), else ``"cpu"``. Settings are checked by :func:`_check_cluster`."""
+    on_gpu = backend_name != "numpy"
+    kind = pc.cluster
+    if kind == "auto":
+        n_gpus = backend.gpu_count() if on_gpu else 0
+        kind = "cuda" if n_gpus > 1 and _has_dask_cuda() else "cpu"
+        if n_gpus > 1 and kind == "cpu":
+            log.info("%d GPUs visible: install dask-cuda to adjust frames on every one of them; local workers "
+                     "share the default GPU", n_gpus)
+    if kind == "cuda":
+        if pc.workers != "auto":
+            return kind, int(pc.workers)
+        n = min(backend.gpu_count(), len(frames))
+        # one GPU, or one frame: not worth a cluster unless asked for by name
+        return (kind, n) if n >= 2 or pc.cluster == "cuda" else ("cpu", 0)
+    return "cpu", _frame_workers(pc.workers, frames, on_gpu=on_gpu)
+
+
+def _frame_workers(workers, frames, *, on_gpu: bool = False) -> int:
     """Local Dask workers for the per-frame stage: ``workers`` as configured, or for ``"auto"`` one per core
     (single-threaded, as the station-level fits that dominate a frame are) when the machine has at least 4 cores
-    and at least 4 frames are to be adjusted, capped by the frames and by the memory available now; 0 (this
-    process) otherwise, or when the distributed scheduler is not installed."""
+    and at least 4 frames are to be adjusted, capped by the frames and by the memory available now (on the GPU
+    backend, the device's too: the workers share it); 0 (this process) otherwise, or when the distributed
+    scheduler is not installed."""
     if workers != "auto":
         return int(workers)
     if len(frames) < 4:
@@ -651,8 +716,11 @@ def _frame_workers(workers, frames) -> int:
 
     largest = max(fr.sizes["y"] * fr.sizes["x"] for fr in frames)
     per_worker = _WORKER_BASE_BYTES + _WORKER_BYTES_PER_PIXEL * largest
-    by_memory = int(psutil.virtual_memory().available // per_worker)
-    n = min(len(frames), cores, by_memory)
+    n = min(len(frames), cores, int(psutil.virtual_memory().available // per_worker))
+    if on_gpu:
+        free = backend._device_free_bytes()
+        if free is not None:
+            n = min(n, int(free // (_WORKER_DEVICE_BASE_BYTES + _WORKER_DEVICE_BYTES_PER_PIXEL * largest)))
     return n if n >= 2 else 0
 
 
@@ -746,7 +814,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
 
         pc = cfg.parallel
         client = None
-        n_workers = _frame_workers(pc.workers, [frames[k] for k in todo]) if not pc.scheduler else 0
+        kind, n_workers = (_frame_cluster(pc, [frames[k] for k in todo], backend.get_backend())
+                           if not pc.scheduler else ("cpu", 0))
         on_cluster = bool(todo) and bool(pc.scheduler or n_workers > 0)
         # the DEM is kept only for the frames adjusted here (a cluster's workers read their frames themselves)
         adjusted_here = set() if on_cluster else set(todo)
@@ -755,7 +824,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         if on_cluster:
             from .parallel import get_client
 
-            client = get_client(pc.scheduler, n_workers=n_workers or None, memory_limit=pc.worker_memory)
+            client = get_client(pc.scheduler, n_workers=n_workers or None, memory_limit=pc.worker_memory,
+                                gpu=kind == "cuda")
         try:
             from .parallel import map_frames
 

@@ -111,3 +111,42 @@ def test_local_workers_are_single_threaded(client):
     for c in counts:
         assert c["numba"] == 1
         assert c["blas"] in ([], [1])
+
+
+def test_cuda_cluster_is_dask_cuda_one_worker_per_gpu(monkeypatch):
+    """``gpu=True`` starts dask-cuda's LocalCUDACluster (one single-threaded worker per GPU, the memory limit and
+    no dashboard passed on); dask-cuda missing, or failing to start, is a GiaError naming the setting and the
+    fix."""
+    import sys
+    import types
+
+    from distributed import LocalCluster
+
+    seen = {}
+
+    def local_cuda_cluster(**kw):  # stands in for dask_cuda.LocalCUDACluster on a machine without GPUs
+        seen.update(kw)
+        return LocalCluster(n_workers=kw["n_workers"], threads_per_worker=1, processes=False,
+                            dashboard_address=None)
+
+    monkeypatch.setitem(sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=local_cuda_cluster))
+    c = get_client(n_workers=2, memory_limit="1GiB", gpu=True)
+    try:
+        assert len(c.scheduler_info()["workers"]) == 2
+        assert map_frames(_frame_job, [0, 1, 2], client=c) == map_frames(_frame_job, [0, 1, 2])
+    finally:
+        c.close()
+        c.cluster.close()
+    assert seen == {"n_workers": 2, "threads_per_worker": 1, "memory_limit": "1GiB", "dashboard_address": None}
+
+    def no_nvml(**kw):
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    monkeypatch.setitem(sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=no_nvml))
+    with pytest.raises(SchedulerError, match="NVML") as ei:
+        get_client(n_workers=2, gpu=True)
+    assert ei.value.field == "parallel.cluster" and "--cluster cpu" in ei.value.fix
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)  # import fails
+    with pytest.raises(errors.BackendUnavailableError, match="dask-cuda") as ei:
+        get_client(n_workers=2, gpu=True)
+    assert "pip install dask-cuda" in ei.value.fix

@@ -136,6 +136,78 @@ def test_frames_on_a_dask_cluster_give_identical_products(demo, tmp_path):
             np.testing.assert_array_equal(a.read(1), b.read(1), err_msg=name)
 
 
+def test_gpu_code_paths_on_a_cuda_cluster_give_the_cpu_products(demo, tmp_path, monkeypatch):
+    """The GPU backend's code, end to end, with the strict array-API namespace standing in for CuPy (every array
+    operation the device would run, on the host) and a 2-GPU machine whose dask-cuda cluster is stood in by an
+    in-process one: ``cluster = "auto"`` picks one worker per GPU, and every product is the CPU run's, bit for bit
+    (the strict namespace computes with NumPy: any difference is a path that treats device arrays differently)."""
+    pytest.importorskip("distributed")
+    array_api_strict = pytest.importorskip("array_api_strict")
+    import sys
+    import types
+
+    from distributed import LocalCluster
+
+    from gpu_insar_adjust import backend, pipeline
+
+    lookup = backend._backend_namespace
+    monkeypatch.setattr(backend, "_backend_namespace",
+                        lambda name: array_api_strict if name == "cupy" else lookup(name))
+    monkeypatch.setattr(backend, "gpu_status", lambda: (True, "2 CUDA device(s) (stand-in)"))
+    monkeypatch.setattr(backend, "gpu_count", lambda: 2)
+    monkeypatch.setattr(pipeline, "_has_dask_cuda", lambda: True)
+    started = {}
+
+    def local_cuda_cluster(**kw):  # threads of this process, so that the stand-in namespace reaches the workers
+        started.update(kw)
+        return LocalCluster(n_workers=kw["n_workers"], threads_per_worker=1, processes=False,
+                            dashboard_address=None)
+
+    monkeypatch.setitem(sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=local_cuda_cluster))
+    scen = demo / "scenario"
+    res = pipeline.run(scen / "frames", scen / "gnss.csv", tmp_path / "gpu", holdout=scen / "gnss_holdout.csv",
+                       config=GiaConfig.model_validate({"backend": "cupy"}))
+    assert started["n_workers"] == 2 and res.summary["provenance"]["backend"] == "cupy"
+    names = sorted(p.relative_to(demo / "out") for p in (demo / "out").rglob("*.tif") if "work" not in p.parts)
+    assert len(names) == 40
+    for name in names:
+        with rasterio.open(demo / "out" / name) as a, rasterio.open(tmp_path / "gpu" / name) as b:
+            np.testing.assert_array_equal(a.read(1), b.read(1), err_msg=str(name))
+    ref = json.loads((demo / "out" / "summary.json").read_text())
+    for key in ("subsidence_area_km2", "mean_subsidence_rate_mm_yr", "max_subsidence_rate_mm_yr"):
+        assert res.summary[key] == ref[key], key
+    assert res.summary["validation"]["overall"] == ref["validation"]["overall"]
+
+
+@pytest.mark.gpu
+def test_gpu_run_matches_the_cpu_run_and_its_workers_share_the_device(demo, tmp_path, gpu_xp):
+    """On CuPy: the run's products agree with the CPU run's to float32 rounding of the device's dense surfaces
+    (the station-level fits and the model choices are the host's), and two local worker processes sharing the GPU
+    give the in-process GPU run's products bit for bit."""
+    pytest.importorskip("distributed")
+    from gpu_insar_adjust import pipeline
+
+    scen = demo / "scenario"
+    runs = {}
+    for label, parallel in (("here", {"workers": 0}), ("workers", {"workers": 2, "cluster": "cpu"})):
+        runs[label] = pipeline.run(scen / "frames", scen / "gnss.csv", tmp_path / label,
+                                   holdout=scen / "gnss_holdout.csv",
+                                   config=GiaConfig.model_validate({"backend": "cupy", "parallel": parallel}))
+    ref = json.loads((demo / "out" / "summary.json").read_text())
+    for fid, f in ref["frames"].items():
+        assert runs["here"].summary["frames"][fid]["selected_model"] == f["selected_model"], fid
+    names = sorted(p.relative_to(demo / "out") for p in (demo / "out").rglob("*.tif") if "work" not in p.parts)
+    for name in names:
+        with rasterio.open(demo / "out" / name) as a, rasterio.open(tmp_path / "here" / name) as b, \
+                rasterio.open(tmp_path / "workers" / name) as c:
+            cpu, gpu, workers = a.read(1), b.read(1), c.read(1)
+        np.testing.assert_array_equal(np.isnan(gpu), np.isnan(cpu), err_msg=str(name))
+        np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-3, equal_nan=True, err_msg=str(name))
+        np.testing.assert_array_equal(workers, gpu, err_msg=str(name))
+    area, area_cpu = runs["here"].summary["subsidence_area_km2"], ref["subsidence_area_km2"]
+    assert abs(area - area_cpu) <= 1e-3 * area_cpu
+
+
 def test_frames_are_read_once_in_one_process(demo, tmp_path, monkeypatch):
     """In one process the per-frame stage adjusts the frames as "read inputs" holds them (DEM included, dropped
     after it): every frame folder is opened once, and the products are those of the demo's own run."""

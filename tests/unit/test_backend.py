@@ -54,6 +54,20 @@ def test_gpu_detection_runs_once():
     assert backend.gpu_status.cache_info().misses == 1
 
 
+def test_gpu_count_is_zero_without_a_gpu_and_the_device_count_with_one(monkeypatch, request):
+    on_gpu = backend.gpu_status()[0]
+    backend.gpu_count.cache_clear()
+    request.addfinalizer(backend.gpu_count.cache_clear)
+    monkeypatch.setattr(backend, "gpu_status", lambda: (False, "no device (test)"))
+    assert backend.gpu_count() == 0
+    if on_gpu:  # on a GPU machine: CuPy's device count
+        import cupy
+
+        backend.gpu_count.cache_clear()
+        monkeypatch.setattr(backend, "gpu_status", lambda: (True, "test"))
+        assert backend.gpu_count() == cupy.cuda.runtime.getDeviceCount() >= 1
+
+
 def test_namespace_and_round_trip(xp):
     a = np.arange(6.0).reshape(2, 3)
     on = backend.asarray(a, xp=xp)

@@ -143,3 +143,15 @@ def test_run_check_reports_a_broken_frame_and_exits_2(tmp_path, capsys):
     assert rc == 2, text
     assert "001A_BROKEN" in text and "Traceback" not in text
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_run_cluster_option_reaches_the_configuration(tmp_path, capsys):
+    """``gia run --cluster cuda`` on the CPU backend is refused before anything is read or written (exit 2, the
+    setting and the fix named); an unknown kind is a configuration error."""
+    rc = main(["run", "--frames", str(tmp_path / "frames"), "--gnss", str(tmp_path / "gnss.csv"), "--out",
+               str(tmp_path / "out"), "--backend", "numpy", "--cluster", "cuda"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "parallel.cluster" in err and "--backend cupy" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(errors.ConfigError, match="cluster"):
+        config.load_config(None, {"parallel.cluster": "gpus"})

@@ -146,6 +146,80 @@ def test_auto_frame_workers_follow_cores_frames_and_memory(monkeypatch, cores, n
     assert P._frame_workers(5, frames) == 5 and P._frame_workers(0, frames) == 0
 
 
+def _cluster_machine(monkeypatch, *, gpus: int, dask_cuda: bool, cores: int = 16, host_gib: float = 64.0,
+                     device_gib: float | None = 80.0):
+    """A machine for the cluster choice: cores, free host and device memory, visible GPUs, dask-cuda or not."""
+    pytest.importorskip("distributed")
+    import psutil
+
+    from gpu_insar_adjust import backend
+
+    monkeypatch.setattr(P.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: _Memory(int(host_gib * 2**30)))
+    monkeypatch.setattr(backend, "gpu_count", lambda: gpus)
+    monkeypatch.setattr(backend, "_device_free_bytes",
+                        lambda: None if device_gib is None else int(device_gib * 2**30))
+    monkeypatch.setattr(P, "_has_dask_cuda", lambda: dask_cuda)
+
+
+def _parallel(**kw):
+    from gpu_insar_adjust.config import ParallelConfig
+
+    return ParallelConfig(**kw)
+
+
+@pytest.mark.parametrize("backend_name,cluster,workers,gpus,dask_cuda,n_frames,device_gib,expected", [
+    ("numpy", "auto", "auto", 0, False, 18, None, ("cpu", 16)),     # the CPU: one worker per core
+    ("numpy", "auto", "auto", 4, True, 18, 80.0, ("cpu", 16)),      # GPUs unused by the CPU backend
+    ("cupy", "auto", "auto", 4, True, 18, 80.0, ("cuda", 4)),       # one worker per GPU
+    ("cupy", "auto", "auto", 4, True, 3, 80.0, ("cuda", 3)),        # no more GPU workers than frames
+    ("cupy", "auto", "auto", 4, True, 1, 80.0, ("cpu", 0)),         # one frame: in this process
+    ("cupy", "auto", "auto", 4, False, 18, 80.0, ("cpu", 16)),      # no dask-cuda: processes share the GPU
+    ("cupy", "auto", "auto", 1, True, 18, 80.0, ("cpu", 16)),       # one GPU: processes share it
+    ("cupy", "cpu", "auto", 1, True, 18, 4.0, ("cpu", 3)),          # ... as many as its free 4 GiB hold
+    ("cupy", "cpu", "auto", 1, True, 18, 1.0, ("cpu", 0)),          # not even two: in this process
+    ("cupy", "cuda", "auto", 1, True, 18, 80.0, ("cuda", 1)),       # asked for by name: the one GPU
+    ("cupy", "cuda", 2, 4, True, 18, 80.0, ("cuda", 2)),            # the first two GPUs
+    ("cupy", "auto", 6, 1, True, 18, 1.0, ("cpu", 6)),              # a count is a count
+])
+def test_frame_cluster_follows_backend_gpus_and_memory(monkeypatch, backend_name, cluster, workers, gpus,
+                                                       dask_cuda, n_frames, device_gib, expected):
+    _cluster_machine(monkeypatch, gpus=gpus, dask_cuda=dask_cuda, device_gib=device_gib)
+    # 6.6 M pixels: 512 MiB + 96 B/pixel = 1.09 GiB of a shared GPU per worker
+    frames = [_frame("EPSG:4326", 114.0, 39.0, 0.001, nx=6000, ny=1100) for _ in range(n_frames)]
+    pc = _parallel(cluster=cluster, workers=workers)
+    P._check_cluster(pc, backend_name)
+    assert P._frame_cluster(pc, frames, backend_name) == expected
+
+
+@pytest.mark.parametrize("backend_name,workers,gpus,dask_cuda,error,field", [
+    ("numpy", "auto", 0, True, "ConfigError", "parallel.cluster"),        # GPU workers on the CPU backend
+    ("cupy", 0, 2, True, "ConfigError", "parallel.workers"),              # GPU workers, and none
+    ("cupy", 3, 2, True, "ConfigError", "parallel.workers"),              # more than one per GPU
+    ("cupy", "auto", 2, False, "BackendUnavailableError", "parallel.cluster"),  # dask-cuda missing
+])
+def test_cuda_cluster_that_cannot_be_honoured_is_refused_first(monkeypatch, backend_name, workers, gpus, dask_cuda,
+                                                               error, field):
+    from gpu_insar_adjust import errors
+
+    _cluster_machine(monkeypatch, gpus=gpus, dask_cuda=dask_cuda)
+    with pytest.raises(getattr(errors, error)) as ei:
+        P._check_cluster(_parallel(cluster="cuda", workers=workers), backend_name)
+    assert ei.value.field == field and ei.value.fix
+    # the same settings with an existing scheduler: the scheduler's workers are used, the cluster kind is moot
+    P._check_cluster(_parallel(cluster="cuda", workers=workers, scheduler="tcp://127.0.0.1:8786"), backend_name)
+
+
+def test_cuda_cluster_on_the_cpu_backend_stops_the_run_before_it_writes(tmp_path):
+    from gpu_insar_adjust.config import GiaConfig
+    from gpu_insar_adjust.errors import ConfigError
+
+    cfg = GiaConfig.model_validate({"backend": "numpy", "parallel": {"cluster": "cuda"}})
+    with pytest.raises(ConfigError, match="numpy"):
+        P.run(tmp_path / "frames", tmp_path / "gnss.csv", tmp_path / "out", config=cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_adjust_cost_counts_the_stations_inside_the_frame():
     import pandas as pd
 
