@@ -73,26 +73,23 @@ class RunResult:
 # --------------------------------------------------------------------------------------------------------------
 # Inputs and provenance
 # --------------------------------------------------------------------------------------------------------------
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def input_checksums(paths: list[Path]) -> dict[str, str]:
-    """SHA-256 of every input file (folders: every file inside, recursively), keyed by path."""
-    out: dict[str, str] = {}
+    """SHA-256 of every input file (folders: every file inside, recursively), keyed by path.
+
+    Files are hashed on the host's threads (hashlib releases the GIL while it hashes): the inputs of a plain
+    run to gigabytes, and hashing them was one core's work before anything else could start."""
+    files: list[Path] = []
     for p in paths:
         p = Path(p)
-        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-        for q in files:
-            out[str(q)] = _sha256(q)
-    return out
+        files += sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    from .kernels.cpu import _pool_map
+
+    return dict(zip(map(str, files), _pool_map(_sha256, files)))
 
 
 def _prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> None:

@@ -293,3 +293,22 @@ def test_noise_sigma_kernel_is_bit_for_bit_the_array_expression(monkeypatch):
     assert want.flat[21] == pytest.approx(np.hypot(float(ls.flat[21]), float(np.finfo(np.float32).max)))
     missing = P._noise_sigma(None, cs, ls.shape)  # no product sigma: 2 mm/yr
     assert missing.flat[30] == pytest.approx(np.hypot(2.0, cs.flat[30]))
+
+
+def test_input_checksums_are_the_sha256_of_every_file_in_path_order(tmp_path):
+    """Hashed on threads, the checksums are hashlib's of each file's bytes, keyed by path, folders walked in
+    sorted order and recursively (a file bigger than one read, an empty one, a nested one)."""
+    import hashlib
+
+    rng = np.random.default_rng(3)
+    frames = tmp_path / "frames"
+    (frames / "T2" / "sub").mkdir(parents=True)
+    (frames / "T1").mkdir()
+    blobs = {frames / "T2" / "velocity.tif": rng.bytes(3 * 2**20 + 17), frames / "T1" / "a.tif": b"",
+             frames / "T2" / "sub" / "x.h5": rng.bytes(1000), tmp_path / "gnss.csv": b"site,lon,lat\n"}
+    for path, data in blobs.items():
+        path.write_bytes(data)
+    got = P.input_checksums([frames, tmp_path / "gnss.csv"])
+    assert list(got) == [str(frames / "T1" / "a.tif"), str(frames / "T2" / "sub" / "x.h5"),
+                         str(frames / "T2" / "velocity.tif"), str(tmp_path / "gnss.csv")]
+    assert got == {str(p): hashlib.sha256(d).hexdigest() for p, d in blobs.items()}
