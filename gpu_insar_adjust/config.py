@@ -34,7 +34,8 @@ class GnssConfig(_Section):
         "ITRF2014", description="Plate motion model of PROJ used for the plate rotation.")
     horizontal_only: bool = Field(
         False, description="Treat the GNSS as horizontal-only (no vertical component): referencing then assumes "
-                           "no long-wavelength vertical motion. Set automatically when the file has no vu column.")
+                           "no long-wavelength vertical motion. Held-out stations keep their verticals (they "
+                           "validate the map). Set automatically when no station of the file has a vu value.")
 
 
 class NetworkConfig(_Section):
@@ -66,7 +67,10 @@ class NetworkConfig(_Section):
     max_rate_mm_yr: float = Field(20.0, ge=0, description="Overlap pixels where the two frames' mean vertical-"
                                                          "equivalent rate exceeds this (mm/yr) are not compared: "
                                                          "fast-deforming ground also moves horizontally, which the "
-                                                         "GNSS field misses. 0 = compare everywhere.")
+                                                         "GNSS field misses. 0 = compare everywhere. A pair "
+                                                         "with fewer than min_overlap_pixels such slower pixels "
+                                                         "is compared on all of them (listed in the summary's "
+                                                         "network.pairs_compared_on_fast_ground).")
     huber_k: float = Field(3.0, gt=0, description="Huber threshold of the robust reweighting, in robust sigmas.")
     max_samples_per_overlap: int = Field(1500, ge=10, description="Overlap pixels sampled per frame pair.")
     min_overlap_pixels: int = Field(10, ge=1, description="Pairs sharing fewer valid pixels are not tied.")

@@ -463,10 +463,15 @@ def run(frames_dir: str | os.PathLike, gnss: str | os.PathLike | None, out_dir: 
     return result
 
 
-def _read_stations(path, cfg: GiaConfig):
+def _read_stations(path, cfg: GiaConfig, *, training: bool = True):
+    """The GNSS table at ``path``. With ``gnss.horizontal_only`` the training stations' verticals are blanked, so
+    that every stage references to the horizontal components alone, as for a table without them; held-out
+    stations (``training=False``) keep theirs: they validate the vertical map."""
     from .io.gnss import read_gnss
 
     st = read_gnss(path, reference_frame=cfg.gnss.reference_frame)
+    if training and cfg.gnss.horizontal_only:
+        st = st.assign(vu=np.nan, **({"su": np.nan} if "su" in st.columns else {}))
     return st
 
 
@@ -769,7 +774,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             _require_stations_in_frames(stations, frames, gnss_path)
         horizontal_only = bool(cfg.gnss.horizontal_only or not np.isfinite(stations["vu"].to_numpy(float)).any())
         stations_itrf = _stations_itrf(stations, cfg)
-        holdout_itrf = _stations_itrf(_read_stations(holdout_path, cfg), cfg) if holdout_path else None
+        holdout_itrf = (_stations_itrf(_read_stations(holdout_path, cfg, training=False), cfg)
+                        if holdout_path else None)
     log.info("%d frames, %d GNSS stations%s", len(frames), len(stations),
              " (horizontal-only referencing)" if horizontal_only else "")
 
@@ -878,6 +884,7 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
         rng = np.random.default_rng(0)
         max_rate = cfg.network.max_rate_mm_yr
         tied = []  # every tied pair (its whole overlap), for the all-pixel figures after the solve
+        fast_ground = []  # pairs whose overlap is too fast everywhere: compared on all their pixels
         for p in pairs:
             kind = _pair_kind(frames[p.i], frames[p.j])
             if kind == "asc-desc" and cfg.network.pairs == "same-orbit":
@@ -893,6 +900,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                     slow = np.abs(a + b) <= 2 * max_rate
                 if (use & slow).sum() >= cfg.network.min_overlap_pixels:
                     use = use & slow
+                else:  # an overlap inside a bowl: tied on all its pixels rather than left out
+                    fast_ground.append(f"{ids[p.i]}/{ids[p.j]}")
             smp = sample_overlap(a, b, use, grid=grid, window=p.window, rng=rng,
                                  a_std=std_on_grid[p.i].crop(p.window), b_std=std_on_grid[p.j].crop(p.window),
                                  max_samples=cfg.network.max_samples_per_overlap)
@@ -904,6 +913,9 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             overlaps.append(OverlapSamples(p.i, p.j, xi, yi, xj, yj, smp.diff, np.nan_to_num(sig, nan=2.0),
                                            area_km2=p.area_km2, kind=kind))
             tied.append(p)
+        if fast_ground:
+            log.info("%d overlap(s) have fewer than %d pixels below %g mm/yr and are compared on all their pixels: "
+                     "%s", len(fast_ground), cfg.network.min_overlap_pixels, max_rate, ", ".join(fast_ground))
         ties = []
         vert_ok = np.isfinite(stations_itrf["vu"].to_numpy(float))
         for k, fr in enumerate(frames):
@@ -1141,6 +1153,7 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             if f"rms_all_pixels_{when}_mm_yr" in overall:
                 summary["network"][f"overlap_rms_all_pixels_{when}_mm_yr"] = overall[f"rms_all_pixels_{when}_mm_yr"]
         summary["network"]["overlap_rms_by_kind"] = _overlap_rms_by_kind(net.pairs)
+        summary["network"]["pairs_compared_on_fast_ground"] = fast_ground
         if net_poly is not None:
             summary["network"]["overlap_rms_after_polynomial_mm_yr"] = \
                 net_poly.summary()["overlap_rms_after_mm_yr"]

@@ -266,7 +266,11 @@ def _stations_in_frame(stations: pd.DataFrame, frame, horizontal_only: bool = Fa
         return stations
     from ..geodesy.gnss_los import gnss_in_frame
 
-    return gnss_in_frame(stations, frame, vertical="horizontal_only" if horizontal_only else "require")
+    # a table already in an ITRF realisation (the pipeline's, by the run's plate model) stays in it: the
+    # frames are referenced in the realisation the network and the horizontal field use
+    model = stations.attrs.get("plate_model") or "ITRF2014"
+    return gnss_in_frame(stations, frame, vertical="horizontal_only" if horizontal_only else "require",
+                         model=model)
 
 
 def _rms(a) -> float | None:

@@ -51,6 +51,8 @@ def test_products_and_summary_contract(demo):
                 "provenance"):
         assert key in s, key
     assert s["subsidence_threshold_mm_yr"] == 20.0
+    # overlaps too fast everywhere to be compared on slow ground are named (frame ids of the run)
+    assert all(set(pair.split("/")) <= set(s["frames"]) for pair in s["network"]["pairs_compared_on_fast_ground"])
     for fid in frames:
         f = s["frames"][fid]
         for key in ("selected_model", "cv_rmse_mm_yr", "candidates", "n_gnss", "rmse_before_mm_yr",

@@ -312,3 +312,21 @@ def test_input_checksums_are_the_sha256_of_every_file_in_path_order(tmp_path):
     assert list(got) == [str(frames / "T1" / "a.tif"), str(frames / "T2" / "sub" / "x.h5"),
                          str(frames / "T2" / "velocity.tif"), str(tmp_path / "gnss.csv")]
     assert got == {str(p): hashlib.sha256(d).hexdigest() for p, d in blobs.items()}
+
+
+def test_horizontal_only_blanks_the_training_verticals_not_the_held_out_ones(tmp_path):
+    """``gnss.horizontal_only`` with a 3-D table: the training stations reach every stage without verticals (as
+    a table without them would), the held-out ones keep theirs for the validation of the vertical map."""
+    from gpu_insar_adjust.config import GiaConfig
+
+    csv = tmp_path / "gnss.csv"
+    csv.write_text("station,lon,lat,ve,vn,vu,se,sn,su\nAAAA,116.4,39.8,29.3,-6.2,-44.7,0.5,0.5,1.3\n"
+                   "BBBB,116.3,39.7,27.5,-7.7,-20.9,0.5,0.5,1.3\n")
+    cfg = GiaConfig.model_validate({"gnss": {"horizontal_only": True, "reference_frame": "EURA-fixed"}})
+    st = P._read_stations(csv, cfg)
+    assert np.isnan(st["vu"]).all() and np.isnan(st["su"]).all()
+    np.testing.assert_array_equal(st["ve"], [29.3, 27.5])
+    held = P._read_stations(csv, cfg, training=False)
+    np.testing.assert_array_equal(held["vu"], [-44.7, -20.9])
+    full = P._read_stations(csv, GiaConfig.model_validate({"gnss": {"reference_frame": "EURA-fixed"}}))
+    np.testing.assert_array_equal(full["vu"], [-44.7, -20.9])
