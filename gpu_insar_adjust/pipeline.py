@@ -914,8 +914,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                                            area_km2=p.area_km2, kind=kind))
             tied.append(p)
         if fast_ground:
-            log.info("%d overlap(s) have fewer than %d pixels below %g mm/yr and are compared on all their pixels: "
-                     "%s", len(fast_ground), cfg.network.min_overlap_pixels, max_rate, ", ".join(fast_ground))
+            log.info("%d overlap(s) have fewer than %d pixels below %g mm/yr and are compared on all their "
+                     "pixels: %s", len(fast_ground), cfg.network.min_overlap_pixels, max_rate, ", ".join(fast_ground))
         ties = []
         vert_ok = np.isfinite(stations_itrf["vu"].to_numpy(float))
         for k, fr in enumerate(frames):
