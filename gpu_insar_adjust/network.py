@@ -473,8 +473,8 @@ def solve_network(n_frames: int, overlaps: list[OverlapSamples], ties: list[Gnss
     # each iteration subtracts the down-weighted rows' share (exact, and far cheaper than a full product)
     N_base = (AT @ sp.diags(base_w) @ A).toarray()
     diag = np.diag_indices(npar)
-    fix = ("lower the correction order (--network-order 0), add GNSS stations, or drop frames whose overlap is only "
-           "a few pixels")
+    fix = ("lower the correction order (network.order = 0 in the configuration), add GNSS stations, or drop "
+           "frames whose overlap is only a few pixels")
     x = np.zeros(npar)
     it = 0
     rcond = float("nan")

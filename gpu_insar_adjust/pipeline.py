@@ -24,6 +24,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,8 +100,6 @@ def _prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> None:
     leave only such temporaries behind (never a product that looks whole); they are removed here.
     """
     out.mkdir(parents=True, exist_ok=True)
-    import shutil
-
     # temporaries, and a product moved aside while its replacement was renamed into place (atomic_output)
     for stale in list(out.rglob(".*.tmp")) + list(out.rglob(".*.old")):
         if stale.is_dir():
@@ -117,9 +116,16 @@ def _prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> None:
             raise OutputError("The output folder holds the products of another run (different inputs or "
                               "configuration).", file=out, field="--out",
                               fix="choose an empty folder, or pass --overwrite to replace those products")
+        replaced = old.get("fingerprint") != fingerprint
     elif any(out.iterdir()) and not overwrite:
         raise OutputError("The output folder is not empty and holds no gia run.", file=out, field="--out",
                           fix="choose an empty or new folder, or pass --overwrite")
+    else:
+        replaced = True
+    stale = out / "validation.json"  # `gia validate` of the products being replaced
+    if replaced and stale.exists():
+        log.info("removing %s: it validated the products this run replaces", stale)
+        stale.unlink()
 
 
 def _stations_itrf(stations, cfg: GiaConfig):
@@ -433,7 +439,8 @@ def run(frames_dir: str | os.PathLike, gnss: str | os.PathLike | None, out_dir: 
         # execution settings (backend, workers, scheduler, log level) do not change the products: a run resumed
         # with more workers or on another backend is the same run
         run_config = cfg.model_dump(mode="json", exclude={"backend", "log_level", "parallel"})
-        fingerprint = hashlib.sha256(json.dumps({"inputs": checksums, "config": run_config,
+        roles = _input_roles(gnss, holdout, horizontal_grids, horizontal_grids_frame)
+        fingerprint = hashlib.sha256(json.dumps({"inputs": checksums, "roles": roles, "config": run_config,
                                                  "version": __version__}, sort_keys=True).encode()).hexdigest()
         _prepare_out_dir(out, fingerprint, overwrite)
         from .io.write import write_json
@@ -441,7 +448,7 @@ def run(frames_dir: str | os.PathLike, gnss: str | os.PathLike | None, out_dir: 
         write_json(out / MANIFEST, {"fingerprint": fingerprint, "version": __version__, "status": "running",
                                     "inputs": checksums, "config": cfg.model_dump(mode="json")})
         result = _run_stages(frames_dir, gnss, holdout, horizontal_grids, horizontal_grids_frame, out, cfg,
-                             checksums)
+                             checksums, roles)
         summary = result.summary
         from .versions import code_fingerprint
 
@@ -451,6 +458,11 @@ def run(frames_dir: str | os.PathLike, gnss: str | os.PathLike | None, out_dir: 
                                  "stage_seconds": {k: round(v, 3) for k, v in STAGE_TIMES.items()},
                                  "wall_seconds": round(time.perf_counter() - t_start, 3)}
         write_json(out / "summary.json", summary)
+        if not cfg.output.report:  # an earlier run's report would pass for this run's
+            for stale in (out / "report.html", out / "figures"):
+                if stale.exists():
+                    log.info("removing %s: an earlier run's report (output.report is off)", stale)
+                    shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         if cfg.output.report:
             from .report import write_report
 
@@ -521,17 +533,28 @@ def _pseudo_stations_from_grids(grids, frames, spacing_deg: float = 0.1):
     return df
 
 
-def _frame_key(folder: Path, checksums: dict[str, str], cfg: GiaConfig) -> str:
-    """Cache key of a frame's adjustment: its own files, every non-frame input (GNSS, holdout, grids), config and
-    the code that computes it (``__version__`` and the sources' fingerprint)."""
+def _input_roles(gnss, holdout, horizontal_grids, horizontal_grids_frame) -> dict:
+    """Which input file plays which part, and the grids' reference frame: the checksums are keyed by path only,
+    so a run with the GNSS and held-out tables swapped, the east and north grids swapped, or the grids read in
+    another frame would otherwise look like the same run."""
+    return {"gnss": None if gnss is None else str(gnss), "holdout": None if holdout is None else str(holdout),
+            "horizontal_grids": None if horizontal_grids is None else [str(p) for p in horizontal_grids],
+            "horizontal_grids_frame": None if horizontal_grids is None else str(horizontal_grids_frame)}
+
+
+def _frame_key(folder: Path, checksums: dict[str, str], cfg: GiaConfig, roles: dict | None = None) -> str:
+    """Cache key of a frame's adjustment: its own files, every non-frame input (GNSS, holdout, grids) and the
+    part each plays (:func:`_input_roles`), config and the code that computes it (``__version__`` and the
+    sources' fingerprint)."""
     prefix = str(Path(folder))
     own = {k: v for k, v in checksums.items() if k.startswith(prefix + os.sep)}
     frames_root = str(Path(folder).parent) + os.sep
     others = {k: v for k, v in checksums.items() if not k.startswith(frames_root)}
     from .versions import code_fingerprint
 
-    blob = json.dumps({"frame": own, "others": others, "gnss": cfg.gnss.model_dump(mode="json"),
-                       "adjust": cfg.adjust.model_dump(mode="json"), "version": __version__,
+    blob = json.dumps({"frame": own, "others": others, "roles": roles,
+                       "gnss": cfg.gnss.model_dump(mode="json"), "adjust": cfg.adjust.model_dump(mode="json"),
+                       "version": __version__,
                        "code": code_fingerprint()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -744,7 +767,7 @@ def _adjust_cost(frame, stations) -> float:
 
 
 def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_frame, out: Path, cfg: GiaConfig,
-                checksums: dict[str, str] | None = None):
+                checksums: dict[str, str] | None = None, roles: dict | None = None):
     import xarray as xr
 
     from .analysis.subsidence import subsidence_summary
@@ -802,7 +825,7 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
     with stage("per-frame adjustment", log):
         work = out / "work"
         work.mkdir(exist_ok=True)
-        keys = [_frame_key(folder, checksums or {}, cfg) for folder in folders]
+        keys = [_frame_key(folder, checksums or {}, cfg, roles) for folder in folders]
         adjustments = [_load_adjustment(work, fr.attrs["frame_id"], key) for fr, key in zip(frames, keys)]
         n_cached = sum(a is not None for a in adjustments)  # finished in an earlier, interrupted run
         todo = [k for k, a in enumerate(adjustments) if a is None]
@@ -1202,8 +1225,6 @@ def write_products(out: Path, output, velocity: dict, per_frame: dict, ts: dict 
     Products of an earlier run in ``out`` that this run does not write (the optional ones above, per-frame
     rasters of other frames) are removed first.
     """
-    import shutil
-
     from .io.write import write_cog, write_netcdf, write_zarr
 
     tif = functools.partial(write_cog, cog=output.cog, level=output.compress_level)
@@ -1515,8 +1536,6 @@ def _create_epoch_store(path: Path, times, ys, xs, tile, n_epochs_chunk: int = 1
     most ``_TS_CHUNKS_PER_SHARD`` chunks): a file per shard, so that a plain at 100 m with hundreds of epochs
     makes tens of thousands of files, not the millions of one file per chunk (the tiles shrink as the epochs
     grow, so that count grows as the square of the epochs)."""
-    import shutil
-
     import dask.array as da
     import xarray as xr
     import zarr

@@ -117,3 +117,21 @@ def test_changed_frame_is_the_only_one_redone(scenario, tmp_path):
     after = {p.name: p.stat().st_mtime_ns for p in work.glob("*.adjust.json")}
     redone = sorted(name for name in after if after[name] != before.get(name))
     assert redone == [f"{changed.name}.adjust.json"], redone
+
+
+def test_overwriting_run_leaves_no_report_or_validation_of_the_run_it_replaced(scenario, tmp_path):
+    """A run that replaces another's products (``--overwrite``) removes what described those: the report and its
+    figures when it writes none itself (``output.report = false``), and ``gia validate``'s validation.json."""
+    out = tmp_path / "out"
+    first = _gia("run", "--frames", scenario.frames_dir, "--gnss", scenario.gnss_csv, "--out", out)
+    assert first.wait(timeout=300) == 0, first.stdout.read()
+    assert (out / "report.html").is_file() and any((out / "figures").glob("*.png"))
+    (out / "validation.json").write_text(json.dumps({"validated": "the first run"}))
+    cfg = tmp_path / "gia.toml"
+    cfg.write_text("[output]\nreport = false\n")
+    second = _gia("run", "--frames", scenario.frames_dir, "--gnss", scenario.gnss_csv, "--out", out,
+                  "--config", cfg, "--overwrite")
+    assert second.wait(timeout=300) == 0, second.stdout.read()
+    assert not (out / "report.html").exists() and not (out / "figures").exists()
+    assert not (out / "validation.json").exists()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"

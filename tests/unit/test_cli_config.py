@@ -88,6 +88,18 @@ def test_frame_cache_key_follows_inputs_config_and_code(tmp_path, monkeypatch):
     assert pipeline._frame_key(folder, {**sums, str(tmp_path / "gnss.csv"): "ff"}, cfg) != key
     assert pipeline._frame_key(folder, sums, cfg.model_copy(update={"adjust": cfg.adjust.model_copy(
         update={"one_se_rule": True})})) != key
+    # the same files in other parts: GNSS and held-out tables swapped, east and north grids swapped, grids read
+    # in another reference frame
+    roles = pipeline._input_roles("g.csv", "h.csv", ("e.tif", "n.tif"), "EURA-fixed")
+    with_roles = pipeline._frame_key(folder, sums, cfg, roles)
+    assert with_roles == pipeline._frame_key(folder, sums, cfg, dict(roles))
+    for other in (pipeline._input_roles("h.csv", "g.csv", ("e.tif", "n.tif"), "EURA-fixed"),
+                  pipeline._input_roles("g.csv", "h.csv", ("n.tif", "e.tif"), "EURA-fixed"),
+                  pipeline._input_roles("g.csv", "h.csv", ("e.tif", "n.tif"), "ITRF2014")):
+        assert pipeline._frame_key(folder, sums, cfg, other) != with_roles
+    # without grids their frame plays no part
+    assert pipeline._input_roles("g.csv", None, None, "ITRF2014") == pipeline._input_roles("g.csv", None, None,
+                                                                                           "EURA-fixed")
     assert len(versions.code_fingerprint()) == 16
     monkeypatch.setattr(versions, "code_fingerprint", lambda: "0" * 16)  # the sources were edited
     assert pipeline._frame_key(folder, sums, cfg) != key

@@ -140,3 +140,18 @@ def test_output_folder_preparation_clears_temporaries_and_moved_aside_products(t
     (tmp_path / "vertical_velocity.tif").write_bytes(b"product")
     _prepare_out_dir(tmp_path, "fingerprint", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vertical_velocity.tif"]
+
+
+def test_validation_of_replaced_products_is_removed_and_of_a_resumed_run_kept(tmp_path):
+    """``gia validate``'s validation.json describes the products in the folder: a run that replaces them
+    (another fingerprint, ``--overwrite``) removes it; the same run resumed keeps it."""
+    import json
+
+    from gpu_insar_adjust.pipeline import MANIFEST, _prepare_out_dir
+
+    (tmp_path / MANIFEST).write_text(json.dumps({"fingerprint": "run A", "status": "complete"}))
+    (tmp_path / "validation.json").write_text("{}")
+    _prepare_out_dir(tmp_path, "run A", overwrite=False)
+    assert (tmp_path / "validation.json").is_file()
+    _prepare_out_dir(tmp_path, "run B", overwrite=True)
+    assert not (tmp_path / "validation.json").exists()
