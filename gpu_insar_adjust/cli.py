@@ -115,7 +115,8 @@ def _build_app():
                                                           "problems; exit 2 if any is an error."),
         workers: Optional[int] = typer.Option(None, "--workers", help="Adjust frames on a local Dask cluster with "
                                                                       "this many workers (0: in this process; "
-                                                                      "default: one per core on 4+ cores)."),
+                                                                      "default: one per core on 4+ cores when 4+ "
+                                                                      "frames are to be adjusted)."),
         scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Adjust frames on an existing Dask "
                                                                           "scheduler (tcp://HOST:PORT)."),
         cluster: Optional[str] = typer.Option(None, "--cluster", help="Local cluster: cpu (worker processes, "

@@ -102,7 +102,10 @@ class TimeSeriesConfig(_Section):
                                                  "the planes take part of it out).")
     far_field_max_rate_mm_yr: float = Field(5.0, gt=0, description="Pixels whose adjusted vertical-equivalent rate is "
                                                                    "within ± this value are far field (ramp fit).")
-    chunk_pixels: int = Field(262144, ge=1024, description="Pixels per block of the per-pixel temporal fits.")
+    chunk_pixels: int = Field(262144, ge=1024, description="Pixels per block of the per-pixel temporal fits, at "
+                                                           "most: a block holds all epochs of its pixels in at "
+                                                           "most 8 MiB of float32, so above 8 epochs the epochs "
+                                                           "set the block (250 epochs: 8388 pixels).")
 
 
 class ParallelConfig(_Section):
@@ -117,7 +120,23 @@ class ParallelConfig(_Section):
                             "default GPU), 'cuda' (dask-cuda's LocalCUDACluster: one worker per GPU; workers "
                             "'auto' uses every visible GPU, a count the first ones), or 'auto' ('cuda' on the GPU "
                             "backend when several GPUs are visible and dask-cuda is installed, else 'cpu').")
-    worker_memory: str = Field("auto", description="Memory limit per local worker (e.g. '4GiB').")
+    worker_memory: str = Field("auto", description="Memory limit per local worker (e.g. '4GiB'); 'auto' shares "
+                                                   "the machine's memory between the workers. A limit also caps "
+                                                   "the 'auto' worker count to the workers the free memory holds.")
+
+    @field_validator("worker_memory")
+    @classmethod
+    def _memory_size(cls, v: str) -> str:
+        if v != "auto":
+            from dask.utils import parse_bytes
+
+            try:
+                if parse_bytes(v) <= 0:
+                    raise ValueError
+            except (ValueError, TypeError):
+                raise ValueError(f"worker_memory must be 'auto' or a size such as '4GiB' or '3.5GB', not {v!r}") \
+                    from None
+        return v
 
     @field_validator("workers")
     @classmethod

@@ -7,8 +7,9 @@ Stages (each also a plain function of the package):
 2. **horizontal field** — GNSS east/north interpolated to every pixel (``geodesy.horizontal``), or given grids.
 3. **per-frame adjustment** — candidate long-wavelength models of InSAR − GNSS, cross-validated, one chosen per
    frame and removed (``adjust.frame``).
-4. **network** — per-frame offset + ramp from all overlaps and GNSS ties at once (``network``), on
-   vertical-equivalent velocities so that different look geometries compare like with like.
+4. **network** — per-frame polynomial corrections (``network.order``: offset, ramp or, by default,
+   quadratic) from all overlaps and GNSS ties at once (``network``), on vertical-equivalent velocities so that
+   different look geometries compare like with like.
 5. **mosaic** — frames resampled to the target grid and merged per look direction (``mosaic``); LOS decomposed
    to up (+ east where ascending and descending overlap), elsewhere to vertical with the GNSS horizontal field.
 6. **analysis** — subsidence area/rates/hotspots, validation against held-out GNSS.
@@ -714,15 +715,16 @@ def _frame_cluster(pc, frames, backend_name: str) -> tuple[str, int]:
         n = min(backend.gpu_count(), len(frames))
         # one GPU, or one frame: not worth a cluster unless asked for by name
         return (kind, n) if n >= 2 or pc.cluster == "cuda" else ("cpu", 0)
-    return "cpu", _frame_workers(pc.workers, frames, on_gpu=on_gpu)
+    return "cpu", _frame_workers(pc.workers, frames, on_gpu=on_gpu, worker_memory=pc.worker_memory)
 
 
-def _frame_workers(workers, frames, *, on_gpu: bool = False) -> int:
+def _frame_workers(workers, frames, *, on_gpu: bool = False, worker_memory: str | int = "auto") -> int:
     """Local Dask workers for the per-frame stage: ``workers`` as configured, or for ``"auto"`` one per core
     (single-threaded, as the station-level fits that dominate a frame are) when the machine has at least 4 cores
-    and at least 4 frames are to be adjusted, capped by the frames and by the memory available now (on the GPU
-    backend, the device's too: the workers share it); 0 (this process) otherwise, or when the distributed
-    scheduler is not installed."""
+    and at least 4 frames are to be adjusted, capped by the frames and by the memory available now (each worker
+    counted at its ``worker_memory`` limit when that is larger than a frame needs; on the GPU backend the
+    device's memory too: the workers share it); 0 (this process) otherwise, or when the distributed scheduler
+    is not installed."""
     if workers != "auto":
         return int(workers)
     if len(frames) < 4:
@@ -741,6 +743,10 @@ def _frame_workers(workers, frames, *, on_gpu: bool = False) -> int:
 
     largest = max(fr.sizes["y"] * fr.sizes["x"] for fr in frames)
     per_worker = _WORKER_BASE_BYTES + _WORKER_BYTES_PER_PIXEL * largest
+    if worker_memory not in (None, "auto"):
+        from dask.utils import parse_bytes
+
+        per_worker = max(per_worker, parse_bytes(worker_memory))
     n = min(len(frames), cores, int(psutil.virtual_memory().available // per_worker))
     if on_gpu:
         free = backend._device_free_bytes()
@@ -938,7 +944,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             tied.append(p)
         if fast_ground:
             log.info("%d overlap(s) have fewer than %d pixels below %g mm/yr and are compared on all their "
-                     "pixels: %s", len(fast_ground), cfg.network.min_overlap_pixels, max_rate, ", ".join(fast_ground))
+                     "pixels: %s", len(fast_ground), cfg.network.min_overlap_pixels, max_rate,
+                     ", ".join(fast_ground))
         ties = []
         vert_ok = np.isfinite(stations_itrf["vu"].to_numpy(float))
         for k, fr in enumerate(frames):

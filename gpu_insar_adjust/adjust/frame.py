@@ -80,6 +80,19 @@ class AdjustConfig(BaseModel):
             raise ValueError(f"unknown candidate(s) {bad}; choose from {sorted(known)}")
         return v
 
+    @field_validator("min_stations")
+    @classmethod
+    def _known_minimum(cls, v: dict[str, int]) -> dict[str, int]:
+        # a misspelt name would leave its candidate at the default minimum without a word
+        known = set(_models.candidate_names())
+        bad = sorted(c for c in v if c not in known)
+        if bad:
+            raise ValueError(f"min_stations names unknown candidate(s) {bad}; choose from {sorted(known)}")
+        low = sorted(c for c, n in v.items() if n < 1)
+        if low:
+            raise ValueError(f"min_stations of {low} must be at least 1 station")
+        return v
+
 
 @dataclass
 class FrameAdjustment:

@@ -69,6 +69,12 @@ def test_adjust_section_reaches_the_per_frame_adjustment(tmp_path):
     with pytest.raises(errors.ConfigError) as info:
         config.load_config(p)
     assert "adjust.candidates" in str(info.value) and "kriging" in str(info.value)
+    # a misspelt candidate in min_stations, or a minimum below one station, is refused, not ignored
+    for table, word in (('{"poly1+DEM" = 8}', "poly1+DEM"), ('{"gp" = 0}', "at least 1")):
+        p.write_text(f"[adjust]\nmin_stations = {table}\n")
+        with pytest.raises(errors.ConfigError) as info:
+            config.load_config(p)
+        assert "adjust.min_stations" in str(info.value) and word in str(info.value)
 
 
 def test_frame_cache_key_follows_inputs_config_and_code(tmp_path, monkeypatch):

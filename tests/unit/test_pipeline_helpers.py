@@ -192,6 +192,20 @@ def test_frame_cluster_follows_backend_gpus_and_memory(monkeypatch, backend_name
     assert P._frame_cluster(pc, frames, backend_name) == expected
 
 
+def test_worker_memory_limit_caps_the_auto_worker_count(monkeypatch):
+    """Workers given 8 GiB each: 64 GiB free holds 8 of them, not the 16 a 6.6 M-pixel frame alone would allow
+    (1.62 GiB each); a limit below what a frame needs counts the frame's need."""
+    _cluster_machine(monkeypatch, gpus=0, dask_cuda=False)
+    frames = [_frame("EPSG:4326", 114.0, 39.0, 0.001, nx=6000, ny=1100) for _ in range(18)]
+    assert P._frame_cluster(_parallel(worker_memory="8GiB"), frames, "numpy") == ("cpu", 8)
+    assert P._frame_cluster(_parallel(worker_memory="1GiB"), frames, "numpy") == ("cpu", 16)
+    from gpu_insar_adjust.config import load_config
+    from gpu_insar_adjust.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="worker_memory"):
+        load_config(None, {"parallel.worker_memory": "8 gigs"})
+
+
 @pytest.mark.parametrize("backend_name,workers,gpus,dask_cuda,error,field", [
     ("numpy", "auto", 0, True, "ConfigError", "parallel.cluster"),        # GPU workers on the CPU backend
     ("cupy", 0, 2, True, "ConfigError", "parallel.workers"),              # GPU workers, and none
