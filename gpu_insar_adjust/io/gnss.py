@@ -68,7 +68,6 @@ _CSV_REQUIRED = ["station", "lon", "lat", "ve", "vn", "vu", "se", "sn", "su"]
 _CSV_ALIASES = {"site": "station", "name": "station", "sta": "station", "id": "station",
                 "longitude": "lon", "long": "lon", "latitude": "lat", "hgt": "height", "h": "height",
                 "sig_e": "se", "sig_n": "sn", "sig_u": "su", "sve": "se", "svn": "sn", "svu": "su"}
-_REFERENCE_FRAME = re.compile(r"^(ITRF\d{4}|IGS\d{2}|IGb\d{2}|[A-Za-z]{2,6}-fixed)$")
 _MJD_EPOCH = np.datetime64("1858-11-17T00:00:00", "ns")
 _DAY_NS = np.timedelta64(86_400_000_000_000, "ns")
 _YEAR_DAYS = 365.25
@@ -131,7 +130,8 @@ def read_gnss(path: str | os.PathLike, reference_frame: str = "ITRF2014", *,
         CSV / MIDAS velocity file, a tenv3 / .neu position series, or a folder of tenv3 / .neu files.
     reference_frame
         Frame of the velocities as given in the file: ``"ITRF2014"``, ``"ITRF2020"``, ``"IGS14"``, ``"IGS20"`` or
-        ``"<PLATE>-fixed"`` (e.g. ``"EURA-fixed"``, ``"NA-fixed"``). Stored in ``df.attrs["reference_frame"]``.
+        ``"<PLATE>-fixed"`` with the 4-letter plate code (e.g. ``"EURA-fixed"``, ``"NOAM-fixed"``). Stored in
+        ``df.attrs["reference_frame"]``.
     default_sigma
         Only for CSV files without sigma columns: the 1-sigma (mm/yr) to assign to every component. Without it,
         missing ``se``/``sn``/``su`` columns are an error.
@@ -150,9 +150,17 @@ def read_gnss(path: str | os.PathLike, reference_frame: str = "ITRF2014", *,
         Unknown format, missing column, non-numeric value, duplicate station, non-positive sigma, bad coordinates.
     """
     p = Path(path)
-    if not _REFERENCE_FRAME.match(str(reference_frame)):
+    # the names the plate-motion conversions understand, checked here so that a name read now is never refused
+    # stages later (a 2-letter plate code, ITRF1997)
+    from ..errors import PlateModelError
+    from ..geodesy.plates import normalise_frame
+
+    try:
+        normalise_frame(str(reference_frame), file=p)
+    except PlateModelError:
         raise GnssError(f"Unknown reference frame {reference_frame!r}.", file=p, field="reference_frame",
-                        fix="use ITRF2014, ITRF2020, IGS14, IGS20 or '<PLATE>-fixed' such as 'EURA-fixed'")
+                        fix="use ITRF2014, ITRF2020, IGS14, IGS20 or '<PLATE>-fixed' with the 4-letter plate code "
+                            "such as 'EURA-fixed' ('NOAM-fixed' for NGL's NA)") from None
     if p.is_dir():
         files = sorted([*p.glob("*.tenv3"), *p.glob("*.neu")])
         if not files:

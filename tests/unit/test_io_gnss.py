@@ -112,6 +112,14 @@ def test_unknown_reference_frame_and_format(tmp_path):
     p.write_text(GOOD_CSV)
     with pytest.raises(GnssError, match="reference frame"):
         read_gnss(p, "WGS84-ish")
+    # names the plate-motion conversions would refuse later are refused at reading (a 2-letter plate code, an
+    # ITRF realisation without PROJ transformations here); the ones they take are read
+    for name in ("NA-fixed", "ITRF1997"):
+        with pytest.raises(GnssError, match="4-letter plate code") as ei:
+            read_gnss(p, name)
+        assert ei.value.field == "reference_frame"
+    for name in ("NOAM-fixed", "eura-fixed", "IGS20", "ITRF2008"):
+        assert read_gnss(p, name).attrs["reference_frame"] == name
     q = tmp_path / "junk.txt"
     q.write_text("hello world\n")
     with pytest.raises(GnssError, match="Unrecognised"):
