@@ -192,7 +192,8 @@ def _short(path: str | None) -> str:
 # --------------------------------------------------------------------------------------------------------------
 def check_inputs(frames_dir: str | os.PathLike, gnss: str | os.PathLike | None = None,
                  holdout: str | os.PathLike | None = None, *,
-                 reference_frame: str = "ITRF2014") -> CheckReport:
+                 reference_frame: str = "ITRF2014", horizontal_grids: tuple | None = None,
+                 horizontal_grids_frame: str = "EURA-fixed", require_reference: bool = False) -> CheckReport:
     """Open every input and collect all problems before any compute.
 
     Parameters
@@ -205,6 +206,12 @@ def check_inputs(frames_dir: str | os.PathLike, gnss: str | os.PathLike | None =
         GNSS file of held-out (validation) stations, optional; none of them may also be in ``gnss``.
     reference_frame
         Frame of the GNSS velocities, passed to :func:`gpu_insar_adjust.io.gnss.read_gnss`.
+    horizontal_grids, horizontal_grids_frame
+        East and north horizontal velocity grids (as ``gia run --horizontal-grids``) and their frame: read as the
+        run reads them, optional.
+    require_reference
+        What ``gia run`` needs: GNSS velocities or horizontal grids to reference the frames to (an error when
+        neither is given).
 
     Returns
     -------
@@ -240,6 +247,16 @@ def check_inputs(frames_dir: str | os.PathLike, gnss: str | os.PathLike | None =
                                 f"{_list(both)}; the validation would not be independent.",
                        file=holdout, field="station",
                        fix=f"remove them from {Path(gnss).name} or from {Path(holdout).name}")
+    if horizontal_grids is not None:
+        from .geodesy.horizontal import load_horizontal_grids
+
+        try:
+            load_horizontal_grids(*horizontal_grids, reference_frame=horizontal_grids_frame)
+        except GiaError as exc:
+            report.add_exception(exc, file=horizontal_grids[0], field="--horizontal-grids")
+    if require_reference and gnss is None and horizontal_grids is None:
+        report.add("error", "No GNSS input was given: the frames cannot be referenced.", field="--gnss",
+                   fix="give a GNSS velocity file with --gnss, or horizontal grids with --horizontal-grids")
     report.seconds = time.perf_counter() - t0
     log.info("checked %d frame(s) and %d GNSS file(s): %d error(s), %d warning(s) in %.2f s", len(frame_dirs),
              len(names), len(report.errors), len(report.warnings), report.seconds)

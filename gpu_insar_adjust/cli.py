@@ -132,7 +132,9 @@ def _build_app():
                                    "parallel.cluster": cluster})
         _logging(cfg.log_level)
         if check:
-            raise typer.Exit(_check(frames, gnss, holdout, cfg.gnss.reference_frame, as_json=False))
+            raise typer.Exit(_check(frames, gnss, holdout, cfg.gnss.reference_frame, as_json=False,
+                                    horizontal_grids=tuple(horizontal_grids) if horizontal_grids else None,
+                                    horizontal_grids_frame=grids_frame, require_reference=True))
         res = run(frames, gnss, out, holdout=holdout, config=cfg,
                   horizontal_grids=tuple(horizontal_grids) if horizontal_grids else None,
                   horizontal_grids_frame=grids_frame, overwrite=overwrite)
@@ -224,11 +226,12 @@ def _build_app():
     return app
 
 
-def _check(frames, gnss, holdout, reference_frame: str, *, as_json: bool) -> int:
-    """Run the input checks, print the table (or JSON), and return the exit code (2 when errors were found)."""
+def _check(frames, gnss, holdout, reference_frame: str, *, as_json: bool, **more) -> int:
+    """Run the input checks, print the table (or JSON), and return the exit code (2 when errors were found);
+    ``more``: the further arguments of :func:`~gpu_insar_adjust.checks.check_inputs`."""
     from .checks import check_inputs
 
-    report = check_inputs(frames, gnss, holdout, reference_frame=reference_frame)
+    report = check_inputs(frames, gnss, holdout, reference_frame=reference_frame, **more)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:

@@ -66,7 +66,8 @@ class AdjustConfig(BaseModel):
     max_feature_extrapolation: float = Field(2.0, gt=0, description="reject a DEM/incidence term extrapolated "
                                                                     "beyond the stations' range of that feature by "
                                                                     "more than this × the stations' span of it")
-    std_grid: int = Field(64, ge=4, description="coarse grid nodes per side for the jackknife σ of the correction")
+    std_grid: int = Field(64, ge=4, description="coarse grid nodes per side for the jackknife σ of the correction "
+                                                "and for the check that the chosen surface stays in range")
     chunk_pixels: int = Field(1 << 16, ge=1024, description="pixels evaluated per block (bounds memory)")
 
     @field_validator("candidates")

@@ -173,3 +173,22 @@ def test_run_cluster_option_reaches_the_configuration(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     with pytest.raises(errors.ConfigError, match="cluster"):
         config.load_config(None, {"parallel.cluster": "gpus"})
+
+
+def test_run_check_needs_a_reference_and_reads_the_grids(tmp_path, capsys, monkeypatch):
+    """``gia run --check`` checks what the run needs: GNSS or horizontal grids (neither is an error, as the run
+    would refuse), and the grids themselves, read as the run reads them."""
+    monkeypatch.setenv("COLUMNS", "400")  # the table's cells on one line each
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    base = ["run", "--check", "--frames", str(frames), "--out", str(tmp_path / "out")]
+    assert main(base) == 2
+    text = capsys.readouterr().out
+    assert "No GNSS input" in text and "--horizontal-grids" in text
+    east = tmp_path / "ve.tif"
+    assert main([*base, "--horizontal-grids", str(east), str(tmp_path / "vn.tif")]) == 2
+    text = capsys.readouterr().out
+    assert "Horizontal velocity grid not found" in text and "No GNSS input" not in text
+    assert main([*base, "--horizontal-grids", str(east), str(tmp_path / "vn.tif"), "--grids-frame",
+                 "NA-fixed"]) == 2
+    assert "Unknown GNSS reference frame 'NA-fixed'" in capsys.readouterr().out
