@@ -53,9 +53,9 @@ class NetworkConfig(_Section):
     sigma_floor_mm_yr: float = Field(1.0, ge=0, description="Added in quadrature to every observation sigma "
                                                             "(mm/yr).")
     prior_sigma_mm_yr: float = Field(20.0, gt=0, description="Prior sigma of the correction parameters (mm/yr) of "
-                                                             "frames without a cross-validated per-frame GNSS fit "
-                                                             "(no station, or a fit with no CV RMSE), and of every "
-                                                             "frame with prior_from_cv = false.")
+                                                             "frames without a cross-validated per-frame GNSS "
+                                                             "fit (no station, or a fit with no CV RMSE), and of "
+                                                             "every frame with prior_from_cv = false.")
     prior_from_cv: bool = Field(True, description="Use each frame's cross-validated RMSE of its GNSS fit as the prior "
                                                   "sigma of its correction: well-fitted frames stay put, poorly "
                                                   "fitted ones are corrected by their overlaps.")
