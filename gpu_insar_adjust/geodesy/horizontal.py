@@ -601,18 +601,28 @@ def sample_horizontal_grids(grids, frame, *, to_itrf: bool = False, model: str =
     """The grids' ``ve, vn`` bilinearly interpolated at every pixel of a Frame Dataset (float32, mm/yr).
 
     Pixels outside the grids' extent get NaN (no field there) and are counted in the log. With ``to_itrf`` a
-    ``"<PLATE>-fixed"`` field is converted to the ITRF of ``model`` by adding the plate's rotation.
+    ``"<PLATE>-fixed"`` field is converted to the ITRF of ``model`` by adding the plate's rotation, and a field in
+    another ITRF realisation by PROJ's Helmert rates (at the grids' nodes: the change is smooth).
     """
     import xarray as xr
 
     ny, nx = frame.sizes["y"], frame.sizes["x"]
     lon, lat = plates._frame_lonlat(frame, np.arange(ny), np.arange(nx))
     pts = {"x": xr.DataArray(lon, dims=("y_", "x_")), "y": xr.DataArray(lat, dims=("y_", "x_"))}
-    ve = grids["ve"].interp(pts, method="linear").values
-    vn = grids["vn"].interp(pts, method="linear").values
     frame_name = grids.attrs.get("reference_frame", "")
+    kind = plate = None
     if to_itrf:
         kind, plate = plates.normalise_frame(frame_name, file=grids.attrs.get("path_e"))
+        target = plates._normalise_model(model)
+        if kind != "fixed" and kind != target:  # the same frame as the stations, whose to_itrf does this too
+            node_lon, node_lat = np.meshgrid(grids["x"].values, grids["y"].values)
+            de, dn, _ = plates._itrf_to_itrf_rate(kind, target, node_lon, node_lat, np.zeros(node_lon.shape))
+            grids = grids.assign(ve=grids["ve"] + xr.DataArray(de, dims=("y", "x")),
+                                 vn=grids["vn"] + xr.DataArray(dn, dims=("y", "x")))
+            frame_name = target
+    ve = grids["ve"].interp(pts, method="linear").values
+    vn = grids["vn"].interp(pts, method="linear").values
+    if to_itrf:
         if kind == "fixed":
             pe, pn, _, _ = plates.plate_velocity_grid(frame, plate, model, up=False)
             ve, vn = ve + pe, vn + pn

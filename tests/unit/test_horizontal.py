@@ -348,3 +348,32 @@ def test_finishing_in_pieces_of_rows_equals_whole_frames(monkeypatch, with_rotat
             assert g.dtype == np.float32 and g.shape == (ys.size, xs.size)
             np.testing.assert_array_equal(g.view(np.uint32), w.astype(np.float32).view(np.uint32))
         assert (got[2] == 0).any() and (got[3] >= 0).all()  # some variances were negative: clipped
+
+
+def test_grids_in_another_itrf_realisation_reach_the_models_itrf():
+    """Grids given in ITRF2020 for a run on the ITRF2014 plate model are moved by PROJ's Helmert rates, as the
+    stations' table is: a pixel's field equals the grid value there converted like a station (within 0.001 mm/yr,
+    the rates being smooth); in the model's own realisation nothing changes."""
+    from gpu_insar_adjust.geodesy.horizontal import sample_horizontal_grids
+
+    gx, gy = np.arange(114.0, 118.01, 0.5), np.arange(40.0, 35.99, -0.5)
+    ve = np.add.outer(0.3 * (gy - 38.0), 0.2 * (gx - 116.0)) + 25.0
+    vn = np.add.outer(-0.1 * (gy - 38.0), 0.4 * (gx - 116.0)) - 8.0
+    grids = xr.Dataset({"ve": (("y", "x"), ve), "vn": (("y", "x"), vn)}, coords={"y": gy, "x": gx},
+                       attrs={"reference_frame": "ITRF2020"})
+    fy, fx = np.linspace(39.5, 36.5, 31), np.linspace(114.5, 117.5, 41)
+    frame = xr.Dataset({"los_velocity": (("y", "x"), np.zeros((fy.size, fx.size), np.float32))},
+                       coords={"y": fy, "x": fx}).rio.write_crs("EPSG:4326")
+    as_is = sample_horizontal_grids(grids, frame)
+    moved = sample_horizontal_grids(grids, frame, to_itrf=True, model="ITRF2014")
+    assert moved.attrs["reference_frame"] == "ITRF2014"
+    same = sample_horizontal_grids(grids, frame, to_itrf=True, model="ITRF2020")
+    np.testing.assert_array_equal(same["ve"], as_is["ve"])
+    r, c = 12, 27
+    st = pd.DataFrame({"station": ["PIX1"], "lon": [fx[c]], "lat": [fy[r]], "height": [0.0],
+                       "ve": [float(as_is.ve[r, c])], "vn": [float(as_is.vn[r, c])], "vu": [0.0]})
+    st.attrs["reference_frame"] = "ITRF2020"
+    want = plates.to_itrf(st, None, "ITRF2014")
+    assert abs(float(want["ve"].iloc[0]) - float(as_is.ve[r, c])) > 0.005  # the realisations do differ here
+    assert float(moved.ve[r, c]) == pytest.approx(float(want["ve"].iloc[0]), abs=1e-3)
+    assert float(moved.vn[r, c]) == pytest.approx(float(want["vn"].iloc[0]), abs=1e-3)
