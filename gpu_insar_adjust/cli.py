@@ -102,7 +102,8 @@ def _build_app():
         gnss_frame: Optional[str] = typer.Option(None, "--gnss-frame", help="Reference frame of the GNSS file "
                                                                             "(ITRF2014, IGS20, EURA-fixed, ...)."),
         plate: Optional[str] = typer.Option(None, "--plate", help="Plate for plate-fixed conversions (EURA, "
-                                                                  "NOAM, ...)."),
+                                                                  "NOAM, ...; default: the plate of a "
+                                                                  "'<PLATE>-fixed' --gnss-frame, else EURA)."),
         horizontal_grids: Optional[tuple[Path, Path]] = typer.Option(
             None, "--horizontal-grids", help="East and north horizontal velocity grids (mm/yr) to use as the "
                                              "horizontal field; with no --gnss, frames are referenced to them "

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .adjust.frame import AdjustConfig
 from .errors import ConfigError
@@ -29,13 +30,25 @@ class GnssConfig(_Section):
         "ITRF2014", description="Reference frame of the GNSS velocities: ITRF2014, ITRF2020, IGS14, IGS20, or "
                                 "'<PLATE>-fixed' such as 'EURA-fixed'.")
     plate: str = Field("EURA", description="Plate (PROJ plate motion model abbreviation) used to convert between "
-                                           "ITRF and plate-fixed velocities, e.g. EURA, NOAM, PCFC.")
+                                           "ITRF and plate-fixed velocities, e.g. EURA, NOAM, PCFC. When not set, "
+                                           "a '<PLATE>-fixed' reference_frame gives its own plate.")
     plate_model: Literal["ITRF2014", "ITRF2020"] = Field(
         "ITRF2014", description="Plate motion model of PROJ used for the plate rotation.")
     horizontal_only: bool = Field(
         False, description="Treat the GNSS as horizontal-only (no vertical component): referencing then assumes "
                            "no long-wavelength vertical motion. Held-out stations keep their verticals (they "
                            "validate the map). Set automatically when no station of the file has a vu value.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plate_of_a_fixed_frame(cls, data):
+        # 'NOAM-fixed' velocities with the default plate would be refused stages later: unless a plate is given,
+        # the frame names it
+        if isinstance(data, dict) and data.get("plate") is None:
+            m = re.fullmatch(r"\s*([A-Za-z]{4})[-_ ]?fixed\s*", str(data.get("reference_frame", "")), re.I)
+            if m:
+                data = {**data, "plate": m.group(1).upper()}
+        return data
 
 
 class NetworkConfig(_Section):

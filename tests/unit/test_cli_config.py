@@ -116,6 +116,17 @@ def test_overrides():
     assert cfg.backend == "numpy" and cfg.analysis.subsidence_threshold_mm_yr == 10.0
 
 
+@pytest.mark.parametrize("overrides,plate", [
+    ({}, "EURA"),                                                        # the default
+    ({"gnss.reference_frame": "NOAM-fixed"}, "NOAM"),                    # the frame names its plate
+    ({"gnss.reference_frame": "pcfc_fixed"}, "PCFC"),
+    ({"gnss.reference_frame": "IGS20"}, "EURA"),                         # a global frame names none
+    ({"gnss.reference_frame": "NOAM-fixed", "gnss.plate": "EURA"}, "EURA"),  # given: kept (refused later)
+])
+def test_plate_follows_a_plate_fixed_gnss_frame_unless_given(overrides, plate):
+    assert config.load_config(None, overrides).gnss.plate == plate
+
+
 def test_user_errors_exit_2_without_traceback(capsys):
     rc = main(["config", "--check", "/nonexistent/gia.toml"])
     err = capsys.readouterr().err
