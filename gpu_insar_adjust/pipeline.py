@@ -869,9 +869,13 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                        on_result=finished, costs=costs, stations=stations_itrf, config=adj_cfg,
                        holdout=holdout_itrf, backend_name=backend.get_backend())
         finally:
-            if client is not None and not pc.scheduler:
+            # an existing scheduler's cluster stays up, but this run's connection to it ends here: left open it
+            # would stay the process's default Dask client, and later work (the time-series cubes, a caller's
+            # own) would go to that cluster
+            if client is not None:
                 client.close()
-                client.cluster.close()
+                if not pc.scheduler:
+                    client.cluster.close()
         # the DEM served only the per-frame models: 4 bytes a pixel that no later stage reads
         frames = [fr.drop_vars("dem", errors="ignore") for fr in frames]
         if n_cached:

@@ -210,6 +210,31 @@ def test_gpu_run_matches_the_cpu_run_and_its_workers_share_the_device(demo, tmp_
     assert abs(area - area_cpu) <= 1e-3 * area_cpu
 
 
+def test_frames_on_an_existing_scheduler_give_identical_products_and_leave_it_running(demo, tmp_path):
+    """``--scheduler ADDRESS``: the frames are adjusted by that cluster's workers (the demo's products, bit for
+    bit); the run disconnects when done, leaving the cluster up and no default client behind."""
+    distributed = pytest.importorskip("distributed")
+    from distributed.client import _get_global_client
+
+    scen = demo / "scenario"
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        assert main(["run", "--frames", str(scen / "frames"), "--gnss", str(scen / "gnss.csv"), "--holdout",
+                     str(scen / "gnss_holdout.csv"), "--out", str(tmp_path / "remote"), "--scheduler",
+                     cluster.scheduler_address]) == 0
+        assert _get_global_client() is None
+        with distributed.Client(cluster) as c:
+            assert len(c.scheduler_info()["workers"]) == 2
+            # the frames' tasks ran there: seconds of compute under their key prefix ("_adjust_one-<k>-<run>")
+            computed = c.run_on_scheduler(lambda dask_scheduler: {
+                name: prefix.all_durations.get("compute", 0.0)
+                for name, prefix in dask_scheduler.task_prefixes.items()})
+            assert computed.get("adjust_one", 0.0) > 0.0, computed
+    for name in ("vertical_velocity.tif", "frames/040A_05000_131313.correction.tif"):
+        with rasterio.open(demo / "out" / name) as a, rasterio.open(tmp_path / "remote" / name) as b:
+            np.testing.assert_array_equal(a.read(1), b.read(1), err_msg=name)
+
+
 def test_frames_are_read_once_in_one_process(demo, tmp_path, monkeypatch):
     """In one process the per-frame stage adjusts the frames as "read inputs" holds them (DEM included, dropped
     after it): every frame folder is opened once, and the products are those of the demo's own run."""
