@@ -252,7 +252,7 @@ def check_inputs(frames_dir: str | os.PathLike, gnss: str | os.PathLike | None =
 
         try:
             load_horizontal_grids(*horizontal_grids, reference_frame=horizontal_grids_frame)
-        except GiaError as exc:
+        except Exception as exc:  # a GiaError keeps its own file, field and fix; anything else is named here
             report.add_exception(exc, file=horizontal_grids[0], field="--horizontal-grids")
     if require_reference and gnss is None and horizontal_grids is None:
         report.add("error", "No GNSS input was given: the frames cannot be referenced.", field="--gnss",

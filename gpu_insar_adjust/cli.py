@@ -133,6 +133,11 @@ def _build_app():
                                    "parallel.cluster": cluster})
         _logging(cfg.log_level)
         if check:
+            from . import backend as _backend
+            from .pipeline import _check_cluster
+
+            with _backend.use_backend(cfg.backend) as backend_name:  # settings the run would refuse, first
+                _check_cluster(cfg.parallel, backend_name)
             raise typer.Exit(_check(frames, gnss, holdout, cfg.gnss.reference_frame, as_json=False,
                                     horizontal_grids=tuple(horizontal_grids) if horizontal_grids else None,
                                     horizontal_grids_frame=grids_frame, require_reference=True))

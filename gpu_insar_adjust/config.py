@@ -29,9 +29,10 @@ class GnssConfig(_Section):
     reference_frame: str = Field(
         "ITRF2014", description="Reference frame of the GNSS velocities: ITRF2014, ITRF2020, IGS14, IGS20, or "
                                 "'<PLATE>-fixed' such as 'EURA-fixed'.")
-    plate: str = Field("EURA", description="Plate (PROJ plate motion model abbreviation) used to convert between "
-                                           "ITRF and plate-fixed velocities, e.g. EURA, NOAM, PCFC. When not set, "
-                                           "a '<PLATE>-fixed' reference_frame gives its own plate.")
+    plate: str | None = Field(None, description="Plate (PROJ plate motion model abbreviation) used to convert "
+                                                "between ITRF and plate-fixed velocities, e.g. EURA, NOAM, PCFC. "
+                                                "Not set: the plate of a '<PLATE>-fixed' reference_frame (or of "
+                                                "plate-fixed horizontal grids), else EURA.")
     plate_model: Literal["ITRF2014", "ITRF2020"] = Field(
         "ITRF2014", description="Plate motion model of PROJ used for the plate rotation.")
     horizontal_only: bool = Field(
@@ -39,16 +40,32 @@ class GnssConfig(_Section):
                            "no long-wavelength vertical motion. Held-out stations keep their verticals (they "
                            "validate the map). Set automatically when no station of the file has a vu value.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _plate_of_a_fixed_frame(cls, data):
-        # 'NOAM-fixed' velocities with the default plate would be refused stages later: unless a plate is given,
-        # the frame names it
-        if isinstance(data, dict) and data.get("plate") is None:
-            m = re.fullmatch(r"\s*([A-Za-z]{4})[-_ ]?fixed\s*", str(data.get("reference_frame", "")), re.I)
-            if m:
-                data = {**data, "plate": m.group(1).upper()}
-        return data
+    @model_validator(mode="after")
+    def _plate_of_a_fixed_frame(self):
+        # velocities fixed to one plate converted with another's rotation would be refused stages later
+        fixed = _fixed_plate(self.reference_frame)
+        if self.plate is not None and fixed is not None and self.plate.strip().upper() != fixed:
+            raise ValueError(f"plate {self.plate!r} disagrees with reference_frame {self.reference_frame!r}: set "
+                             f"plate = {fixed!r}, or leave it unset to follow the frame")
+        return self
+
+    def plate_for(self, *frames: str | None) -> str:
+        """The plate of the plate-fixed conversions: ``plate`` when set, else the plate of the first
+        ``'<PLATE>-fixed'`` among the GNSS reference frame and ``frames`` (e.g. the horizontal grids'), else
+        EURA."""
+        if self.plate is not None:
+            return self.plate.strip().upper()
+        for name in (self.reference_frame, *frames):
+            fixed = _fixed_plate(name)
+            if fixed is not None:
+                return fixed
+        return "EURA"
+
+
+def _fixed_plate(frame: str | None) -> str | None:
+    """The plate code of a ``'<PLATE>-fixed'`` frame name (upper case), else None."""
+    m = re.fullmatch(r"\s*([A-Za-z]{4})[-_ ]?fixed\s*", str(frame or ""), re.I)
+    return m.group(1).upper() if m else None
 
 
 class NetworkConfig(_Section):

@@ -129,6 +129,24 @@ def _prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> None:
         stale.unlink()
 
 
+def _slow_ground(mask, a, b, max_rate: float, min_pixels: int):
+    """The overlap pixels two frames are compared on, and whether that is all of them for lack of slow ground.
+
+    Fast-deforming ground moves horizontally too (inward at a subsidence bowl), which the GNSS field misses and
+    two look directions see differently: frames are compared where the mean of their two vertical-equivalent
+    rates ``a``, ``b`` (mm/yr) is at most ``max_rate`` (0: everywhere). The mean, not each frame's own rate: a
+    test on either would drop exactly the pixels where that frame's error pushes it past the threshold, hiding
+    the error from the network. An overlap with fewer than ``min_pixels`` such pixels (one inside a bowl) is
+    compared on all its pixels rather than left out: ``(mask, True)``."""
+    if max_rate <= 0:
+        return mask, False
+    with np.errstate(invalid="ignore"):
+        slow = mask & (np.abs(a + b) <= 2 * max_rate)
+    if np.count_nonzero(slow) >= min_pixels:
+        return slow, False
+    return mask, True
+
+
 def _stations_itrf(stations, cfg: GiaConfig):
     from .geodesy import plates
 
@@ -538,8 +556,9 @@ def _input_roles(gnss, holdout, horizontal_grids, horizontal_grids_frame) -> dic
     """Which input file plays which part, and the grids' reference frame: the checksums are keyed by path only,
     so a run with the GNSS and held-out tables swapped, the east and north grids swapped, or the grids read in
     another frame would otherwise look like the same run."""
-    return {"gnss": None if gnss is None else str(gnss), "holdout": None if holdout is None else str(holdout),
-            "horizontal_grids": None if horizontal_grids is None else [str(p) for p in horizontal_grids],
+    return {"gnss": None if gnss is None else str(Path(gnss)),
+            "holdout": None if holdout is None else str(Path(holdout)),
+            "horizontal_grids": None if horizontal_grids is None else [str(Path(p)) for p in horizontal_grids],
             "horizontal_grids_frame": None if horizontal_grids is None else str(horizontal_grids_frame)}
 
 
@@ -702,10 +721,12 @@ def _frame_cluster(pc, frames, backend_name: str) -> tuple[str, int]:
     ``cluster = "auto"`` takes ``"cuda"`` on the GPU backend when several GPUs are visible and dask-cuda is
     installed (every GPU then adjusts frames), else ``"cpu"``. Settings are checked by :func:`_check_cluster`."""
     on_gpu = backend_name != "numpy"
-    kind = pc.cluster
+    kind = pc.cluster if on_gpu else "cpu"  # _check_cluster refused "cuda" on the CPU backend
     if kind == "auto":
-        n_gpus = backend.gpu_count() if on_gpu else 0
-        kind = "cuda" if n_gpus > 1 and _has_dask_cuda() else "cpu"
+        n_gpus = backend.gpu_count()
+        # a count of workers above the GPUs cannot be a CUDA cluster (one worker per GPU): processes then
+        fits = pc.workers == "auto" or int(pc.workers) <= n_gpus
+        kind = "cuda" if n_gpus > 1 and fits and _has_dask_cuda() else "cpu"
         if n_gpus > 1 and kind == "cpu":
             log.info("%d GPUs visible: install dask-cuda to adjust frames on every one of them; local workers "
                      "share the default GPU", n_gpus)
@@ -820,7 +841,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
                 hfields.append(hf)
             field_info = {"source": "grids", "reference_frame": grids.attrs.get("reference_frame")}
         else:
-            fld = hz.HorizontalVelocityField(plate=cfg.gnss.plate, model=cfg.gnss.plate_model).fit(stations_itrf)
+            fld = hz.HorizontalVelocityField(plate=cfg.gnss.plate_for(),
+                                             model=cfg.gnss.plate_model).fit(stations_itrf)
             hfields = fld.predict_grids(frames)
             field_info = {"source": "gnss", "loo_rmse_mm_yr": getattr(fld, "loo_rmse_", None),
                           "loo_rmse_e_mm_yr": getattr(fld, "loo_rmse_e_", None)}
@@ -865,7 +887,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             # in this process the frames as read above; on a cluster their folders, each read by its worker
             # (a list held only during the call: the frames' DEMs are freed below). The backend by name: a Dask
             # worker is another process, with its own (default NumPy) selection
-            map_frames(_adjust_one, [frames[k] if client is None else folders[k] for k in todo], client=client,
+            map_frames(_adjust_one, [frames[k] if client is None else folders[k].resolve() for k in todo],
+                       client=client,
                        on_result=finished, costs=costs, stations=stations_itrf, config=adj_cfg,
                        holdout=holdout_itrf, backend_name=backend.get_backend())
         finally:
@@ -923,18 +946,7 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             if kind == "asc-desc" and cfg.network.pairs == "same-orbit":
                 continue
             a, b = on_grid[p.i].crop(p.window), on_grid[p.j].crop(p.window)
-            use = p.mask
-            if max_rate > 0:
-                # fast-deforming ground moves horizontally too (inward at a subsidence bowl), which the GNSS field
-                # misses and two look directions see differently: compare frames on the slower ground only. The
-                # rate is judged by the two frames' mean: a test on each frame's own rate would drop exactly the
-                # pixels where one frame's error pushes it past the threshold, hiding that error from the network
-                with np.errstate(invalid="ignore"):
-                    slow = np.abs(a + b) <= 2 * max_rate
-                if (use & slow).sum() >= cfg.network.min_overlap_pixels:
-                    use = use & slow
-                else:  # an overlap inside a bowl: tied on all its pixels rather than left out
-                    fast_ground.append(f"{ids[p.i]}/{ids[p.j]}")
+            use, on_fast_ground = _slow_ground(p.mask, a, b, max_rate, cfg.network.min_overlap_pixels)
             smp = sample_overlap(a, b, use, grid=grid, window=p.window, rng=rng,
                                  a_std=std_on_grid[p.i].crop(p.window), b_std=std_on_grid[p.j].crop(p.window),
                                  max_samples=cfg.network.max_samples_per_overlap)
@@ -946,6 +958,8 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
             overlaps.append(OverlapSamples(p.i, p.j, xi, yi, xj, yj, smp.diff, np.nan_to_num(sig, nan=2.0),
                                            area_km2=p.area_km2, kind=kind))
             tied.append(p)
+            if on_fast_ground:
+                fast_ground.append(f"{ids[p.i]}/{ids[p.j]}")
         if fast_ground:
             log.info("%d overlap(s) have fewer than %d pixels below %g mm/yr and are compared on all their "
                      "pixels: %s", len(fast_ground), cfg.network.min_overlap_pixels, max_rate,

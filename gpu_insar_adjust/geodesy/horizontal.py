@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
-from ..errors import GnssError, InputError
+from ..errors import GnssError, InputError, PlateModelError
 from . import plates
 
 __all__ = ["HorizontalVelocityField", "load_horizontal_grids", "sample_horizontal_grids"]
@@ -583,7 +583,13 @@ def load_horizontal_grids(e_path, n_path, *, reference_frame: str = "EURA-fixed"
     ``ve, vn`` (y, x) with ``attrs["reference_frame"]`` (the grids' frame, default Eurasia-fixed)."""
     import xarray as xr
 
-    plates.normalise_frame(reference_frame, file=e_path)  # unknown frame names fail here, not later
+    try:  # unknown frame names fail here, not later
+        plates.normalise_frame(reference_frame, file=e_path)
+    except PlateModelError:
+        raise InputError(f"Unknown reference frame {reference_frame!r} of the horizontal grids.", file=e_path,
+                         field="--grids-frame",
+                         fix="use ITRF2014, ITRF2020, IGS14, IGS20 or '<PLATE>-fixed' with the 4-letter plate "
+                             "code such as 'EURA-fixed' ('NOAM-fixed' for NGL's NA)") from None
     e, n = _open_grid(e_path), _open_grid(n_path)
     if e.shape != n.shape or not (np.allclose(e["x"], n["x"]) and np.allclose(e["y"], n["y"])):
         raise InputError("The east and north grids are not on the same grid.", file=n_path, field="lon/lat",

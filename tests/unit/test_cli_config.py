@@ -116,15 +116,27 @@ def test_overrides():
     assert cfg.backend == "numpy" and cfg.analysis.subsidence_threshold_mm_yr == 10.0
 
 
-@pytest.mark.parametrize("overrides,plate", [
-    ({}, "EURA"),                                                        # the default
-    ({"gnss.reference_frame": "NOAM-fixed"}, "NOAM"),                    # the frame names its plate
-    ({"gnss.reference_frame": "pcfc_fixed"}, "PCFC"),
-    ({"gnss.reference_frame": "IGS20"}, "EURA"),                         # a global frame names none
-    ({"gnss.reference_frame": "NOAM-fixed", "gnss.plate": "EURA"}, "EURA"),  # given: kept (refused later)
+@pytest.mark.parametrize("overrides,grids_frame,plate", [
+    ({}, None, "EURA"),                                                   # the default
+    ({"gnss.reference_frame": "NOAM-fixed"}, None, "NOAM"),               # the GNSS frame names its plate
+    ({"gnss.reference_frame": "pcfc_fixed"}, None, "PCFC"),
+    ({"gnss.reference_frame": "IGS20"}, None, "EURA"),                    # a global frame names none
+    ({"gnss.reference_frame": "IGS20"}, "NOAM-fixed", "NOAM"),            # ... plate-fixed grids do
+    ({"gnss.reference_frame": "IGS20", "gnss.plate": "pcfc"}, "NOAM-fixed", "PCFC"),  # given: kept
 ])
-def test_plate_follows_a_plate_fixed_gnss_frame_unless_given(overrides, plate):
-    assert config.load_config(None, overrides).gnss.plate == plate
+def test_plate_follows_a_plate_fixed_frame_unless_given(overrides, grids_frame, plate, tmp_path):
+    cfg = config.load_config(None, overrides)
+    assert cfg.gnss.plate_for(grids_frame) == plate
+    # what `gia config` writes leaves the plate unset, so that a frame given later still names it
+    written = tmp_path / "gia.toml"
+    written.write_text(config.config_to_toml(config.GiaConfig()))
+    assert config.load_config(written, {"gnss.reference_frame": "NOAM-fixed"}).gnss.plate_for() == "NOAM"
+
+
+def test_plate_disagreeing_with_a_plate_fixed_frame_is_a_config_error():
+    with pytest.raises(errors.ConfigError) as info:
+        config.load_config(None, {"gnss.reference_frame": "NOAM-fixed", "gnss.plate": "EURA"})
+    assert "gnss" in str(info.value) and "plate = 'NOAM'" in str(info.value)
 
 
 def test_user_errors_exit_2_without_traceback(capsys):
@@ -177,11 +189,12 @@ def test_run_check_reports_a_broken_frame_and_exits_2(tmp_path, capsys):
 def test_run_cluster_option_reaches_the_configuration(tmp_path, capsys):
     """``gia run --cluster cuda`` on the CPU backend is refused before anything is read or written (exit 2, the
     setting and the fix named); an unknown kind is a configuration error."""
-    rc = main(["run", "--frames", str(tmp_path / "frames"), "--gnss", str(tmp_path / "gnss.csv"), "--out",
-               str(tmp_path / "out"), "--backend", "numpy", "--cluster", "cuda"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "parallel.cluster" in err and "--backend cupy" in err
-    assert not (tmp_path / "out").exists()
+    for extra in ([], ["--check"]):  # the check of the inputs refuses it as the run does
+        rc = main(["run", "--frames", str(tmp_path / "frames"), "--gnss", str(tmp_path / "gnss.csv"), "--out",
+                   str(tmp_path / "out"), "--backend", "numpy", "--cluster", "cuda", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and "parallel.cluster" in err and "--backend cupy" in err
+        assert not (tmp_path / "out").exists()
     with pytest.raises(errors.ConfigError, match="cluster"):
         config.load_config(None, {"parallel.cluster": "gpus"})
 
@@ -202,4 +215,5 @@ def test_run_check_needs_a_reference_and_reads_the_grids(tmp_path, capsys, monke
     assert "Horizontal velocity grid not found" in text and "No GNSS input" not in text
     assert main([*base, "--horizontal-grids", str(east), str(tmp_path / "vn.tif"), "--grids-frame",
                  "NA-fixed"]) == 2
-    assert "Unknown GNSS reference frame 'NA-fixed'" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "Unknown reference frame 'NA-fixed' of the horizontal grids" in text and "--grids-frame" in text

@@ -181,6 +181,8 @@ def _parallel(**kw):
     ("cupy", "cuda", "auto", 1, True, 18, 80.0, ("cuda", 1)),       # asked for by name: the one GPU
     ("cupy", "cuda", 2, 4, True, 18, 80.0, ("cuda", 2)),            # the first two GPUs
     ("cupy", "auto", 6, 1, True, 18, 1.0, ("cpu", 6)),              # a count is a count
+    ("cupy", "auto", 8, 2, True, 18, 80.0, ("cpu", 8)),             # ... above the GPUs: processes, not cuda
+    ("cupy", "auto", 2, 2, True, 18, 80.0, ("cuda", 2)),            # ... within them: one per GPU
 ])
 def test_frame_cluster_follows_backend_gpus_and_memory(monkeypatch, backend_name, cluster, workers, gpus,
                                                        dask_cuda, n_frames, device_gib, expected):
@@ -344,3 +346,24 @@ def test_horizontal_only_blanks_the_training_verticals_not_the_held_out_ones(tmp
     np.testing.assert_array_equal(held["vu"], [-44.7, -20.9])
     full = P._read_stations(csv, GiaConfig.model_validate({"gnss": {"reference_frame": "EURA-fixed"}}))
     np.testing.assert_array_equal(full["vu"], [-44.7, -20.9])
+
+
+def test_overlaps_are_compared_on_slow_ground_unless_too_little_of_it():
+    """Pixels where the two frames' mean rate exceeds the threshold are left out of the comparison; an overlap
+    with too few slow pixels (inside a bowl) is compared on all its pixels, and says so."""
+    mask = np.ones((4, 5), bool)
+    mask[0, 0] = False
+    a = np.full((4, 5), -10.0)
+    b = np.full((4, 5), -12.0)
+    a[:2] = -60.0  # two rows of fast ground: mean rate -36 and -37 mm/yr
+    b[1, 4] = np.nan
+    use, fell_back = P._slow_ground(mask, a, b, 20.0, 5)
+    assert not fell_back
+    np.testing.assert_array_equal(use, np.r_[[[False] * 5] * 2, [[True] * 5] * 2])
+    use, fell_back = P._slow_ground(mask, a, b, 20.0, 11)  # 10 slow pixels < 11
+    assert fell_back and use is mask
+    use, fell_back = P._slow_ground(mask, a, b, 0.0, 11)   # 0: compare everywhere, no fallback to report
+    assert not fell_back and use is mask
+    # the mean decides, not either frame: -30 and -8 (mean -19) is slow ground
+    use, _ = P._slow_ground(np.ones(1, bool), np.array([-30.0]), np.array([-8.0]), 20.0, 1)
+    assert use.tolist() == [True]
