@@ -13,7 +13,7 @@ velocities are mm/yr and accelerations mm/yr². Models (``design_matrix``):
 * ``"linear"``: intercept + velocity·t;
 * ``"quadratic"``: + acceleration·t²/2 (the coefficient *is* the acceleration);
 * ``"seasonal"`` (added with ``+``): annual and semi-annual sin/cos of the calendar phase (2π × decimal year),
-  reported as amplitudes (mm) and the day of year of the maximum;
+  reported as amplitudes (mm) and the day of year of the maximum (1 January 00:00 = day 1.0);
 * ``"annual_rates"``: piecewise-linear in time with one velocity per calendar year, continuous displacement and a
   rate change at each 1 January (column j is the time spent in year j up to t, so the coefficients are the
   annual velocities themselves).
@@ -201,7 +201,7 @@ def _amplitude(xp, x, c_ss, c_cc, c_sc, s0, i_s: int, i_c: int, period_days: flo
     phi = xp.atan2(s, c)
     frac = phi / (2.0 * math.pi)
     frac = frac - xp.floor(frac)
-    return amp, std, frac * period_days
+    return amp, std, 1.0 + frac * period_days  # day of year counted from 1 January = 1
 
 
 class _ColumnFit(NamedTuple):

@@ -77,6 +77,11 @@ def _periods(times: np.ndarray, periods, split_dates) -> list[tuple[np.datetime6
             raise InputError(f"periods[{k}] ends ({_day(b)}) before it starts ({_day(a)}).", field="periods",
                              fix="give (start, end) with start before end")
         out.append((a, b))
+    out.sort()
+    for (a0, b0), (a1, b1) in zip(out[:-1], out[1:]):
+        if a1 < b0:  # the overlap would be counted twice in the total
+            raise InputError(f"Periods {_day(a0)} to {_day(b0)} and {_day(a1)} to {_day(b1)} overlap.",
+                             field="periods", fix="give periods that do not overlap (they may touch)")
     return out
 
 
@@ -124,10 +129,23 @@ def _epoch_sigma(cumulative, displacement_std_mm, t: np.ndarray, when: np.dateti
     return s
 
 
+def _fit_sigma(fit) -> np.ndarray:
+    """One epoch's 1-sigma (mm, (y, x)) from an annual-rate fit: the residual standard deviation, its RMS
+    corrected for the fitted parameters (``√(n / (n − p))``, NaN where the fit has no redundancy)."""
+    rms = np.asarray(to_numpy(fit["residual_rms"].transpose("y", "x").values), float)
+    n = np.asarray(to_numpy(fit["n_valid"].transpose("y", "x").values), float)
+    p = 1 + int(fit.sizes.get("year", 0)) + (4 if "+seasonal" in str(fit.attrs.get("model", "")) else 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > p, rms * np.sqrt(n / np.where(n > p, n - p, 1.0)), np.nan)
+
+
 def _volume_std(sigma_m: np.ndarray, area: np.ndarray, ok: np.ndarray, y, x, crs,
                 correlation_length_m: float | None) -> float:
-    """Volume 1-sigma (m³): fully correlated within tiles of the correlation length, independent between."""
-    sa = np.where(ok & np.isfinite(sigma_m), sigma_m * area, 0.0)
+    """Volume 1-sigma (m³): fully correlated within tiles of the correlation length, independent between. NaN
+    when a counted pixel's sigma is unknown (an error that cannot be bounded is not zero)."""
+    if not np.all(np.isfinite(sigma_m[ok])):
+        return float("nan")
+    sa = np.where(ok, sigma_m * area, 0.0)
     if correlation_length_m is None or not np.isfinite(correlation_length_m):
         return float(np.sum(sa))
     dy_m, dx_m = grid_spacing_m(y, x, crs)
@@ -177,8 +195,12 @@ def groundwater_loss(cumulative, *, periods: Sequence[tuple[Any, Any]] | None = 
     -------
     dict: ``total_loss_m3``, ``total_loss_std_m3``, ``total_released_m3``, ``periods`` (list of dicts with
     ``start``, ``end``, ``loss_m3``, ``loss_std_m3``, ``released_m3``, ``elastic_m3``, ``compaction_volume_m3``,
-    ``mean_compaction_mm``, ``mean_head_decline_m`` (with coefficients), ``coverage``), and ``assumptions``.
-    Pixels without data are left out of the sums; ``coverage`` is the fraction of the aquifer area that had data.
+    ``mean_compaction_mm``, ``mean_head_decline_m`` (with coefficients), ``coverage``), ``aquifer_area_km2`` and
+    ``assumptions``. Every period sums the same pixels: those with the displacement over every period (so that
+    the periods add up to the total); ``coverage`` is their share of the aquifer area (the mask's, or without
+    one the mapped area: pixels with a displacement over at least one period). Periods are taken in date order
+    and may not overlap. A 1-sigma that cannot be known (an epoch sigma missing at a counted pixel) is NaN,
+    not 0.
     """
     import xarray as xr
 
@@ -207,28 +229,37 @@ def groundwater_loss(cumulative, *, periods: Sequence[tuple[Any, Any]] | None = 
     if displacement_std_mm is None:
         if fit is None:
             fit = fit_annual_velocities(cube) if t.size >= 3 else None
-        sigma_source = "residual RMS of the piecewise annual-rate fit (per pixel)"
-        sig_epoch = (np.full(area.shape, np.nan) if fit is None
-                     else np.asarray(to_numpy(fit["residual_rms"].transpose("y", "x").values), float))
+        sigma_source = ("residual standard deviation of the piecewise annual-rate fit (per pixel, "
+                        "residual RMS × √(n / (n − parameters)))")
+        sig_epoch = np.full(area.shape, np.nan) if fit is None else _fit_sigma(fit)
     else:
         sigma_source = "given (displacement_std_mm)"
         sig_epoch = None
-    mask_area = float(np.sum(area[mask]))
 
-    rows = []
-    for start, end in _periods(t, periods, split_dates):
+    def bound_sigma(a, b):  # 1-sigma (mm) of the displacement between epochs a and b
+        if sig_epoch is not None:
+            return np.sqrt(2.0) * sig_epoch
+        return np.sqrt(_epoch_sigma(cube, displacement_std_mm, t, a, area.shape) ** 2
+                       + _epoch_sigma(cube, displacement_std_mm, t, b, area.shape) ** 2)
+
+    bounds = _periods(t, periods, split_dates)
+    comps = []
+    for start, end in bounds:
         disp = cumulative_displacement(cube, start, end)
-        comp_mm = -np.asarray(to_numpy(disp.transpose("y", "x").data), float)
-        ok = mask & np.isfinite(comp_mm)
+        comps.append(-np.asarray(to_numpy(disp.transpose("y", "x").data), float))
+    # one set of pixels for every period, so that the periods add up to the total: those with the displacement
+    # at every bound (a pixel missing one epoch near a bound is left out of all periods, not of one)
+    finite = [np.isfinite(c) for c in comps]
+    ok = mask & np.logical_and.reduce(finite)
+    # without an aquifer mask the area is the mapped one (a displacement over at least one period), not the
+    # grid's rectangle
+    region = mask if aquifer_mask is not None else np.logical_or.reduce(finite)
+    region_area = float(np.sum(area[region]))
+    a_ok = float(np.sum(area[ok]))
+    rows = []
+    for (start, end), comp_mm in zip(bounds, comps):
         released = float(np.sum(comp_mm[ok] / 1e3 * area[ok]))
-        if sig_epoch is None:
-            s0 = _epoch_sigma(cube, displacement_std_mm, t, start, area.shape)
-            s1 = _epoch_sigma(cube, displacement_std_mm, t, end, area.shape)
-            sig = np.sqrt(s0**2 + s1**2)
-        else:
-            sig = np.sqrt(2.0) * sig_epoch
-        std = _volume_std(sig / 1e3, area, ok, y, x, crs, correlation_length_m)
-        a_ok = float(np.sum(area[ok]))
+        std = _volume_std(bound_sigma(start, end) / 1e3, area, ok, y, x, crs, correlation_length_m)
         row = {
             "start": _day(start), "end": _day(end),
             "loss_m3": frac * released, "loss_std_m3": frac * std,
@@ -236,29 +267,25 @@ def groundwater_loss(cumulative, *, periods: Sequence[tuple[Any, Any]] | None = 
             "elastic_m3": (1.0 - frac) * released,
             "compaction_volume_m3": released,
             "mean_compaction_mm": released * 1e3 / a_ok if a_ok > 0 else float("nan"),
-            "coverage": a_ok / mask_area if mask_area > 0 else float("nan"),
+            "coverage": a_ok / region_area if region_area > 0 else float("nan"),
         }
         if ske is not None:
             row["mean_head_decline_m"] = (released / a_ok) / (ske + skv) if a_ok > 0 else float("nan")
         rows.append(row)
 
-    t_start, t_end = rows[0]["start"], rows[-1]["end"]
-    disp = cumulative_displacement(cube, t_start, t_end)
-    comp_mm = -np.asarray(to_numpy(disp.transpose("y", "x").data), float)
-    ok = mask & np.isfinite(comp_mm)
-    if sig_epoch is None:
-        sig = np.sqrt(_epoch_sigma(cube, displacement_std_mm, t, np.datetime64(t_start, "ns"), area.shape) ** 2
-                      + _epoch_sigma(cube, displacement_std_mm, t, np.datetime64(t_end, "ns"), area.shape) ** 2)
-    else:
-        sig = np.sqrt(2.0) * sig_epoch
-    total_std = _volume_std(sig / 1e3, area, ok, y, x, crs, correlation_length_m)
     total_released = float(np.sum([r["released_m3"] for r in rows]))
+    if all(b0 == a1 for (_, b0), (a1, _) in zip(bounds[:-1], bounds[1:])):
+        # periods that tile one span: the inner bounds cancel, the error is that of the span's two ends
+        total_std = _volume_std(bound_sigma(bounds[0][0], bounds[-1][1]) / 1e3, area, ok, y, x, crs,
+                                correlation_length_m)
+    else:  # separate periods share no bound: independent errors
+        total_std = float(np.sqrt(np.sum([r["released_std_m3"] ** 2 for r in rows])))
     return {
         "total_loss_m3": frac * total_released,
         "total_loss_std_m3": frac * total_std,
         "total_released_m3": total_released,
         "periods": rows,
-        "aquifer_area_km2": mask_area / 1e6,
+        "aquifer_area_km2": region_area / 1e6,
         "assumptions": {
             "compaction": "compaction = -(vertical displacement change); uplift counts negative",
             "released_volume": "water released = compaction volume (skeletal storage; water compressibility "
@@ -267,6 +294,9 @@ def groundwater_loss(cumulative, *, periods: Sequence[tuple[Any, Any]] | None = 
             "skeletal_storage": None if ske is None else {"elastic": ske, "inelastic": skv},
             "loss": "storage loss = inelastic part of the released volume; elastic part recoverable",
             "areas": "true cell areas on the ellipsoid",
+            "aquifer": ("the aquifer mask given" if aquifer_mask is not None else
+                        "no aquifer mask given: the mapped area (pixels with a displacement over at least "
+                        "one period)"),
             "displacement_std": sigma_source,
             "correlation_length_m": correlation_length_m,
             "spatial_error_model": ("fully correlated within tiles of the correlation length, independent "

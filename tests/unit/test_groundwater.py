@@ -121,3 +121,72 @@ def test_bad_periods_and_masks_raise(cube):
         groundwater_loss(cube, aquifer_mask=shifted, displacement_std_mm=1.0)
     with pytest.raises(InputError, match="inelastic_fraction"):
         groundwater_loss(cube, inelastic_fraction=1.5, displacement_std_mm=1.0)
+
+
+def test_every_period_sums_the_same_pixels_so_that_they_add_up_to_the_total(cube):
+    """A pixel missing the last epoch lacks the displacement of the second period only: it is left out of both
+    periods and of the total alike (before, only the second period dropped it, so the periods' sum and the
+    total's sigma were over different pixels), and the coverage says so."""
+    gappy = cube.copy()
+    gappy[-1, 50, 60] = np.nan  # the bowl's centre, at the last epoch
+    out = groundwater_loss(gappy, displacement_std_mm=1.0, correlation_length_m=None)
+    full = groundwater_loss(cube, displacement_std_mm=1.0, correlation_length_m=None)
+    n = gappy.sizes["y"] * gappy.sizes["x"]
+    assert out["total_released_m3"] == pytest.approx(sum(p["released_m3"] for p in out["periods"]), rel=1e-12)
+    # the centre compacts most: without it the first period loses about its share of the volume too
+    assert out["periods"][0]["released_m3"] < full["periods"][0]["released_m3"]
+    for p in out["periods"]:
+        assert p["coverage"] == pytest.approx(1 - 1 / n, rel=1e-6)
+    # the total's sigma is over the same pixels as its volume: one pixel's share less than the full cube's
+    share = full["total_loss_std_m3"] - out["total_loss_std_m3"]
+    assert 0 < share < 2 * full["total_loss_std_m3"] / n
+    assert out["aquifer_area_km2"] == full["aquifer_area_km2"]  # mapped: it has the first period
+
+
+def test_periods_in_any_order_separate_or_touching_and_epochs_with_a_time_of_day(cube):
+    """Periods given latest first are taken in date order; periods that overlap are refused; periods that do
+    not touch add their errors in quadrature (they share no bound); epochs at 10:50 work as at midnight."""
+    later, earlier = ("2021-01-01", "2022-01-01"), ("2018-06-01", "2019-06-01")
+    out = groundwater_loss(cube, periods=[later, earlier], displacement_std_mm=1.0)
+    assert [p["start"] for p in out["periods"]] == ["2018-06-01", "2021-01-01"]
+    stds = [p["loss_std_m3"] for p in out["periods"]]
+    assert out["total_loss_std_m3"] == pytest.approx(math.hypot(*stds), rel=1e-12)
+    touching = groundwater_loss(cube, periods=[("2018-06-01", "2019-06-01"), ("2019-06-01", "2020-06-01")],
+                                displacement_std_mm=1.0)
+    span = groundwater_loss(cube, periods=[("2018-06-01", "2020-06-01")], displacement_std_mm=1.0)
+    assert touching["total_loss_std_m3"] == pytest.approx(span["total_loss_std_m3"], rel=1e-12)
+    with pytest.raises(InputError, match="overlap"):
+        groundwater_loss(cube, periods=[("2018-06-01", "2019-06-01"), ("2019-01-01", "2020-01-01")])
+    shifted = cube.assign_coords(time=cube["time"].values + np.timedelta64(39, "m") + np.timedelta64(10, "h"))
+    assert groundwater_loss(shifted, displacement_std_mm=1.0)["total_loss_m3"] == pytest.approx(
+        groundwater_loss(cube, displacement_std_mm=1.0)["total_loss_m3"], rel=0.01)
+
+
+def test_an_uncertainty_that_cannot_be_known_is_nan_and_the_fit_sigma_counts_its_parameters(cube):
+    """Two epochs leave the annual-rate fit without redundancy: its sigma is unknown, so is the loss's (NaN,
+    not 0). The fit's sigma is its residual standard deviation: on the planted 1 mm noise with ~150 epochs and
+    6 parameters, √(n/(n−p)) ≈ 1.02 above the plain residual RMS."""
+    two = cube.isel(time=[0, -1])
+    out = groundwater_loss(two)
+    assert np.isnan(out["total_loss_std_m3"]) and np.isnan(out["periods"][0]["loss_std_m3"])
+    assert np.isfinite(out["total_loss_m3"])
+    from gpu_insar_adjust.analysis.groundwater import _fit_sigma
+    from gpu_insar_adjust.timeseries import fit_annual_velocities
+
+    fit = fit_annual_velocities(cube)
+    n, p = cube.sizes["time"], 1 + fit.sizes["year"]
+    sig = _fit_sigma(fit)
+    np.testing.assert_allclose(sig, fit["residual_rms"].values * math.sqrt(n / (n - p)), rtol=1e-12)
+    assert float(np.median(sig)) == pytest.approx(1.0, rel=0.03)
+
+
+def test_without_an_aquifer_mask_the_area_is_the_mapped_one(cube):
+    """No mask: the aquifer area is that of the pixels with data (the sea of a coastal grid is not aquifer), and
+    the coverage is the share of it with the displacement at every bound."""
+    sea = cube.copy()
+    sea[:, :, :20] = np.nan  # a strip of sea: no data at any epoch
+    out = groundwater_loss(sea, displacement_std_mm=1.0)
+    full = groundwater_loss(cube, displacement_std_mm=1.0)
+    assert out["aquifer_area_km2"] < 0.86 * full["aquifer_area_km2"]
+    assert out["periods"][0]["coverage"] == 1.0
+    assert "no aquifer mask" in out["assumptions"]["aquifer"]

@@ -83,7 +83,7 @@ def test_fit_velocity_recovers_planted_rates_acceleration_seasonal(xp):
         err = est - truth[key]
         assert np.sqrt(np.mean(err**2)) < 1.2 * sig, key
         assert np.max(np.abs(err)) < 5.0 * sig, key
-    dpeak = (peak - truth["peak"] + 182.625) % 365.25 - 182.625
+    dpeak = (peak - (1.0 + truth["peak"]) + 182.625) % 365.25 - 182.625  # planted days after 1 Jan 00:00
     assert np.sqrt(np.mean(dpeak[truth["amp"] > 4] ** 2)) < 4.0  # days
     # the formal uncertainties are calibrated for white noise: normalised errors have unit scatter (±10 %)
     z = (v - truth["v"]) / vstd
@@ -324,3 +324,15 @@ def test_ramp_kernel_path_equals_array_api_path():
         slow, cs = ts._ramps_block(cube, masks, w, x=x, y=y, order=order, epochs=TIMES[:5], use_kernels=False)
         np.testing.assert_allclose(cf, to_numpy(cs), rtol=0, atol=1e-9)
         np.testing.assert_allclose(fast, to_numpy(slow), rtol=0, atol=1e-9, equal_nan=True)
+
+
+def test_seasonal_peak_day_counts_1_january_as_day_1():
+    """A cosine peaking at noon on 11 April 2018 (day of year 101, 100.5 days after 1 January 00:00) is reported
+    at day 101.5: 1 January 00:00 is day 1.0, as in the day-of-year convention."""
+    t = pd.date_range("2016-01-01", "2020-12-31", freq="6D").values
+    frac = ts._decimal_year(t) % 1.0
+    peak_frac = 100.5 / 365.25
+    d = 7.0 * np.cos(2 * math.pi * (frac - peak_frac))
+    out = ts.fit_velocity(d[:, None], t, seasonal=True)
+    assert float(np.asarray(out["annual_amplitude"])[0]) == pytest.approx(7.0, rel=1e-3)
+    assert float(np.asarray(out["annual_peak_doy"])[0]) == pytest.approx(101.5, abs=0.3)
