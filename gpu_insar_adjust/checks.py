@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 
 #: Median |LOS velocity| (mm/yr) above which the values cannot be mm/yr of ground deformation (1 m/yr).
 MAX_MEDIAN_ABS_VELOCITY = 1000.0
-#: Median |LOS velocity| (mm/yr) below which the values look like m/yr stored where mm/yr is expected.
-MIN_MEDIAN_ABS_VELOCITY = 0.01
+#: Median |LOS velocity| (mm/yr) below which the values look like m/yr stored where mm/yr is expected: a frame's
+#: noise alone gives about 1 mm/yr, while a deforming frame in m/yr has a median of a few hundredths
+MIN_MEDIAN_ABS_VELOCITY = 0.2
 #: Fraction of no-data pixels in a frame above which a warning is given.
 MAX_NAN_FRACTION = 0.9
 #: Largest |norm - 1| of the LOS unit vectors accepted without a warning (the reader's hard limit is larger).
@@ -474,8 +475,9 @@ def _lenient_csv(path: Path):
     from .io import gnss as gnss_io
 
     try:
+        # index_col=False: a row with one field too many must not turn the first column into the index
         raw = pd.read_csv(path, comment="#", dtype=str, skipinitialspace=True, keep_default_na=False,
-                          encoding_errors="replace")
+                          encoding_errors="replace", index_col=False)
     except Exception:  # noqa: BLE001  (the strict reader reports why)
         return None
     raw.columns = [str(c).strip().lower() for c in raw.columns]

@@ -571,11 +571,28 @@ def _open_grid(path):
     if set(da.dims) != {"y", "x"}:
         raise InputError(f"The grid's dimensions {da.dims} are not longitude/latitude.", file=path, field="dims",
                          fix="give a geographic grid with lon/lat (or x/y in degrees) dimensions")
+    units = str(da.attrs.get("units", "")).strip().lower().replace(" ", "")
+    scale = _GRID_UNITS.get(units)
+    if units and scale is None:
+        raise InputError(f"The grid's units {da.attrs.get('units')!r} are not a velocity the package knows.",
+                         file=path, field="units", fix="give the grid in mm/yr (or m/yr, cm/yr with units set)")
     da = da.transpose("y", "x").astype(np.float64).load()
+    if scale not in (None, 1.0):  # a grid that says it is in m/yr or cm/yr
+        da = da * scale
     if float(np.nanmax(np.abs(da["y"].values))) > 90.0:
         raise InputError("The grid's latitudes exceed ±90 degrees.", file=path, field="lat",
                          fix="give a grid in geographic coordinates (EPSG:4326)")
+    x = da["x"].values
+    if float(np.nanmax(x)) > 180.0:  # a 0-360° grid (GMT's global grids): the frames' longitudes are ±180°
+        wrapped = ((x + 180.0) % 360.0) - 180.0
+        order = np.argsort(wrapped, kind="stable")
+        da = da.isel(x=order).assign_coords(x=wrapped[order])
     return da
+
+
+#: Velocity units a grid may declare (its ``units`` attribute), as factors to mm/yr; no attribute means mm/yr
+_GRID_UNITS = {"mm/yr": 1.0, "mm/year": 1.0, "mm/a": 1.0, "mmyr-1": 1.0, "mmyr^-1": 1.0,
+               "cm/yr": 10.0, "cm/year": 10.0, "m/yr": 1000.0, "m/year": 1000.0, "m/a": 1000.0}
 
 
 def load_horizontal_grids(e_path, n_path, *, reference_frame: str = "EURA-fixed"):
@@ -594,9 +611,9 @@ def load_horizontal_grids(e_path, n_path, *, reference_frame: str = "EURA-fixed"
     if e.shape != n.shape or not (np.allclose(e["x"], n["x"]) and np.allclose(e["y"], n["y"])):
         raise InputError("The east and north grids are not on the same grid.", file=n_path, field="lon/lat",
                          fix="resample both components to one grid (e.g. gmt grdsample) before loading")
-    ds = xr.Dataset({"ve": e.drop_vars([c for c in e.coords if c not in ("x", "y")]),
-                     "vn": n.drop_vars([c for c in n.coords if c not in ("x", "y")])})
-    ds = ds.assign_coords(x=e["x"].values, y=e["y"].values)
+    # one set of coordinates (the east grid's): float32 and float64 copies of the same axes differ by rounding
+    coords = {"y": e["y"].values, "x": e["x"].values}
+    ds = xr.Dataset({"ve": (("y", "x"), e.values), "vn": (("y", "x"), n.values)}, coords=coords)
     for v in ("ve", "vn"):
         ds[v].attrs = {"units": "mm/yr"}
     ds.attrs = {"reference_frame": reference_frame, "path_e": os.fspath(e_path), "path_n": os.fspath(n_path)}

@@ -103,6 +103,7 @@ def open_frame(path: str | os.PathLike) -> "xarray.Dataset":  # noqa: F821
     layout = _layout(folder, vel_file)
     reader = _read_licsbas if layout == "licsbas" else _read_mintpy
     variables, grid = reader(folder, vel_file)
+    _check_plausible(variables, folder)
     source = layout
     ds = _build_dataset(variables, grid, frame_id=folder.name, source=source, folder=folder)
     log.info("opened frame %s (%s, %d x %d pixels, %s) in %.2f s", ds.attrs["frame_id"], source,
@@ -291,6 +292,65 @@ def read_geotiff(path: Path, *, field: str) -> tuple[np.ndarray, _Grid]:
     return out, grid
 
 
+#: Fill values that tools write for "no data" without always declaring them: never a velocity (mm/yr), a sigma,
+#: a unit-vector component or a height (m) on Earth
+_SENTINELS = np.array([-9999.0, -32768.0, -32767.0, np.finfo(np.float32).min, np.finfo(np.float32).max],
+                      np.float32)
+#: Up component of a ground→satellite unit vector of a SAR (incidence 10°-78°): a smaller one is not a look
+#: vector (E/N as angles, U left 0), a larger one a vertical look (angles in radians read as degrees)
+_LOS_U_RANGE = (0.2, 0.985)
+_HEIGHT_RANGE_M = (-500.0, 9000.0)
+
+
+def _check_plausible(variables: dict, folder: Path) -> None:
+    """Refuse a frame whose rasters hold values no frame can hold: undeclared no-data fill values, an up
+    component of the look vector outside a SAR's range at more than 1 % of the valid pixels, heights off the
+    Earth. A FrameError or GeometryError naming the raster and the fix, instead of numbers that are silently
+    wrong. (Whole-raster extremes first: a few milliseconds a raster, the exact tests only when they fail.)"""
+    names = {"los_velocity": "the velocity", "los_std": "the velocity sigma", "los_e": "E", "los_n": "N",
+             "los_u": "U", "dem": "the height"}
+    extremes = {}
+    for var, what in names.items():
+        a = variables.get(var)
+        if a is None or a.dtype == bool:
+            continue
+        lo, hi = float(np.fmin.reduce(a, axis=None)), float(np.fmax.reduce(a, axis=None))
+        extremes[var] = (lo, hi)
+        if lo <= -9999.0 or hi >= float(np.finfo(np.float32).max):
+            fill = np.isin(a, _SENTINELS)
+            if fill.any():
+                value = float(a[fill][0])
+                raise FrameError(f"{what[0].upper() + what[1:]} holds {int(fill.sum())} pixel(s) of {value:g}, "
+                                 "an undeclared no-data value.", file=folder, field=var,
+                                 fix=f"declare it as no data (e.g. gdal_edit.py -a_nodata {value:g} <file>) or "
+                                     "set those pixels to NaN")
+    valid = np.isfinite(variables["los_velocity"])
+    n_valid = int(np.count_nonzero(valid))
+    u = variables.get("los_u")
+    lo, hi = extremes.get("los_u", (np.nan, np.nan))
+    if u is not None and n_valid and (lo < _LOS_U_RANGE[0] or hi > _LOS_U_RANGE[1]):
+        low = int(np.count_nonzero((u < _LOS_U_RANGE[0]) & valid))
+        high = int(np.count_nonzero((u > _LOS_U_RANGE[1]) & valid))
+        if max(low, high) > 0.01 * n_valid:
+            from ..errors import GeometryError
+
+            side = "below" if low >= high else "above"
+            raise GeometryError(
+                f"The up component of the look vector is {side} a SAR's {_LOS_U_RANGE[0]}..{_LOS_U_RANGE[1]} "
+                f"(incidence 10°-78°) at {max(low, high)} of {n_valid} valid pixels.",
+                file=folder, field="los_u",
+                fix="give E/N/U as the ground→satellite unit vector (LiCSAR's E/N/U.geo.tif), or MintPy incidence "
+                    "and azimuth angles in degrees (not radians), with no-data as NaN, not 0")
+    dem = variables.get("dem")
+    lo, hi = extremes.get("dem", (np.nan, np.nan))
+    if dem is not None and n_valid and (lo < _HEIGHT_RANGE_M[0] or hi > _HEIGHT_RANGE_M[1]):
+        dv = dem[valid & np.isfinite(dem)]
+        if dv.size and (float(dv.min()) < _HEIGHT_RANGE_M[0] or float(dv.max()) > _HEIGHT_RANGE_M[1]):
+            raise FrameError(f"Heights span {float(dv.min()):g}..{float(dv.max()):g} m at the valid pixels, off "
+                             f"the Earth's {_HEIGHT_RANGE_M[0]:g}..{_HEIGHT_RANGE_M[1]:g} m.", file=folder,
+                             field="dem", fix="give the height in metres, with no-data declared or as NaN")
+
+
 def _read_licsbas(folder: Path, vel_file: Path | None):
     fid = folder.name
     vel_path = vel_file if vel_file is not None else _find_licsbas_velocity(folder)
@@ -452,13 +512,34 @@ def _mintpy_incidence(attrs: dict[str, str], file=None) -> tuple[float, str]:
     return DEFAULT_INCIDENCE_DEG, f"the default {DEFAULT_INCIDENCE_DEG:g}° (no incidence information)"
 
 
-def _read_h5_2d(h5, name: str, shape, file) -> np.ndarray:
+def _h5_dataset(h5, name: str, file):
+    """``h5[name]`` when it is a numeric dataset, else a FrameError (a group, strings, compound records)."""
+    import h5py
+
     ds = h5[name]
+    if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "biuf":
+        kind = "a group" if not isinstance(ds, h5py.Dataset) else f"a dataset of {ds.dtype}"
+        raise FrameError(f"{name!r} is {kind}, not a numeric raster.", file=file, field=name,
+                         fix="give the MintPy file as written by MintPy (numeric datasets)")
+    return ds
+
+
+def _h5_values(ds, name: str, file) -> np.ndarray:
+    """A whole HDF5 dataset as float32; a damaged one (a corrupt compressed chunk) is a FrameError."""
+    try:
+        return np.asarray(ds[()], dtype=np.float32)
+    except (OSError, ValueError, TypeError) as exc:
+        raise FrameError(f"Cannot read dataset {name!r}: {exc}", file=file, field=name,
+                         fix="the file is damaged: copy or regenerate it with MintPy") from exc
+
+
+def _read_h5_2d(h5, name: str, shape, file) -> np.ndarray:
+    ds = _h5_dataset(h5, name, file)
     if ds.shape != tuple(shape):
         raise FrameError(f"Dataset {name!r} has shape {ds.shape}, the velocity grid is {tuple(shape)}.", file=file,
                          field=name, fix="use the geometry file of the same (geocoded) grid as the velocity")
     _check_h5_fits(ds, name, file)
-    return np.asarray(ds[()], dtype=np.float32)
+    return _h5_values(ds, name, file)
 
 
 def _check_h5_fits(ds, name: str, file) -> None:
@@ -482,7 +563,7 @@ def _read_mintpy(folder: Path, vel_file: Path | None):
         if "velocity" not in h5:
             raise FrameError("Dataset 'velocity' not found in the HDF5 file.", file=vel_path, field="velocity",
                              fix="give a MintPy velocity file (timeseries2velocity.py output)")
-        shape = h5["velocity"].shape
+        shape = _h5_dataset(h5, "velocity", vel_path).shape
         if len(shape) != 2:
             raise FrameError(f"Dataset 'velocity' must be 2-D, has shape {shape}.", file=vel_path,
                              field="velocity", fix="give the velocity file, not a time series")
@@ -493,9 +574,9 @@ def _read_mintpy(folder: Path, vel_file: Path | None):
         scale = np.float32(_VELOCITY_UNIT_TO_MM[unit])
         _check_h5_fits(h5["velocity"], "velocity", vel_path)
         if "velocityStd" in h5:
-            _check_h5_fits(h5["velocityStd"], "velocityStd", vel_path)
-        vel = np.asarray(h5["velocity"][()], dtype=np.float32) * scale
-        std = np.asarray(h5["velocityStd"][()], dtype=np.float32) * scale if "velocityStd" in h5 else None
+            _check_h5_fits(_h5_dataset(h5, "velocityStd", vel_path), "velocityStd", vel_path)
+        vel = _h5_values(h5["velocity"], "velocity", vel_path) * scale
+        std = (_h5_values(h5["velocityStd"], "velocityStd", vel_path) * scale if "velocityStd" in h5 else None)
         if std is not None and std.shape != shape:
             raise FrameError("velocityStd has a different shape from velocity.", file=vel_path,
                              field="velocityStd", fix="re-export the velocity file with MintPy")
@@ -510,7 +591,12 @@ def _read_mintpy(folder: Path, vel_file: Path | None):
     geom_path = _find_mintpy_geometry(vel_path.parent)
     dem = None
     if geom_path is not None:
-        with h5py.File(geom_path, "r") as g:
+        try:
+            g = h5py.File(geom_path, "r")
+        except OSError as exc:
+            raise FrameError(f"Cannot open the HDF5 file: {exc}", file=geom_path, field="geometryGeo.h5",
+                             fix="check that the file is a complete MintPy geometryGeo.h5") from exc
+        with g:
             gattrs = mintpy_attrs(g)
             missing = [k for k in ("incidenceAngle", "azimuthAngle") if k not in g]
             if missing:

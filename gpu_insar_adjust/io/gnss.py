@@ -19,7 +19,7 @@
 A folder is also accepted: every ``*.tenv3`` and ``*.neu`` file in it becomes one row.
 
 Longitudes are wrapped into [-180, 180): NGL writes continuous longitudes (e.g. -229.156 for 130.844°E) in both
-MIDAS and tenv3 files.
+MIDAS and tenv3 files. Longitudes outside [-360, 360] and latitudes outside [-90, 90] are refused.
 
 Velocity fit (:func:`fit_station_velocity`)
 -------------------------------------------
@@ -40,6 +40,7 @@ that covariance. The flicker amplitude is reported in Williams' units (mm/yr^¼)
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import os
@@ -147,7 +148,8 @@ def read_gnss(path: str | os.PathLike, reference_frame: str = "ITRF2014", *,
     Raises
     ------
     GnssError
-        Unknown format, missing column, non-numeric value, duplicate station, non-positive sigma, bad coordinates.
+        Unknown format, missing column, CSV line with another number of fields than the header, non-numeric or
+        infinite value, duplicate station, non-positive sigma, bad coordinates.
     """
     p = Path(path)
     # the names the plate-motion conversions understand, checked here so that a name read now is never refused
@@ -181,6 +183,8 @@ def read_gnss(path: str | os.PathLike, reference_frame: str = "ITRF2014", *,
         raise GnssError("GNSS file not found.", file=p, field="path", fix="give the path of an existing file")
     _check_frame_hint(p, reference_frame)
     df = _validate_stations(df, p)
+    if fmt == "csv":
+        _warn_if_metres(df, p)
     df.attrs.update(reference_frame=str(reference_frame), path=str(p), format=fmt)
     if fits is not None:
         df.attrs["fits"] = fits
@@ -208,6 +212,39 @@ def _wrap_lon(lon):
     return ((np.asarray(lon, dtype=np.float64) + 180.0) % 360.0) - 180.0
 
 
+def _few(names, n: int = 5) -> str:
+    """The first ``n`` distinct names, comma-separated, with how many more there are."""
+    names = list(dict.fromkeys(str(x) for x in names))
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def _check_lon_lat(station, lon, lat, p: Path) -> None:
+    """Refuse coordinates no file can mean (no-data values such as -9999) before the longitude is wrapped."""
+    station, lon, lat = np.atleast_1d(station), np.atleast_1d(lon), np.atleast_1d(lat)
+    # NGL writes continuous longitudes (e.g. -229.156), so anything within one turn either way is a longitude.
+    bad = np.abs(lon) > 360.0
+    if bad.any():
+        raise GnssError(f"Longitudes outside -360..360 degrees for {_few(station[bad])}.", file=p, field="lon",
+                        fix="give lon in degrees; remove no-data values such as -9999")
+    bad = np.abs(lat) > 90.0
+    if bad.any():
+        raise GnssError(f"Latitudes outside -90..90 degrees for {_few(station[bad])}.", file=p, field="lat",
+                        fix="check that the lon and lat columns are not swapped; remove no-data values such as "
+                            "-9999")
+
+
+def _warn_if_metres(df: pd.DataFrame, p: Path) -> None:
+    """Warn when a velocity table looks like m/yr: even a stable area in mm/yr has sigmas far above 0.01 mm/yr."""
+    if df.empty:
+        return
+    speed = np.median(np.hypot(df["ve"].to_numpy(np.float64), df["vn"].to_numpy(np.float64)))
+    sigma = np.median(np.concatenate([df["se"].to_numpy(np.float64), df["sn"].to_numpy(np.float64)]))
+    if speed < 0.1 and sigma < 0.01:
+        warnings.warn(f"{p.name}: the velocities look like m/yr (median horizontal speed {speed:.3g}, median "
+                      f"sigma {sigma:.3g}) but the reader expects mm/yr; multiply velocities and sigmas by 1000.",
+                      UserWarning, stacklevel=3)
+
+
 def _validate_stations(df: pd.DataFrame, p: Path) -> pd.DataFrame:
     df = df.copy()
     df["station"] = df["station"].astype(str).str.strip()
@@ -224,9 +261,14 @@ def _validate_stations(df: pd.DataFrame, p: Path) -> pd.DataFrame:
             names = ", ".join(df["station"][bad].head(5))
             raise GnssError(f"Column {col!r} is missing or not finite for {int(bad.sum())} station(s): {names}.",
                             file=p, field=col, fix=f"give a number for {col} on every row")
-    if ((df["lat"] < -90) | (df["lat"] > 90)).any():
-        raise GnssError("Latitudes outside -90..90 degrees.", file=p, field="lat",
-                        fix="check that the lon and lat columns are not swapped")
+    # NaN means "not given" in these columns; an infinity is a broken value, never that.
+    for col in ("vu", "su", "height"):
+        bad = np.isinf(df[col].to_numpy(dtype=np.float64)) if col in df else np.zeros(len(df), bool)
+        if bad.any():
+            raise GnssError(f"Column {col!r} is infinite for {int(bad.sum())} station(s): "
+                            f"{_few(df['station'][bad])}.", file=p, field=col,
+                            fix=f"give a finite number for {col}, or leave it empty where it is unknown")
+    _check_lon_lat(df["station"].to_numpy(), df["lon"].to_numpy(np.float64), df["lat"].to_numpy(np.float64), p)
     df["lon"] = _wrap_lon(df["lon"])
     for col in ("se", "sn"):
         if (df[col] <= 0).any():
@@ -254,9 +296,56 @@ def _validate_stations(df: pd.DataFrame, p: Path) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------------------
 # CSV and MIDAS velocity tables
 # --------------------------------------------------------------------------------------------------------------
+def _csv_lines(p: Path) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of the header and of every data line, split as ``pd.read_csv(comment="#")`` does."""
+    out = []
+    with open(p, encoding="utf-8-sig", errors="replace") as fh:  # undecodable bytes: pandas reports them
+        for lineno, line in enumerate(fh, 1):
+            text = line.rstrip("\r\n")
+            if "#" in text:  # an unquoted '#' starts a comment
+                quoted = False
+                for i, ch in enumerate(text):
+                    quoted ^= ch == '"'
+                    if ch == "#" and not quoted:
+                        text = text[:i]
+                        break
+            if text.strip():
+                out.append((lineno, next(csv.reader([text], skipinitialspace=True))))
+    return out
+
+
+def _check_csv_field_counts(p: Path) -> bool:
+    """Refuse data lines whose number of fields differs from the header's (a stray or missing comma shifts every
+    later value into the wrong column). True when every data line ends with one extra empty field (a trailing
+    comma on every row), which is tolerated and dropped."""
+    lines = _csv_lines(p)
+    if len(lines) < 2:
+        return False
+    (_, header), data = lines[0], lines[1:]
+    n = len(header)
+    if all(len(f) == n + 1 and not f[-1].strip() for _, f in data):
+        return True
+    # a trailing comma on the header alone names an empty, ignored column that short rows may leave out
+    ok = {n, n - 1} if not header[-1].strip() else {n}
+    odd = [(ln, len(f)) for ln, f in data if len(f) not in ok]
+    if odd:
+        where = _few([f"line {ln} ({k})" for ln, k in odd])
+        raise GnssError(f"{len(odd)} line(s) do not have the header's {n} fields: {where}.", file=p,
+                        field=f"line {odd[0][0]}",
+                        fix=f"give every line the {n} comma-separated fields of the header, leaving a field empty "
+                            "(not out) for a missing vu, su or height; a stray comma shifts the columns")
+    return False
+
+
 def _read_csv(p: Path, default_sigma: float | None) -> pd.DataFrame:
+    trailing_comma = _check_csv_field_counts(p)
     try:
-        raw = pd.read_csv(p, comment="#", dtype=str, skipinitialspace=True, keep_default_na=False)
+        with warnings.catch_warnings():
+            if trailing_comma:  # pandas warns that it drops the empty last field, checked empty above
+                warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            # index_col=False: never take the first column as the index when rows have one field too many
+            raw = pd.read_csv(p, comment="#", dtype=str, skipinitialspace=True, keep_default_na=False,
+                              index_col=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise GnssError(f"Cannot parse the CSV file: {exc}", file=p, field="content",
                         fix="give a comma-separated file with one header line and one row per station") from exc
@@ -304,9 +393,11 @@ _MIDAS_FIELDS = 27
 
 def _read_midas(p: Path) -> pd.DataFrame:
     rows = []
+    s, unterminated = "", False
     with open(p, encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
             s = line.strip()
+            unterminated = not line.endswith("\n")
             if not s or s.startswith(("#", "%")):
                 continue
             f = s.split()
@@ -320,6 +411,11 @@ def _read_midas(p: Path) -> pd.DataFrame:
                 raise GnssError(f"Non-numeric value on line {lineno}: {exc}.", file=p, field=f"line {lineno}",
                                 fix="give an unmodified NGL midas.<frame>.txt file") from exc
             rows.append([f[0], *vals])
+    if unterminated and s and not s.startswith(("#", "%")):
+        # NGL's files end with a newline; without one the download may have stopped inside the last line, which
+        # can still have 27 fields (e.g. the height 300.0 cut to 30).
+        warnings.warn(f"{p.name}: the file does not end with a newline; its last line (station {rows[-1][0]}) may "
+                      "be truncated. Download the file again if it is.", UserWarning, stacklevel=3)
     cols = ["station", "t0", "t1", "duration", "n_epochs", "n_good", "n_pairs", "ve", "vn", "vu", "se", "sn", "su",
             "off_e", "off_n", "off_u", "out_e", "out_n", "out_u", "sd_e", "sd_n", "sd_u", "n_steps", "lat", "lon",
             "height"]
@@ -361,7 +457,12 @@ def read_position_series(path: str | os.PathLike) -> pd.DataFrame:
                         field="time", fix="remove repeated daily solutions")
     df = df.sort_values("time").reset_index(drop=True)
     for c in ("n", "e", "u"):
-        df[c] = df[c] - df[c].iloc[0]
+        # the first finite epoch, not the first epoch: a NaN there would make the whole component NaN
+        finite = np.isfinite(df[c].to_numpy(np.float64))
+        if not finite.any():
+            raise GnssError(f"Component {c!r} of the position series is empty (no finite value).", file=p,
+                            field=c, fix="give a series with positions in all three components (n, e, u)")
+        df[c] = df[c] - df[c].to_numpy(np.float64)[finite][0]
     df.attrs["path"] = str(p)
     df.attrs["format"] = fmt
     return df
@@ -413,6 +514,7 @@ def _read_tenv3(p: Path) -> pd.DataFrame:
     full = [r for r in rows if len(r) >= 23]
     if len(full) == len(rows):
         llh = _floats(rows, lines, [20, 21, 22], p)
+        _check_lon_lat(np.full(len(rows), rows[0][0]), llh[:, 1], llh[:, 0], p)
         lat, lon, hgt = float(np.median(llh[:, 0])), float(np.median(_wrap_lon(llh[:, 1]))), float(
             np.median(llh[:, 2]))
     else:
@@ -422,6 +524,7 @@ def _read_tenv3(p: Path) -> pd.DataFrame:
 
         geod = pyproj.Geod(ellps="WGS84")
         i = 0
+        _check_lon_lat(rows[0][0], reflon[i], 0.0, p)
         rl = float(_wrap_lon(reflon[i]))
         _, lat, _ = geod.fwd(rl, 0.0, 0.0 if north[i] >= 0 else 180.0, abs(north[i]))
         a, e2 = geod.a, geod.es
@@ -462,16 +565,28 @@ def _read_neu(p: Path) -> pd.DataFrame:
     m = _NEU_ID.search(text)
     station = m.group(1).upper() if m else p.name[:4].upper()
     lat = lon = hgt = float("nan")
+
+    def position(match, what: str) -> tuple[float, float, float]:
+        try:
+            return float(match.group(1)), float(match.group(2)), float(match.group(3))
+        except ValueError:  # the pattern also matches placeholders such as "- - -"
+            raise GnssError(f"The {what} reference position is not three numbers: {match.group(0)!r}.", file=p,
+                            field=f"{what} Reference position",
+                            fix="give an unmodified SOPAC .neu file with the station's reference position") \
+                from None
+
     m = _NEU_LLH.search(text)
     if m:
-        lat, lon, hgt = float(m.group(1)), float(_wrap_lon(float(m.group(2)))), float(m.group(3))
+        lat, lon, hgt = position(m, "NEU")
+        _check_lon_lat(station, lon, lat, p)
+        lon = float(_wrap_lon(lon))
     else:
         m = _NEU_XYZ.search(text)
         if m:
             import pyproj
 
             tr = pyproj.Transformer.from_crs("EPSG:4978", "EPSG:4979", always_xy=True)
-            lon, lat, hgt = tr.transform(float(m.group(1)), float(m.group(2)), float(m.group(3)))
+            lon, lat, hgt = tr.transform(*position(m, "XYZ"))
             lon = float(_wrap_lon(lon))
     df.attrs.update(station=station, lon=lon, lat=lat, height=hgt)
     return df

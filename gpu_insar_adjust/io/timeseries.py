@@ -201,12 +201,23 @@ def _read_layout(h5, p: Path, attrs_out: dict[str, Any]):
         except FrameError as exc:
             raise TimeSeriesError(exc.message, file=p, field=exc.field, fix=exc.fix) from exc
         if "REF_DATE" in attrs:
-            attrs_out["reference_date"] = attrs["REF_DATE"]
+            ref = parse_dates([attrs["REF_DATE"]], file=p, field="REF_DATE")[0]
+            if not np.any(dates.astype("datetime64[D]") == ref.astype("datetime64[D]")):
+                raise TimeSeriesError(f"REF_DATE {attrs['REF_DATE']!r} is not one of the cube's dates.", file=p,
+                                      field="REF_DATE",
+                                      fix="set REF_DATE to the epoch the time series is referenced to (MintPy's "
+                                          "reference_date.py), or remove it")
+            attrs_out["reference_date"] = str(np.datetime_as_string(ref, unit="D"))
     else:
         raise TimeSeriesError(
             f"Unrecognised time-series layout (datasets: {', '.join(sorted(h5.keys()))}).", file=p,
             field="cum/timeseries",
             fix="give a LiCSBAS cum.h5 (cum, imdates) or a MintPy timeseries.h5 (timeseries, date)")
+    kind = h5[dataset].dtype.kind
+    if kind not in "iuf":  # strings, records or complex values are no displacement in mm
+        raise TimeSeriesError(f"Dataset {dataset!r} holds {h5[dataset].dtype} values, not real numbers.", file=p,
+                              field=dataset, fix="give the displacement cube as written by LiCSBAS or MintPy "
+                                                 "(float32 mm or m)")
     return source, dataset, scale, dates, tuple(int(s) for s in shape), h5_chunks, transform, crs
 
 

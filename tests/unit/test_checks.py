@@ -207,3 +207,28 @@ def test_missing_folder_and_report_rendering(tmp_path):
         report.raise_if_errors()
     assert "and 1 more" in str(info.value)
     assert isinstance(report, CheckReport) and report.to_dict()["n_errors"] == 2
+
+
+def test_gnss_row_with_one_field_too_many_is_reported_not_misread(tmp_path):
+    """The checks read the GNSS table leniently too, never with its first column as the index: a row with one
+    field too many is reported as the reader refuses it, with no station named after a longitude."""
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    gnss = tmp_path / "gnss.csv"
+    gnss.write_text("station,lon,lat,ve,vn,vu,se,sn,su\nA001,116.0,38.0,30.0,-8.0,-5.0,0.4,0.4,1.2\n"
+                    "A002,116.1,38.1,30.0,-8.0,-5.0,0.4,0.4,1.2,7\n")
+    report = check_inputs(frames, gnss)
+    text = " ".join(p["message"] for p in report.problems)
+    assert not report.ok and "line 3" in text and "116.0" not in text
+
+
+def test_every_deforming_frame_in_m_per_yr_is_flagged(scenario, tmp_path):
+    """The scenario's frames have median |LOS velocity| of 5-60 mm/yr; stored in m/yr (0.005-0.06) every one of
+    them is flagged, not only those below 0.01."""
+    root = _copy_scenario(scenario, tmp_path)
+    frames = sorted(p for p in (root / "frames").iterdir() if p.is_dir())
+    for f in frames:
+        _rewrite(f / f"{f.name}.vel.geo.tif", scale=1e-3)
+    report = check_inputs(root / "frames")
+    flagged = {Path(w["file"]).parent.name for w in report.warnings if "m/yr" in w["message"]}
+    assert flagged == {f.name for f in frames}

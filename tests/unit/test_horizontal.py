@@ -377,3 +377,45 @@ def test_grids_in_another_itrf_realisation_reach_the_models_itrf():
     assert abs(float(want["ve"].iloc[0]) - float(as_is.ve[r, c])) > 0.005  # the realisations do differ here
     assert float(moved.ve[r, c]) == pytest.approx(float(want["ve"].iloc[0]), abs=1e-3)
     assert float(moved.vn[r, c]) == pytest.approx(float(want["vn"].iloc[0]), abs=1e-3)
+
+
+def test_grid_units_are_read_and_axes_of_another_precision_are_one_grid(tmp_path):
+    """A grid declaring m/yr is converted to mm/yr (not relabelled), an unknown unit is refused, and east/north
+    grids whose axes are float32 and float64 copies of the same values load as one grid."""
+    from gpu_insar_adjust.geodesy.horizontal import load_horizontal_grids
+
+    lon, lat = np.arange(114.0, 116.01, 0.1), np.arange(37.0, 39.01, 0.1)
+    ve = np.add.outer(0.5 * (lat - 38.0), 0.3 * (lon - 115.0)) + 25.0
+
+    def grd(path, values, units, dtype=np.float64):
+        da = xr.DataArray(values, dims=("lat", "lon"), coords={"lat": lat.astype(dtype), "lon": lon.astype(dtype)},
+                          name="z", attrs={"units": units} if units else {})
+        da.to_dataset().to_netcdf(path)
+
+    grd(tmp_path / "e.grd", ve / 1000.0, "m/yr")
+    grd(tmp_path / "n.grd", -ve, None, np.float32)
+    g = load_horizontal_grids(tmp_path / "e.grd", tmp_path / "n.grd")
+    np.testing.assert_allclose(g["ve"].values, ve, rtol=1e-12)
+    np.testing.assert_allclose(g["vn"].values, -ve, rtol=1e-6)
+    assert g.sizes == {"y": lat.size, "x": lon.size}
+    grd(tmp_path / "e.grd", ve, "furlongs/fortnight")
+    with pytest.raises(InputError) as ei:
+        load_horizontal_grids(tmp_path / "e.grd", tmp_path / "n.grd")
+    assert ei.value.field == "units"
+
+
+def test_a_0_to_360_grid_is_sampled_on_a_western_frame(tmp_path):
+    """GMT's global grids run 0-360°: a frame at 120°W (240°E) samples them, not NaN everywhere."""
+    from gpu_insar_adjust.geodesy.horizontal import load_horizontal_grids, sample_horizontal_grids
+
+    lon, lat = np.arange(0.0, 360.0, 1.0), np.arange(30.0, 41.0, 1.0)
+    ve = np.broadcast_to(np.where(lon > 180.0, lon - 360.0, lon), (lat.size, lon.size)) / 10.0
+    for name, values in (("e.grd", ve), ("n.grd", np.zeros_like(ve))):
+        xr.DataArray(values, dims=("lat", "lon"), coords={"lat": lat, "lon": lon}, name="z").to_dataset() \
+            .to_netcdf(tmp_path / name)
+    g = load_horizontal_grids(tmp_path / "e.grd", tmp_path / "n.grd")
+    fy, fx = np.linspace(36.5, 35.5, 5), np.linspace(-120.5, -119.5, 6)
+    frame = xr.Dataset({"los_velocity": (("y", "x"), np.zeros((5, 6), np.float32))},
+                       coords={"y": fy, "x": fx}).rio.write_crs("EPSG:4326")
+    s = sample_horizontal_grids(g, frame)
+    np.testing.assert_allclose(s["ve"].values, np.broadcast_to(fx / 10.0, (5, 6)), rtol=1e-5)

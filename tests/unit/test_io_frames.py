@@ -336,3 +336,89 @@ def test_available_memory_falls_back_to_sysconf(monkeypatch):
         assert got is None
     else:
         assert got is not None and abs(got - expected) < 2**30 and got > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Values no frame can hold
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("raster,value,field", [
+    ("vel.geo.tif", -9999.0, "los_velocity"),     # an undeclared fill value in the velocity
+    ("vstd.geo.tif", -32768.0, "los_std"),
+    ("hgt", -32768.0, "dem"),                      # SRTM's void, undeclared
+])
+def test_undeclared_no_data_values_are_refused(tmp_path, raster, value, field):
+    folder = tmp_path / "142A_05060_131313"
+    _licsbas(folder)
+    name = f"{folder.name}.geo.hgt.tif" if raster == "hgt" else raster
+    with rasterio.open(folder / name) as src:
+        data = src.read(1)
+    data[:8] = value  # 40 % of the rows
+    _tif(folder / name, data, nodata=None)
+    with pytest.raises(FrameError) as ei:
+        open_frame(folder)
+    assert ei.value.field == field and f"{value:g}" in ei.value.message
+    assert "gdal_edit.py -a_nodata" in ei.value.fix
+    _tif(folder / name, data, nodata=value)  # declared: the pixels are no data, and the frame opens
+    ds = open_frame(folder)
+    assert np.isnan(ds[field].values[:8]).all()
+
+
+def test_look_vector_outside_a_sars_range_is_refused(tmp_path):
+    """E and N given as angles-like values with no U (U derived as 0 by the unit norm), and MintPy incidence
+    angles in radians (a vertical look): both refused, naming los_u."""
+    from gpu_insar_adjust.errors import GeometryError
+
+    folder = tmp_path / "142A_05060_131313"
+    _licsbas(folder, skip=("U.geo.tif",), e=-0.99, n=-0.14)  # E² + N² = 0.9997: U ≈ 0.017
+    with pytest.raises(GeometryError) as ei:
+        open_frame(folder)
+    assert ei.value.field == "los_u" and "below" in ei.value.message
+    _, inc, _ = _mintpy(tmp_path / "mp")
+    with h5py.File(tmp_path / "mp" / "geometryGeo.h5", "r+") as h:
+        h["incidenceAngle"][...] = np.radians(inc)
+    with pytest.raises(GeometryError) as ei:
+        open_frame(tmp_path / "mp")
+    assert ei.value.field == "los_u" and "radians" in ei.value.fix
+
+
+def test_heights_off_the_earth_are_refused(tmp_path):
+    folder = tmp_path / "142A_05060_131313"
+    _licsbas(folder)
+    _tif(folder / f"{folder.name}.geo.hgt.tif", np.full(SHAPE, 29_000.0))  # Everest in feet
+    with pytest.raises(FrameError) as ei:
+        open_frame(folder)
+    assert ei.value.field == "dem" and "metres" in ei.value.fix
+
+
+def test_damaged_or_odd_mintpy_files_are_frame_errors(tmp_path):
+    """A truncated geometry file, a geometry dataset stored as a group, and a damaged compressed velocity chunk:
+    FrameErrors naming the file and the dataset, not OSError or AttributeError."""
+    _mintpy(tmp_path / "mp")
+    geom = tmp_path / "mp" / "geometryGeo.h5"
+    geom.write_bytes(geom.read_bytes()[:300])
+    with pytest.raises(FrameError) as ei:
+        open_frame(tmp_path / "mp")
+    assert ei.value.field == "geometryGeo.h5" and ei.value.file == str(geom)
+    _mintpy(tmp_path / "mp2")
+    with h5py.File(tmp_path / "mp2" / "geometryGeo.h5", "r+") as h:
+        del h["incidenceAngle"]
+        h.create_group("incidenceAngle")
+    with pytest.raises(FrameError) as ei:
+        open_frame(tmp_path / "mp2")
+    assert ei.value.field == "incidenceAngle" and "group" in ei.value.message
+    folder = tmp_path / "mp3"
+    _mintpy(folder)
+    v = np.random.default_rng(2).normal(0, 0.005, (400, 400)).astype(np.float32)
+    with h5py.File(folder / "velocity.h5", "r+") as h:
+        attrs = dict(h.attrs)
+        del h["velocity"]
+        h.create_dataset("velocity", data=v, chunks=(100, 100), compression="gzip")
+        h.attrs.update({**attrs, "LENGTH": "400", "WIDTH": "400"})
+    (folder / "geometryGeo.h5").unlink()
+    raw = bytearray((folder / "velocity.h5").read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 2000] = bytes(2000)
+    (folder / "velocity.h5").write_bytes(bytes(raw))
+    with pytest.raises(FrameError) as ei:
+        open_frame(folder)
+    assert ei.value.field == "velocity" and "damaged" in ei.value.fix

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -107,6 +109,61 @@ def test_csv_bad_input(tmp_path, text, field, needle):
     assert needle in str(e) and "bad.csv" in str(e)
 
 
+HEADER = "station,lon,lat,ve,vn,vu,se,sn,su\n"
+
+
+def test_csv_row_with_one_field_too_many_is_refused(tmp_path):
+    # pandas took the first column as the index: station '10.1', lon 45.9, ... were accepted
+    p = tmp_path / "v.csv"
+    p.write_text("# comment\n" + HEADER + "B,11,46,2,15,1,0.3,0.3,0.8\nA,10.1,45.9,2,15,1,0.3,0.3,0.8,7\n"
+                 "C,1,2,3,4,5,1,1\n")
+    with pytest.raises(GnssError) as ei:
+        read_gnss(p)
+    assert ei.value.field == "line 4" and "line 4 (10), line 5 (8)" in str(ei.value)
+    p.write_text(HEADER + "A,10.1,45.9,2,15,1,0.3,0.3,0.8,7\n")  # also as the only data row
+    with pytest.raises(GnssError, match="header's 9 fields: line 2 \\(10\\)"):
+        read_gnss(p)
+
+
+def test_csv_trailing_comma_on_every_row_is_tolerated(tmp_path):
+    p = tmp_path / "v.csv"
+    p.write_text(HEADER + "A,10.1,45.9,2,15,1,0.3,0.3,0.8,\nB,11,46,2,15,,0.3,0.3,,\n")
+    df = read_gnss(p).set_index("station")
+    assert list(df.index) == ["A", "B"] and df.loc["A", "ve"] == 2.0 and df.loc["A", "su"] == 0.8
+    assert np.isnan(df.loc["B", "vu"])
+    p.write_text(HEADER + "A,10.1,45.9,2,15,1,0.3,0.3,0.8,\nB,11,46,2,15,,0.3,0.3,\n")  # only on some rows
+    with pytest.raises(GnssError) as ei:
+        read_gnss(p)
+    assert ei.value.field == "line 2" and "line 2 (10)" in str(ei.value)
+
+
+@pytest.mark.parametrize("row, field, needle", [
+    ("A,-9999,45.9,2,15,1,0.3,0.3,0.8", "lon", "Longitudes outside"),
+    ("A,10,-9999,2,15,1,0.3,0.3,0.8", "lat", "Latitudes outside"),
+    ("A,10,45,2,15,inf,0.3,0.3,", "vu", "infinite"),
+    ("A,10,45,2,15,1,0.3,0.3,-inf", "su", "infinite"),
+    ("A,10,45,2,15,1,0.3,0.3,1e400", "su", "infinite"),
+])
+def test_csv_impossible_values_name_the_station(tmp_path, row, field, needle):
+    p = tmp_path / "v.csv"
+    p.write_text(HEADER + "OKAY,-229.156,45,2,15,1,0.3,0.3,0.8\n" + row + "\n")
+    with pytest.raises(GnssError) as ei:
+        read_gnss(p)
+    assert ei.value.field == field and needle in ei.value.message and ei.value.message.endswith(" A.")
+
+
+def test_csv_velocities_in_metres_warn(tmp_path):
+    p = tmp_path / "v.csv"
+    p.write_text(HEADER + "A,10,45,0.021,0.015,-0.001,0.0003,0.0003,0.0008\nB,11,46,0.020,0.014,,0.0004,0.0004,\n")
+    with pytest.warns(UserWarning, match="m/yr"):
+        df = read_gnss(p)
+    assert df.loc[0, "ve"] == 0.021  # warned, not refused or rescaled
+    p.write_text(HEADER + "A,10,45,0.05,0.03,0.1,0.1,0.1,0.3\n")  # a slow station in mm/yr: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_gnss(p)
+
+
 def test_unknown_reference_frame_and_format(tmp_path):
     p = tmp_path / "v.csv"
     p.write_text(GOOD_CSV)
@@ -161,6 +218,19 @@ def test_midas_bad_lines(tmp_path):
         read_gnss(p, "IGS14")
     p.write_text(MIDAS + MIDAS.splitlines()[0] + "\n")
     with pytest.raises(GnssError, match="Duplicate stations: CLV1"):
+        read_gnss(p, "IGS14")
+
+
+
+def test_midas_unterminated_last_line_warns(tmp_path):
+    p = tmp_path / "midas.IGS14.txt"
+    p.write_text(MIDAS.rstrip("\n")[:-4])  # height 120.00 cut to 12: still 27 fields
+    with pytest.warns(UserWarning, match="00NA.*truncated"):
+        df = read_gnss(p, "IGS14")
+    assert df.loc[1, "height"] == 12.0
+    p.write_text(MIDAS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         read_gnss(p, "IGS14")
 
 
@@ -266,6 +336,36 @@ def test_tenv3_longitude_quirk_and_velocity(tmp_path):
     assert ei.value.field == "line 7" and "Non-numeric" in str(ei.value)
 
 
+
+def test_tenv3_nan_first_epoch_and_empty_component(tmp_path):
+    p = tmp_path / "TEST.IGS14.tenv3"
+    lines = _tenv3_lines()
+    f = lines[0].split()
+    f[12] = "nan"  # up of the first epoch
+    lines[0] = " ".join(f)
+    p.write_text(TENV3_HEADER + "\n".join(lines) + "\n")
+    s = read_position_series(p)
+    assert np.isnan(s["u"].iloc[0]) and s["u"].iloc[1:].notna().all() and s["u"].iloc[1] == 0.0
+    df = read_gnss(p, "IGS14")
+    assert df.loc[0, "vu"] == pytest.approx(-10.0, abs=3 * df.loc[0, "su"])
+    for i in range(len(lines)):
+        f = lines[i].split()
+        f[12] = "nan"
+        lines[i] = " ".join(f)
+    p.write_text(TENV3_HEADER + "\n".join(lines) + "\n")
+    with pytest.raises(GnssError) as ei:
+        read_position_series(p)
+    assert ei.value.field == "u" and "empty" in str(ei.value)
+
+
+def test_tenv3_impossible_longitude(tmp_path):
+    p = tmp_path / "TEST.IGS14.tenv3"
+    p.write_text(TENV3_HEADER + "\n".join(_tenv3_lines(lon=-9999.0)) + "\n")
+    with pytest.raises(GnssError) as ei:
+        read_position_series(p)
+    assert ei.value.field == "lon" and "TEST" in ei.value.message
+
+
 def test_neu_with_reference_position_and_folder(tmp_path):
     z = np.random.default_rng(0).normal(0, 0.002, (3, 500))
     rows = [f"{2010 + (d - 0.5) / 365.25:.4f} {2010 + (d - 1) // 365} {(d - 1) % 365 + 1} "
@@ -283,3 +383,14 @@ def test_neu_with_reference_position_and_folder(tmp_path):
     with pytest.raises(GnssError) as ei:
         read_gnss(tmp_path / "x.neu")
     assert ei.value.field == "reference position"
+
+
+def test_neu_placeholder_reference_position_is_a_gnss_error(tmp_path):
+    """A header "NEU Reference position : - - -" matches the header pattern but holds no numbers: a GnssError
+    naming the line, not a ValueError."""
+    rows = [f"{2010 + (d - 0.5) / 365.25:.4f} 2010 {d} 0.001 0.002 0.003 0.002 0.002 0.005" for d in range(1, 40)]
+    (tmp_path / "abcd.neu").write_text("# 4-character ID: ABCD\n# NEU Reference position : - - -\n"
+                                       + "\n".join(rows) + "\n")
+    with pytest.raises(GnssError) as ei:
+        read_gnss(tmp_path / "abcd.neu")
+    assert ei.value.field == "NEU Reference position" and "- - -" in ei.value.message

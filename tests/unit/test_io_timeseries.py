@@ -62,7 +62,7 @@ def test_mintpy_cube_m_to_mm(tmp_path):
     cube_m = _mintpy(tmp_path / "timeseries.h5")
     da = open_cube(tmp_path / "timeseries.h5")
     np.testing.assert_array_equal(da.values, cube_m * np.float32(1000))
-    assert da.attrs["source"] == "mintpy" and da.attrs["reference_date"] == "20170101"
+    assert da.attrs["source"] == "mintpy" and da.attrs["reference_date"] == "2017-01-01"  # ISO, as for LiCSBAS
     assert float(da.x[0]) == pytest.approx(130.0001, abs=1e-12) and float(da.y[0]) == pytest.approx(31.9999)
 
 
@@ -157,3 +157,27 @@ def test_damaged_block_read_is_a_time_series_error(tmp_path):
     with pytest.raises(TimeSeriesError) as ei:
         da.values  # noqa: B018 - reading is the point
     assert ei.value.field == "cum" and ei.value.file.endswith("cum.h5") and "re-export" in ei.value.fix
+
+
+def test_reference_date_outside_the_cube_and_non_numeric_cubes_are_refused(tmp_path):
+    """MintPy's REF_DATE must be one of the epochs (a cube referenced elsewhere would be labelled wrongly);
+    a cube of strings or complex numbers is no displacement."""
+    _mintpy(tmp_path / "timeseries.h5")
+    with h5py.File(tmp_path / "timeseries.h5", "r+") as h:
+        h.attrs["REF_DATE"] = "20170105"
+    with pytest.raises(TimeSeriesError) as ei:
+        open_cube(tmp_path / "timeseries.h5")
+    assert ei.value.field == "REF_DATE" and "20170105" in ei.value.message
+    with h5py.File(tmp_path / "timeseries.h5", "r+") as h:
+        h.attrs["REF_DATE"] = "garbage"
+    with pytest.raises(TimeSeriesError) as ei:
+        open_cube(tmp_path / "timeseries.h5")
+    assert ei.value.field == "REF_DATE"
+    cube = _cube().astype(np.complex64)
+    _licsbas(tmp_path / "cum.h5")
+    with h5py.File(tmp_path / "cum.h5", "r+") as h:
+        del h["cum"]
+        h["cum"] = cube
+    with pytest.raises(TimeSeriesError) as ei:
+        open_cube(tmp_path / "cum.h5")
+    assert ei.value.field == "cum" and "complex" in ei.value.message
