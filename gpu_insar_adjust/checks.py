@@ -230,10 +230,11 @@ def check_inputs(frames_dir: str | os.PathLike, gnss: str | os.PathLike | None =
         report.add_exception(exc, file=frames_dir)
         frame_dirs = []
     for folder in frame_dirs:
-        fp = _check_frame(folder, report)
+        grids: dict = {}
+        fp = _check_frame(folder, report, grids)
         if fp is not None:
             footprints[folder.name] = fp
-        _check_cubes(folder, report)
+        _check_cubes(folder, report, grids.get("grid"))
     _check_overlaps(footprints, report, frame_dirs)
 
     names: dict[str, set[str]] = {}
@@ -319,8 +320,9 @@ def _crs_problem(crs) -> str | None:
     return None
 
 
-def _check_frame(folder: Path, report: CheckReport):
-    """Open one frame and check it; returns its valid-data footprint (lon/lat box) or None."""
+def _check_frame(folder: Path, report: CheckReport, grids: dict | None = None):
+    """Open one frame and check it; returns its valid-data footprint (lon/lat box) or None. The frame's pixel
+    centres go to ``grids["grid"]`` as ``(y, x)`` (its cubes must be on them)."""
     from .io.frames import open_frame
 
     if not _scan_rasters(folder, report):
@@ -339,6 +341,8 @@ def _check_frame(folder: Path, report: CheckReport):
             report.add("warning", str(w.message).split(": ", 1)[-1], file=folder, field="geometry",
                        fix="put the geometry file next to the velocity for per-pixel LOS vectors")
 
+    if grids is not None:
+        grids["grid"] = (ds["y"].values, ds["x"].values)
     fid = ds.attrs["frame_id"]
     vel_file = _velocity_file(folder)
     crs = ds.rio.crs
@@ -453,16 +457,30 @@ def _check_overlaps(footprints: dict, report: CheckReport, frame_dirs: list[Path
                            "bridges the gap")
 
 
-def _check_cubes(folder: Path, report: CheckReport) -> None:
-    """Open every displacement cube of the frame folder lazily: layout, georeferencing and date order."""
+def _check_cubes(folder: Path, report: CheckReport, grid: tuple | None = None) -> None:
+    """Open every displacement cube of the frame folder lazily: layout, georeferencing and date order, and that
+    it lies on the frame's grid ``(y, x)`` when known (the time-series stage refuses it otherwise)."""
     from .io.timeseries import open_cube
 
     cubes = [folder / n for n in _CUBE_NAMES if (folder / n).is_file()] + sorted(folder.glob(_CUBE_PATTERN))
     for cube in cubes:
         try:
-            open_cube(cube)  # lazy: reads the dates and attributes only
+            da = open_cube(cube)  # lazy: reads the dates and attributes only
         except Exception as exc:  # noqa: BLE001
             report.add_exception(exc, file=cube)
+            continue
+        if grid is None:
+            continue
+        y, x = grid
+        same = (da.sizes["y"] == y.size and da.sizes["x"] == x.size
+                and np.allclose(da["y"].values, y, atol=1e-6) and np.allclose(da["x"].values, x, atol=1e-6))
+        if not same:
+            report.add("error", f"The displacement cube ({da.sizes['y']} x {da.sizes['x']} pixels from "
+                                f"{float(da['x'][0]):.5f}, {float(da['y'][0]):.5f}) is not on the grid of the "
+                                f"frame's velocity ({y.size} x {x.size} from {float(x[0]):.5f}, "
+                                f"{float(y[0]):.5f}).",
+                       file=cube, field="grid",
+                       fix="resample the cube (or the velocity) so both share one grid, or remove the cube")
 
 
 # --------------------------------------------------------------------------------------------------------------

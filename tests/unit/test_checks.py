@@ -232,3 +232,19 @@ def test_every_deforming_frame_in_m_per_yr_is_flagged(scenario, tmp_path):
     report = check_inputs(root / "frames")
     flagged = {Path(w["file"]).parent.name for w in report.warnings if "m/yr" in w["message"]}
     assert flagged == {f.name for f in frames}
+
+
+def test_cube_off_the_frames_grid_is_reported(real_data, tmp_path):
+    """A cum.h5 with its dates in order but 4 x 5 pixels next to a larger velocity: an error naming the cube's
+    grid, found before the run's time-series stage would refuse it."""
+    naf = real_data / "naf_licsbas_4frames"
+    shutil.copytree(naf / "014A_04939_131313", tmp_path / "014A_04939_131313")
+    cube = tmp_path / "014A_04939_131313" / "cum.h5"
+    with h5py.File(cube, "w") as h5:
+        h5["cum"] = np.zeros((3, 4, 5), np.float32)
+        h5["imdates"] = np.array([20200101, 20200113, 20200125])
+        for k, v in (("corner_lat", 41.0), ("corner_lon", 34.0), ("post_lat", -0.01), ("post_lon", 0.01)):
+            h5[k] = v
+    report = check_inputs(tmp_path)
+    (err,) = report.errors
+    assert Path(err["file"]) == cube and err["field"] == "grid" and "4 x 5 pixels" in err["message"]
