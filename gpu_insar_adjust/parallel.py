@@ -24,7 +24,7 @@ from .logs import get_logger
 
 log = get_logger("parallel")
 
-__all__ = ["SchedulerError", "get_client", "map_frames", "map_blocks_pixels"]
+__all__ = ["SchedulerError", "get_client", "log_like_this_process", "map_frames", "map_blocks_pixels"]
 
 
 class SchedulerError(GiaError, ConnectionError):
@@ -85,6 +85,20 @@ def get_client(scheduler: str | None = None, *, n_workers: int | None = None, th
     client = Client(cluster)
     log.info("started local Dask cluster: %d workers", len(cluster.workers))
     return client
+
+
+def _setup_worker_logging(level: int) -> None:
+    from .logs import setup_logging
+
+    setup_logging(level, rich=False)
+
+
+def log_like_this_process(client) -> None:
+    """Give the workers' package logger this process's level and a plain handler: a frame's warnings and
+    progress then read as they do in one process (a worker process otherwise has no handler for them)."""
+    from .logs import get_logger
+
+    client.run(_setup_worker_logging, get_logger().getEffectiveLevel())
 
 
 class _GiaFailure:

@@ -880,6 +880,9 @@ def _run_stages(frames_dir, gnss_path, holdout_path, horizontal_grids, grids_fra
 
             client = get_client(pc.scheduler, n_workers=n_workers or None, memory_limit=pc.worker_memory,
                                 gpu=kind == "cuda")
+            from .parallel import log_like_this_process
+
+            log_like_this_process(client)
         try:
             from .parallel import map_frames
 

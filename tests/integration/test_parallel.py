@@ -150,3 +150,30 @@ def test_cuda_cluster_is_dask_cuda_one_worker_per_gpu(monkeypatch):
     with pytest.raises(errors.BackendUnavailableError, match="dask-cuda") as ei:
         get_client(n_workers=2, gpu=True)
     assert "pip install dask-cuda" in ei.value.fix
+
+
+def _gia_log_state(dask_worker=None) -> tuple:
+    import logging
+
+    logger = logging.getLogger("gpu_insar_adjust")
+    return logger.level, [type(h).__name__ for h in logger.handlers]
+
+
+def test_workers_log_like_this_process(client):
+    """After log_like_this_process the workers' package logger has this process's level and one plain
+    handler, so a frame's warnings on a worker are formatted as in one process."""
+    import logging
+
+    from gpu_insar_adjust.logs import get_logger
+    from gpu_insar_adjust.parallel import log_like_this_process
+
+    logger = get_logger()
+    old = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        log_like_this_process(client)
+        states = client.run(_gia_log_state)
+    finally:
+        logger.setLevel(old)
+    assert len(states) == 2
+    assert all(level == logging.WARNING and handlers == ["StreamHandler"] for level, handlers in states.values())
