@@ -267,7 +267,7 @@ def subsidence_summary(vertical_velocity, *, threshold_mm_yr: float = 20.0, stat
 
 
 def annual_subsidence(annual_velocity, *, threshold_mm_yr: float = 20.0, crs=None, easing_years: int = 3,
-                      easing_min_slope_mm_yr2: float = 0.5, min_year_fraction: float = 0.0,
+                      easing_min_slope_mm_yr2: float = 0.5, min_year_fraction: float = 0.5,
                       region: str = "per_year") -> dict:
     """Year-by-year subsidence statistics from annual vertical velocity grids, the peak year and the trend.
 
@@ -285,7 +285,8 @@ def annual_subsidence(annual_velocity, *, threshold_mm_yr: float = 20.0, crs=Non
         ``easing_years`` years is below −this value (mm/yr per year) **and** the peak year is not the last year.
     min_year_fraction
         Years whose ``year_start``/``year_end`` coordinates cover less than this fraction of the calendar year
-        are left out (partial first/last years are noisier).
+        are left out (default half a year: a first or last year of a few epochs has a rate from days of data,
+        noisy enough to become the "peak year"; 0 keeps every year).
 
     region
         ``"per_year"`` (default): the annual mean subsidence rate of a year is area-weighted over the pixels

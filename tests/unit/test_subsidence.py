@@ -179,3 +179,19 @@ def test_hotspot_sums_equal_scipy_ndimage_bit_for_bit_and_a_tied_peak_is_the_fir
     first = next(h for h in hs if h["peak_subsidence_rate_mm_yr"] == rate[i, j])
     assert first["peak_lon"] == pytest.approx(x[j], abs=1e-12)
     assert first["peak_lat"] == pytest.approx(y[i], abs=1e-12)
+
+
+def test_partial_years_under_half_a_year_are_left_out_by_default():
+    """A last year covered for three weeks (a rate from a few epochs) does not count, and so cannot become the
+    peak year, unless asked for with min_year_fraction=0."""
+    y, x = _grid(0.3)
+    years = [2020, 2021, 2022]
+    cube = np.stack([_bowl(p, y, x) for p in (60, 80, 300)])  # the 2022 "rate" from three weeks of data
+    starts = np.array(["2020-01-01", "2021-01-01", "2022-01-01"], "datetime64[ns]")
+    ends = np.array(["2021-01-01", "2022-01-01", "2022-01-22"], "datetime64[ns]")
+    da = xr.DataArray(cube, dims=("year", "y", "x"), coords={"year": years, "y": y, "x": x,
+                                                              "year_start": ("year", starts),
+                                                              "year_end": ("year", ends)})
+    out = annual_subsidence(da, threshold_mm_yr=20.0)
+    assert out["years"] == [2020, 2021] and out["peak_year"] == 2021
+    assert annual_subsidence(da, threshold_mm_yr=20.0, min_year_fraction=0.0)["peak_year"] == 2022
