@@ -296,9 +296,10 @@ def read_geotiff(path: Path, *, field: str) -> tuple[np.ndarray, _Grid]:
 #: a unit-vector component or a height (m) on Earth
 _SENTINELS = np.array([-9999.0, -32768.0, -32767.0, np.finfo(np.float32).min, np.finfo(np.float32).max],
                       np.float32)
-#: Up component of a ground→satellite unit vector of a SAR (incidence 10°-78°): a smaller one is not a look
-#: vector (E/N as angles, U left 0), a larger one a vertical look (angles in radians read as degrees)
-_LOS_U_RANGE = (0.2, 0.985)
+#: Up component of a ground→satellite unit vector of a SAR (incidence 6°-78°, ALOS-2's steepest modes
+#: included): a smaller one is not a look vector (E/N as angles, U left 0), a larger one a vertical look
+#: (angles in radians read as degrees: u > 0.9999)
+_LOS_U_RANGE = (0.2, 0.995)
 _HEIGHT_RANGE_M = (-500.0, 9000.0)
 
 
@@ -337,7 +338,7 @@ def _check_plausible(variables: dict, folder: Path) -> None:
             side = "below" if low >= high else "above"
             raise GeometryError(
                 f"The up component of the look vector is {side} a SAR's {_LOS_U_RANGE[0]}..{_LOS_U_RANGE[1]} "
-                f"(incidence 10°-78°) at {max(low, high)} of {n_valid} valid pixels.",
+                f"(incidence 6°-78°) at {max(low, high)} of {n_valid} valid pixels.",
                 file=folder, field="los_u",
                 fix="give E/N/U as the ground→satellite unit vector (LiCSAR's E/N/U.geo.tif), or MintPy incidence "
                     "and azimuth angles in degrees (not radians), with no-data as NaN, not 0")
