@@ -48,6 +48,8 @@ MAX_MEDIAN_ABS_VELOCITY = 1000.0
 #: Median |LOS velocity| (mm/yr) below which the values look like m/yr stored where mm/yr is expected: a frame's
 #: noise alone gives about 1 mm/yr, while a deforming frame in m/yr has a median of a few hundredths
 MIN_MEDIAN_ABS_VELOCITY = 0.2
+#: Fraction of the valid velocity pixels above which exact zeros (or sigmas <= 0) are worth a warning.
+MAX_ZERO_FRACTION = 0.01
 #: Fraction of no-data pixels in a frame above which a warning is given.
 MAX_NAN_FRACTION = 0.9
 #: Largest |norm - 1| of the LOS unit vectors accepted without a warning (the reader's hard limit is larger).
@@ -383,13 +385,29 @@ def _check_frame(folder: Path, report: CheckReport, grids: dict | None = None):
         report.add("warning", f"Median |LOS velocity| is {median_abs:.3g} mm/yr, implausibly small: the values "
                               "look like m/yr where mm/yr is expected (or the map is all zeros).", file=vel_file,
                    field="los_velocity", fix="multiply by 1000 if the file is in m/yr, and rewrite it in mm/yr")
+    # exact zeros are what a tool writes for "no data" when it declares none (a measured velocity is almost
+    # never exactly 0 beyond the reference pixels)
+    zero_fraction = float(np.count_nonzero(vel[finite] == 0.0)) / n_valid
+    if zero_fraction > MAX_ZERO_FRACTION:
+        report.add("warning", f"{100 * zero_fraction:.1f} % of the valid velocity pixels are exactly 0: an "
+                              "undeclared no-data value?", file=vel_file, field="los_velocity",
+                   fix="declare the no-data value of the file (e.g. gdal_edit.py -a_nodata 0 <file>) or set those "
+                       "pixels to NaN, unless the zeros are measured")
     if "los_std" in ds:
-        std = ds["los_std"].values
-        std = std[np.isfinite(std)]
+        std_all = ds["los_std"].values
+        std = std_all[np.isfinite(std_all)]
         if std.size and float(np.median(std.astype(np.float64))) > MAX_MEDIAN_ABS_VELOCITY:
             report.add("error", f"Median LOS velocity sigma is {float(np.median(std)):.4g} mm/yr, not mm/yr.",
                        file=_raster(folder, "vstd") or vel_file, field="los_std",
                        fix="give the 1-sigma of the velocity in mm/yr")
+        # the run floors such sigmas: fine at a reference pixel, not over much of the frame
+        bad_std = int(np.count_nonzero(finite & ~(std_all > 0)))
+        if bad_std > MAX_ZERO_FRACTION * n_valid:
+            report.add("warning", f"{bad_std} valid velocity pixels have a sigma that is 0, negative or missing; "
+                                  "the run floors one <= 0 at 0.1 mm/yr (a near-exact weight) and takes a missing "
+                                  "one as 2 mm/yr.",
+                       file=_raster(folder, "vstd") or vel_file, field="los_std",
+                       fix="give a positive 1-sigma (mm/yr) wherever the velocity is valid")
 
     # Unit vectors: the reader already rejects gross errors; report the largest deviation it let through.
     e, n, u = (ds[c].values.astype(np.float64) for c in ("los_e", "los_n", "los_u"))

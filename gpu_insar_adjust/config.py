@@ -151,8 +151,8 @@ class ParallelConfig(_Section):
         "auto", description="Kind of local cluster: 'cpu' (worker processes; on the GPU backend they share the "
                             "default GPU), 'cuda' (dask-cuda's LocalCUDACluster: one worker per GPU; workers "
                             "'auto' uses every visible GPU, a count the first ones), or 'auto' ('cuda' on the GPU "
-                            "backend when several GPUs are visible, dask-cuda is installed and the workers fit one "
-                            "per GPU, else 'cpu').")
+                            "backend when several GPUs are visible, dask-cuda is installed and the workers fit "
+                            "one per GPU, else 'cpu').")
     worker_memory: str = Field("auto", description="Memory limit per local worker (e.g. '4GiB'); 'auto' shares "
                                                    "the machine's memory between the workers. A limit also caps "
                                                    "the 'auto' worker count to the workers the free memory holds.")

@@ -248,3 +248,26 @@ def test_cube_off_the_frames_grid_is_reported(real_data, tmp_path):
     report = check_inputs(tmp_path)
     (err,) = report.errors
     assert Path(err["file"]) == cube and err["field"] == "grid" and "4 x 5 pixels" in err["message"]
+
+
+def test_zeros_for_no_data_and_sigmas_of_zero_are_warned(real_data, tmp_path):
+    """A velocity whose no-data is an undeclared 0 over a tenth of the frame, and a sigma raster of zeros there:
+    two warnings (the reader cannot tell a 0 from a measurement; the run would weight those pixels as exact)."""
+    src = real_data / "naf_licsbas_4frames" / "014A_04939_131313"
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    for name in ("vel.geo.tif", "vstd.geo.tif"):
+        path = next(dst.glob(f"*{name}"))
+        with rasterio.open(path) as ds:
+            profile, data = ds.profile, ds.read()
+        rows = data.shape[1] // 10
+        data[:, :rows] = 0.0
+        with rasterio.open(path, "w", **profile) as out:
+            out.write(data)
+    report = check_inputs(tmp_path)
+    fields = sorted(w["field"] for w in report.warnings)
+    assert fields == ["los_std", "los_velocity"], report.format_text()
+    zero = next(w for w in report.warnings if w["field"] == "los_velocity")
+    assert "exactly 0" in zero["message"] and "-a_nodata 0" in zero["fix"]
+    clean = check_inputs(real_data / "naf_licsbas_4frames")
+    assert not [w for w in clean.warnings if w["field"] in ("los_std", "los_velocity")]
