@@ -1159,7 +1159,9 @@ def decompose_vertical(los, los_std, e, n, u, ve, vn, se=None, sn=None) -> Verti
     ok = xp.isfinite(L) & xp.isfinite(U)
     _vertical_errors(bool(xp.any(ok & ~(U > 0.05))), False)
     Us = xp.where(ok, U, xp.ones_like(U))
-    vu = (L - E * VE - N * VN) / Us
+    nan = xp.asarray(xp.nan, dtype=f64)
+    # a pixel without an up component has no vertical: NaN, not its LOS less the horizontal motion
+    vu = xp.where(ok, (L - E * VE - N * VN) / Us, nan)
     vu_std = None
     if los_std is not None:
         S = _as_f64(xp, los_std, L)
@@ -1171,7 +1173,7 @@ def decompose_vertical(los, los_std, e, n, u, ve, vn, se=None, sn=None) -> Verti
         if sn is not None:
             SN = _as_f64(xp, sn, L)
             var = var + N * N * SN * SN
-        vu_std = xp.astype(xp.sqrt(var) / Us, xp.float32)
+        vu_std = xp.astype(xp.where(ok, xp.sqrt(var) / Us, nan), xp.float32)
         vu_std = _rewrap(vu_std, template, "vertical_std")
     return VerticalResult(_rewrap(xp.astype(vu, xp.float32), template, "vertical_velocity"), vu_std)
 

@@ -303,3 +303,13 @@ def test_fused_cpu_kernel_raises_the_same_errors(monkeypatch):
         with pytest.raises(GeometryError) as ei:
             M.decompose_up_east(ones, ones, E, N, -U, 0.0)
         assert ei.value.field == "u_stack"
+
+
+def test_vertical_is_nan_where_the_up_component_is_missing():
+    """A finite LOS with no up component has no vertical: NaN with a NaN sigma, not the LOS less the horizontal
+    motion (3.9 mm/yr here) with the LOS sigma."""
+    los, e, n, u = (np.array([5.0, 5.0]), np.array([0.6, 0.6]), np.array([-0.1, -0.1]), np.array([np.nan, 0.79]))
+    r = M.decompose_vertical(los, np.array([1.0, 1.0]), e, n, u, np.array([2.0, 2.0]), np.array([1.0, 1.0]))
+    vu, sd = np.asarray(r.vu), np.asarray(r.vu_std)
+    assert np.isnan(vu[0]) and np.isnan(sd[0])
+    assert vu[1] == pytest.approx((5.0 - 0.6 * 2.0 + 0.1 * 1.0) / 0.79, rel=1e-6)
